@@ -1,0 +1,30 @@
+# efficient-attn: the two commands. Each makes its own .venv and installs itself.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PRESET ?= quick
+STAMP  := $(VENV)/.installed
+
+.PHONY: test reproduce install clean list
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make test: the whole test suite (the CI command).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+## make reproduce: every experiment of the preset (PRESET=quick|cpu|lra), then results/README.md.
+reproduce: $(STAMP)
+	$(PY) experiments/reproduce.py --preset $(PRESET)
+
+list: $(STAMP)
+	$(VENV)/bin/efficient-attn list
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
