@@ -1,0 +1,188 @@
+"""Writing results: atomic files, resumable row stores, the environment stamp, Markdown tables.
+
+Every experiment writes under ``results/<experiment>/<preset>/``:
+
+- ``rows.jsonl`` via ``RowStore``: one JSON object per finished unit of work, appended and
+  fsynced as each finishes, so an interrupted sweep keeps what it finished and a rerun skips it;
+- ``rows.json`` / ``rows.csv`` / ``table.md``: rebuilt from the store with ``write_atomic``
+  (write to a temporary file, then ``os.replace``), so a reader never sees a half-written table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "environment"]
+
+
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(text, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy / jax scalars
+        return _jsonable(x.item())
+    return x
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
+    columns = list(columns) if columns is not None else _union_keys(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _jsonable(r.get(k)) for k in columns})
+    write_atomic(path, buf.getvalue())
+
+
+def _union_keys(rows: Iterable[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
+class RowStore:
+    """An append-only JSON-lines file of finished rows, keyed for resumption.
+
+    ``store.has(key)`` tells whether a unit of work is done; ``store.add(key, row)`` appends
+    it durably (one ``write`` + ``fsync`` of one line). A torn last line (a kill mid-write)
+    is ignored on load. ``force=True`` starts from an empty store.
+    """
+
+    def __init__(self, path: str | Path, *, force: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if force and self.path.exists():
+            self.path.unlink()
+        self._rows: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn write from an interrupted run
+                self._rows[rec["key"]] = rec["row"]
+
+    @staticmethod
+    def make_key(*parts: Any) -> str:
+        return "|".join(str(p) for p in parts)
+
+    def has(self, key: str) -> bool:
+        return key in self._rows
+
+    def get(self, key: str) -> dict | None:
+        return self._rows.get(key)
+
+    def add(self, key: str, row: dict) -> None:
+        line = json.dumps({"key": key, "row": _jsonable(row)}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self._rows[key] = row
+
+    def rows(self) -> list[dict]:
+        return list(self._rows.values())
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "-"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.2e}"
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x).replace("|", "\\|")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats get 3 significant digits, None prints as '-'."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(x) for x in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() or "unknown"
+        return commit + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(preset: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Versions, backend, device, CPU model, core count, commit and preset, for every results file."""
+    import flax
+    import jax
+
+    devices = jax.devices()
+    env = {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": devices[0].device_kind if devices else "none",
+        "device_count": len(devices),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "commit": _git_commit(),
+        "preset": preset,
+    }
+    env.update(extra)
+    return env

@@ -1,0 +1,58 @@
+"""``full``: softmax attention written out with einsums; the ground truth of every exact path.
+
+    A = softmax(Q K^T / sqrt(d) + mask),   out = A V
+
+Time O(T S d), memory O(T S): the [B, H, T, S] score matrix is materialised on purpose,
+because this is the readable reference every other variant is tested against.
+Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from efficient_attn.core import Attention, Capabilities, Mask
+from efficient_attn.ops.masks import dense_visibility, masked_softmax
+from efficient_attn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class FullConfig:
+    """``full`` has no hyperparameters."""
+
+
+def full_attention(q, k, v, mask: Mask | None = None):
+    """Reference softmax attention on BTHD arrays, computed in float32."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    logits = jnp.einsum("bthd,bshd->bhts", qf, kf) / jnp.sqrt(jnp.float32(D))
+    weights = masked_softmax(logits, dense_visibility(mask, B, T, S))
+    return jnp.einsum("bhts,bshd->bthd", weights, vf)
+
+
+@register(
+    "full",
+    config=FullConfig,
+    family="exact",
+    citation="Vaswani et al. 2017, Attention Is All You Need",
+)
+class FullAttention(Attention):
+    """Softmax attention, materialised [B,H,T,S] scores: the reference of every exact path."""
+
+    capabilities = Capabilities(
+        causal=True, cross=True, kv_mask=True, dense_mask=True, exact=True, time="O(N^2)", memory="O(N^2)"
+    )
+
+    def __call__(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H Dv"],
+        *,
+        mask: Mask | None = None,
+    ) -> Float[Array, "B T H Dv"]:
+        return full_attention(q, k, v, mask)
