@@ -1,0 +1,58 @@
+"""``blockwise``: exact softmax attention by an online softmax over key blocks, O(N) memory.
+
+The same function as "full", computed block by block so that no T x S matrix exists in the
+forward or the backward pass (a ``jax.custom_vjp`` recomputes block scores). The engine and
+its math are in ``efficient_attn.ops.online_softmax``. Time O(N^2 d), memory O(N d).
+Rabe & Staats 2021, "Self-attention Does Not Need O(n^2) Memory"; Dao et al. 2022,
+"FlashAttention".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxtyping import Array, Float
+
+from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
+from efficient_attn.ops.online_softmax import blockwise_attention
+from efficient_attn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseConfig:
+    """block_size: rows of queries and keys per block (clipped to the sequence length).
+
+    512 measured fastest on a 2-core CPU at N = 4096 (see experiments/bench_exact.py).
+    """
+
+    block_size: int = 512
+
+    def __post_init__(self):
+        check_positive_int("blockwise", "block_size", self.block_size)
+
+
+@register(
+    "blockwise",
+    config=BlockwiseConfig,
+    family="exact",
+    citation="Rabe & Staats 2021; Dao et al. 2022 (FlashAttention)",
+)
+class BlockwiseAttention(Attention):
+    """Exact softmax attention, online softmax over key blocks, recomputing backward: O(N) memory."""
+
+    capabilities = Capabilities(
+        causal=True, cross=True, kv_mask=True, dense_mask=False, exact=True, time="O(N^2)", memory="O(N)"
+    )
+
+    def __call__(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H Dv"],
+        *,
+        mask: Mask | None = None,
+    ) -> Float[Array, "B T H Dv"]:
+        mask = mask or Mask()
+        return blockwise_attention(
+            q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, block_size=self.config.block_size
+        )
