@@ -1,0 +1,318 @@
+"""Models around any registered attention core: multi-head attention, LRA's encoder, a causal LM.
+
+``MultiHeadAttention`` is the usual projection sandwich around a core chosen by name:
+
+    q = x W_q,  k = c W_k,  v = c W_v        (c = context, or x for self-attention)
+    out = concat_h core(q_h, k_h, v_h) W_o    (core = efficient_attn.build(attention, ...))
+
+so the projections cost O(N F^2) and the core costs what its variant says (``full``:
+O(N^2 d) time and memory; the efficient ones less).
+
+``Classifier`` is the Long Range Arena encoder (Tay et al. 2020, "Long Range Arena: A
+Benchmark for Efficient Transformers", arXiv 2011.04006; configs in the LRA repository):
+token + learned position embeddings, pre-LayerNorm blocks
+
+    x = x + Attn(LN(x));   x = x + MLP(LN(x))      MLP = Dense -> GELU -> Dense
+
+a final LayerNorm, CLS pooling (a learned CLS vector prepended, so the attention sees
+L + 1 positions) or mean pooling over real tokens, then a Dense -> ReLU -> Dense head.
+``CausalLM`` is the same stack under a causal mask with a per-position vocabulary head.
+Defaults are LRA's text-task sizes (4 layers, width 256, 4 heads, MLP 1024); dropout
+defaults to 0 (LRA used 0.1) so that small CPU runs are deterministic and fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from efficient_attn.core import Mask, check_config, check_positive_int
+from efficient_attn.registry import build, get_spec
+
+__all__ = ["MultiHeadAttention", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM"]
+
+
+def _kwargs_dict(kwargs: Any) -> dict:
+    """``attention_kwargs`` as a dict: accepts None, a dict, or a tuple of (key, value) pairs."""
+    if kwargs is None:
+        return {}
+    return dict(kwargs)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Query/key/value/output projections around a registered attention core.
+
+    ``attention`` names a variant in the registry (``efficient_attn.list_variants()``);
+    ``attention_kwargs`` are its hyperparameters. ``qkv_features`` (default ``in_features``)
+    is split into ``num_heads`` heads of ``qkv_features // num_heads``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        max_len: int,
+        attention: str = "full",
+        attention_kwargs: dict | None = None,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        qkv_features = in_features if qkv_features is None else qkv_features
+        out_features = in_features if out_features is None else out_features
+        for field, value in (("num_heads", num_heads), ("in_features", in_features),
+                             ("qkv_features", qkv_features), ("out_features", out_features),
+                             ("max_len", max_len)):
+            check_positive_int("MultiHeadAttention", field, value)
+        check_config(
+            "MultiHeadAttention",
+            qkv_features % num_heads == 0,
+            f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}; "
+            f"use a multiple such as {num_heads * max(1, qkv_features // num_heads)}",
+        )
+        self.num_heads = num_heads
+        self.head_dim = qkv_features // num_heads
+        self.attention = attention
+        heads = (num_heads, self.head_dim)
+        self.query = nnx.LinearGeneral(in_features, heads, rngs=rngs)
+        self.key = nnx.LinearGeneral(in_features, heads, rngs=rngs)
+        self.value = nnx.LinearGeneral(in_features, heads, rngs=rngs)
+        self.out = nnx.LinearGeneral(heads, out_features, axis=(-2, -1), rngs=rngs)
+        self.core = build(
+            attention,
+            num_heads=num_heads,
+            head_dim=self.head_dim,
+            max_len=max_len,
+            rngs=rngs,
+            **_kwargs_dict(attention_kwargs),
+        )
+
+    def qkv(
+        self, x: Float[Array, "B T F"], context: Float[Array, "B S F"] | None = None
+    ) -> tuple[Float[Array, "B T H D"], Float[Array, "B S H D"], Float[Array, "B S H D"]]:
+        """The projected queries, keys and values, each ``[B, T|S, H, D]``."""
+        context = x if context is None else context
+        return self.query(x), self.key(context), self.value(context)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T F"],
+        *,
+        context: Float[Array, "B S F"] | None = None,
+        mask: Mask | None = None,
+    ) -> Float[Array, "B T O"]:
+        q, k, v = self.qkv(x, context)
+        return self.out(self.core(q, k, v, mask=mask))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Sizes of the LRA encoder classifier (defaults: LRA's text task).
+
+    ``max_len`` is the longest token sequence (without the CLS token, which the model adds).
+    ``attention_kwargs`` is a tuple of ``(name, value)`` pairs so that the config stays
+    hashable; ``pool`` is ``"cls"`` or ``"mean"``.
+    """
+
+    vocab_size: int
+    max_len: int
+    num_classes: int
+    num_layers: int = 4
+    emb_dim: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    pool: str = "cls"
+    attention: str = "full"
+    attention_kwargs: tuple = ()
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
+            check_positive_int(name, field, getattr(self, field))
+        check_config(name, self.emb_dim % self.num_heads == 0,
+                     f"emb_dim={self.emb_dim} must be divisible by num_heads={self.num_heads}")
+        check_config(name, self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        check_config(name, isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+                     f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.attention_kwargs, dict):  # accept a dict, store hashable pairs
+            object.__setattr__(self, "attention_kwargs", tuple(sorted(self.attention_kwargs.items())))
+        check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in self.attention_kwargs),
+                     f"attention_kwargs must be a tuple of (name, value) pairs, got {self.attention_kwargs!r}")
+        get_spec(self.attention)  # unknown variant: fail now, with the registered names
+
+    @property
+    def attention_len(self) -> int:
+        """Positions the attention sees: ``max_len`` plus the CLS token when pooling by CLS."""
+        return self.max_len + (1 if self.pool == "cls" else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Sizes of the causal language model (``num_classes`` = output vocabulary, default input's)."""
+
+    vocab_size: int
+    max_len: int
+    num_classes: int | None = None
+    num_layers: int = 4
+    emb_dim: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    attention: str = "full"
+    attention_kwargs: tuple = ()
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.num_classes is None:
+            object.__setattr__(self, "num_classes", self.vocab_size)
+        for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
+            check_positive_int(name, field, getattr(self, field))
+        check_config(name, self.emb_dim % self.num_heads == 0,
+                     f"emb_dim={self.emb_dim} must be divisible by num_heads={self.num_heads}")
+        check_config(name, isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+                     f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.attention_kwargs, dict):
+            object.__setattr__(self, "attention_kwargs", tuple(sorted(self.attention_kwargs.items())))
+        check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in self.attention_kwargs),
+                     f"attention_kwargs must be a tuple of (name, value) pairs, got {self.attention_kwargs!r}")
+        spec = get_spec(self.attention)
+        check_config(name, spec.capabilities.causal,
+                     f"variant {self.attention!r} cannot do causal masking, which a causal LM needs")
+
+    @property
+    def attention_len(self) -> int:
+        return self.max_len
+
+
+def _dropout(x, rate: float, key):
+    """Inverted dropout with an explicit key (None = evaluation: identity)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, cfg: EncoderConfig | LMConfig, *, rngs: nnx.Rngs):
+        self.dropout = float(cfg.dropout)
+        self.ln1 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
+        self.attn = MultiHeadAttention(
+            cfg.num_heads, cfg.emb_dim, max_len=cfg.attention_len, attention=cfg.attention,
+            attention_kwargs=_kwargs_dict(cfg.attention_kwargs), rngs=rngs,
+        )
+        self.ln2 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(cfg.mlp_dim, cfg.emb_dim, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None) -> Float[Array, "B T F"]:
+        k1 = k2 = k3 = None
+        if dropout_key is not None:
+            k1, k2, k3 = jax.random.split(dropout_key, 3)
+        x = x + _dropout(self.attn(self.ln1(x), mask=mask), self.dropout, k1)
+        h = _dropout(nnx.gelu(self.mlp_in(self.ln2(x))), self.dropout, k2)
+        return x + _dropout(self.mlp_out(h), self.dropout, k3)
+
+
+class _Trunk(nnx.Module):
+    """Embeddings + blocks + final LayerNorm, shared by the classifier and the LM."""
+
+    def __init__(self, cfg: EncoderConfig | LMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.tok = nnx.Embed(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
+        self.pos = nnx.Embed(cfg.attention_len, cfg.emb_dim, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.ln_f = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
+
+    def run(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None) -> Float[Array, "B T F"]:
+        T = x.shape[1]
+        x = x + self.pos(jnp.arange(T))[None]
+        keys = [None] * (len(self.blocks) + 1)
+        if dropout_key is not None:
+            keys = list(jax.random.split(dropout_key, len(self.blocks) + 1))
+        x = _dropout(x, self.cfg.dropout, keys[-1])
+        for block, key in zip(self.blocks, keys):
+            x = block(x, mask, key)
+        return self.ln_f(x)
+
+
+def _check_tokens(tokens, mask, max_len: int, who: str):
+    if tokens.ndim != 2:
+        raise ValueError(f"{who}: tokens must be [B, L] integers, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"{who}: sequence length {tokens.shape[1]} exceeds max_len={max_len}; raise max_len")
+    if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"{who}: mask shape {tuple(mask.shape)} must equal tokens shape {tuple(tokens.shape)}")
+
+
+class Classifier(nnx.Module):
+    """LRA encoder classifier: tokens ``[B, L]`` (+ bool mask, True = real) -> logits ``[B, C]``.
+
+    ``mask=None`` means every token is real, and no key mask is passed to the attention
+    (for variants without ``kv_mask`` on tasks without padding).
+    """
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.trunk = _Trunk(cfg, rngs=rngs)
+        if cfg.pool == "cls":
+            self.cls = nnx.Param(jax.random.normal(rngs.params(), (cfg.emb_dim,)) * 0.02)
+        self.head_hidden = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
+        self.head_out = nnx.Linear(cfg.mlp_dim, cfg.num_classes, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B L"],
+        mask: Bool[Array, "B L"] | None = None,
+        *,
+        dropout_key=None,
+    ) -> Float[Array, "B C"]:
+        cfg = self.cfg
+        _check_tokens(tokens, mask, cfg.max_len, "Classifier")
+        x = self.trunk.tok(tokens)
+        B = x.shape[0]
+        kv_mask = mask
+        if cfg.pool == "cls":
+            x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (B, 1, cfg.emb_dim)), x], axis=1)
+            if mask is not None:
+                kv_mask = jnp.concatenate([jnp.ones((B, 1), bool), mask], axis=1)
+        h = self.trunk.run(x, Mask(kv_mask=kv_mask) if kv_mask is not None else None, dropout_key)
+        if cfg.pool == "cls":
+            pooled = h[:, 0]
+        elif mask is None:
+            pooled = h.mean(axis=1)
+        else:
+            w = mask.astype(h.dtype)[..., None]
+            pooled = (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+        return self.head_out(nnx.relu(self.head_hidden(pooled)))
+
+
+class CausalLM(nnx.Module):
+    """Causal language model: tokens ``[B, L]`` -> next-token logits ``[B, L, V]``.
+
+    The attention gets ``Mask(causal=True, kv_mask=mask)``; ``mask=None`` passes no key mask.
+    """
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.trunk = _Trunk(cfg, rngs=rngs)
+        self.head = nnx.Linear(cfg.emb_dim, cfg.num_classes, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B L"],
+        mask: Bool[Array, "B L"] | None = None,
+        *,
+        dropout_key=None,
+    ) -> Float[Array, "B L V"]:
+        _check_tokens(tokens, mask, self.cfg.max_len, "CausalLM")
+        h = self.trunk.run(self.trunk.tok(tokens), Mask(causal=True, kv_mask=mask), dropout_key)
+        return self.head(h)

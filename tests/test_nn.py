@@ -1,0 +1,145 @@
+"""Models in efficient_attn.nn: projections around a core, the LRA encoder, the causal LM."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import efficient_attn as ea
+from efficient_attn.nn import CausalLM, Classifier, EncoderConfig, LMConfig, MultiHeadAttention
+
+
+def _rand(key, shape):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def test_mha_shapes_and_cross():
+    mha = MultiHeadAttention(4, 16, max_len=32, qkv_features=24, out_features=12, rngs=nnx.Rngs(0))
+    x, c = _rand(0, (2, 7, 16)), _rand(1, (2, 11, 16))
+    q, k, v = mha.qkv(x, c)
+    assert q.shape == (2, 7, 4, 6) and k.shape == (2, 11, 4, 6) and v.shape == (2, 11, 4, 6)
+    assert mha(x).shape == (2, 7, 12)
+    assert mha(x, context=c).shape == (2, 7, 12)
+
+
+def test_mha_equals_hand_computed_projection_and_softmax():
+    H, F, D = 2, 8, 4
+    mha = MultiHeadAttention(H, F, max_len=16, rngs=nnx.Rngs(3))
+    x = _rand(0, (2, 5, F))
+    kv_mask = jnp.array([[True] * 5, [True, True, True, False, False]])
+    got = mha(x, mask=ea.Mask(kv_mask=kv_mask))
+
+    def proj(lin, inp):
+        return inp @ lin.kernel[...].reshape(F, H * D) + lin.bias[...].reshape(H * D)
+
+    q, k, v = (proj(lin, x).reshape(2, 5, H, D) for lin in (mha.query, mha.key, mha.value))
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
+    s = np.where(np.asarray(kv_mask)[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    o = np.einsum("bhts,bshd->bthd", p, v).reshape(2, 5, H * D)
+    want = o @ np.asarray(mha.out.kernel[...]).reshape(H * D, F) + np.asarray(mha.out.bias[...])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mha_rejects_bad_sizes_and_unknown_variant():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(3, 8, max_len=8, rngs=nnx.Rngs(0))
+    with pytest.raises(KeyError, match="unknown attention variant"):
+        MultiHeadAttention(2, 8, max_len=8, attention="no_such_thing", rngs=nnx.Rngs(0))
+
+
+def _small_enc(**kw):
+    base = dict(vocab_size=12, max_len=16, num_classes=3, num_layers=2, emb_dim=16, num_heads=2, mlp_dim=32)
+    base.update(kw)
+    return EncoderConfig(**base)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_classifier_shape_and_padding_invariance(pool):
+    model = Classifier(_small_enc(pool=pool), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 12, (3, 16)).astype(np.int32)
+    lengths = np.array([16, 9, 4])
+    mask = np.arange(16)[None] < lengths[:, None]
+    logits = model(jnp.asarray(tokens), jnp.asarray(mask))
+    assert logits.shape == (3, 3) and logits.dtype == jnp.float32
+    other = np.where(mask, tokens, rng.integers(0, 12, tokens.shape)).astype(np.int32)
+    assert (other != tokens).any()
+    np.testing.assert_allclose(model(jnp.asarray(other), jnp.asarray(mask)), logits, rtol=1e-5, atol=1e-5)
+    # without the mask the padding is read: the logits of padded rows change
+    unmasked = model(jnp.asarray(other), None)
+    assert not np.allclose(np.asarray(unmasked)[1:], np.asarray(logits)[1:], atol=1e-4)
+
+
+def test_classifier_config_validation():
+    with pytest.raises(ValueError, match="pool"):
+        _small_enc(pool="max")
+    with pytest.raises(ValueError, match="divisible"):
+        _small_enc(emb_dim=15)
+    cfg = _small_enc(attention_kwargs={})
+    assert cfg.attention_kwargs == () and hash(cfg)
+    with pytest.raises(ValueError, match="max_len"):
+        Classifier(_small_enc(), rngs=nnx.Rngs(0))(jnp.zeros((1, 17), jnp.int32))
+
+
+def _small_lm(**kw):
+    base = dict(vocab_size=11, max_len=16, num_layers=2, emb_dim=16, num_heads=2, mlp_dim=32)
+    base.update(kw)
+    return LMConfig(**base)
+
+
+def test_causal_lm_shape_and_no_leak():
+    model = CausalLM(_small_lm(), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 11, (2, 16)).astype(np.int32)
+    logits = np.asarray(model(jnp.asarray(tokens)))
+    assert logits.shape == (2, 16, 11)
+    changed = tokens.copy()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 11  # change the future from position 10 on
+    logits2 = np.asarray(model(jnp.asarray(changed)))
+    np.testing.assert_allclose(logits2[:, :10], logits[:, :10], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits2[:, 10:], logits[:, 10:], atol=1e-4)
+
+
+def test_causal_lm_left_padding_masked():
+    model = CausalLM(_small_lm(), rngs=nnx.Rngs(2))
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 11, (2, 16)).astype(np.int32)
+    mask = np.ones((2, 16), bool)
+    mask[1, :5] = False  # left padding: later queries would see it without the key mask
+    logits = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    other = np.where(mask, tokens, (tokens + 3) % 11).astype(np.int32)
+    logits2 = np.asarray(model(jnp.asarray(other), jnp.asarray(mask)))
+    np.testing.assert_allclose(logits2[1, 5:], logits[1, 5:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits2[0], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lm_refuses_non_causal_variant():
+    @ea.register("_test_noncausal", config=ea.registry.get_spec("full").config)
+    class NonCausal(ea.Attention):
+        capabilities = ea.Capabilities(causal=False, kv_mask=True)
+
+        def __call__(self, q, k, v, *, mask=None):
+            return q
+
+    try:
+        with pytest.raises(ValueError, match="causal"):
+            _small_lm(attention="_test_noncausal")
+    finally:
+        ea.registry.unregister("_test_noncausal")
+
+
+def test_models_jit_and_grad():
+    model = Classifier(_small_enc(), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    mask = jnp.ones((2, 16), bool)
+
+    @nnx.jit
+    def loss(m):
+        return jnp.mean(m(tokens, mask) ** 2)
+
+    grads = nnx.grad(loss)(model)
+    leaves = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
