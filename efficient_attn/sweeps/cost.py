@@ -1,0 +1,870 @@
+"""The cost experiment: time, memory and FLOPs of every registered variant against the length N.
+
+For each variant, pass ("fwd": the attention call; "fwd_bwd": the gradient of <out, g> with
+respect to q, k, v and the variant's parameters), masking (bidirectional, and causal where the
+variant's capabilities allow it) and length N, one point measures (``efficient_attn.measure``):
+
+- time: compiled once (``compile_s`` apart), warm-up, then the median and interquartile range
+  of timed repeats, each inside ``jax.block_until_ready``; an adaptive repeat count;
+- memory: ``compiled.memory_analysis()`` argument + output + temporary bytes (``memory_bytes``;
+  ``temp_bytes`` apart) and, where the backend keeps one, the device's peak (``device_peak_bytes``);
+- FLOPs: XLA's ``cost_analysis`` for loop-free programs, else a count on the jaxpr
+  (``flops_source`` says which), and the fraction of this machine's matmul rate, measured in
+  the same run (f32 2048^3).
+
+Then per variant: log-log slopes of time and memory against N beside the slopes its
+capabilities claim, speed-up and memory ratio against ``full`` (the naive quadratic baseline)
+and against ``blockwise`` (exact, O(N) memory), and the crossover length against each.
+LRA's Table 2 (Tay et al. 2020, "Long Range Arena", arXiv 2011.04006) compared against the
+naive Transformer only; the second baseline moves the crossovers, and the table shows both.
+
+A point whose predicted time per call (extrapolated from the previous length) or whose compiled
+memory exceeds the preset's budget is recorded as skipped with the reason; an exception is
+recorded as an error; neither stops the sweep. Every finished point is appended to a
+``RowStore`` as it completes, so a rerun resumes (``--force`` starts over), and the tables are
+rebuilt from the store at the end and on Ctrl-C.
+
+The LRA Table 2 analog (training steps per second and compiled memory of the byte-level text
+classifier at 1K-4K tokens, relative to ``full``) is in ``efficient_attn.sweeps.table2``-style
+helpers at the end of this file.
+
+Run: ``python experiments/cost_scaling.py --preset quick`` or ``efficient-attn bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import efficient_attn as ea
+from efficient_attn import measure, report
+from efficient_attn.core import Mask, check_config, check_positive_int
+from efficient_attn.registry import load_plugin
+
+__all__ = ["CostConfig", "Table2Config", "PRESETS", "run", "write_outputs", "main"]
+
+PASSES = ("fwd", "fwd_bwd")
+BASELINES = ("full", "blockwise")
+GiB = 1024**3
+MiB = 1024**2
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Table2Config:
+    """The LRA Table 2 analog: the byte-level text classifier, trained, at lengths 1K-4K.
+
+    LRA's text configuration is 4 layers, width 256, 4 heads, MLP 1024, batch 32 (reference
+    table); presets scale it down with these fields. ``step_budget_s`` bounds the timed steps
+    of one point, ``max_step_s`` skips a length whose predicted step time exceeds it.
+    """
+
+    enabled: bool = True
+    lengths: tuple[int, ...] = (1024, 2048, 3072, 4096)
+    batch: int = 32
+    num_layers: int = 4
+    emb_dim: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    warmup: int = 1
+    min_repeats: int = 2
+    max_repeats: int = 10
+    step_budget_s: float = 2.0
+    max_step_s: float = 10.0
+    memory_budget_bytes: int = 64 * GiB
+
+    def __post_init__(self):
+        for f in ("batch", "num_layers", "emb_dim", "num_heads", "mlp_dim", "min_repeats", "max_repeats"):
+            check_positive_int("cost/table2", f, getattr(self, f))
+        check_config("cost/table2", all(isinstance(n, int) and n > 0 for n in self.lengths),
+                     f"lengths must be positive ints, got {self.lengths!r}")
+        check_config("cost/table2", self.emb_dim % self.num_heads == 0,
+                     f"emb_dim={self.emb_dim} must be divisible by num_heads={self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostConfig:
+    """One cost sweep. Lengths are visited in increasing order, all variants at one length
+    before the next, so a sweep stopped by ``sweep_budget_s`` has measured every variant on the
+    same lengths.
+
+    variants:            names (None = every registered variant, plugins included)
+    lengths:             sequence lengths N (T = S = N)
+    passes:              subset of ("fwd", "fwd_bwd")
+    causal_modes:        subset of (False, True); causal only where the variant supports it
+    batch/heads/head_dim/dtype: the q, k, v shape [batch, N, heads, head_dim] and dtype
+    warmup, min_repeats, max_repeats, repeat_budget_s: the timing protocol of one point
+    max_call_s:          skip a point whose predicted time per call exceeds this (seconds)
+    memory_budget_bytes: skip a point whose compiled memory exceeds this
+    sweep_budget_s:      after this many seconds, the remaining points are skipped (None = no limit)
+    """
+
+    preset: str = "quick"
+    variants: tuple[str, ...] | None = None
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    passes: tuple[str, ...] = PASSES
+    causal_modes: tuple[bool, ...] = (False, True)
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    warmup: int = 1
+    min_repeats: int = 2
+    max_repeats: int = 10
+    repeat_budget_s: float = 1.0
+    max_call_s: float = 3.0
+    memory_budget_bytes: int = 4 * GiB
+    sweep_budget_s: float | None = None
+    seed: int = 0
+    matmul_n: int = 2048
+    table2: Table2Config = Table2Config()
+
+    def __post_init__(self):
+        for f in ("batch", "heads", "head_dim", "min_repeats", "max_repeats", "matmul_n"):
+            check_positive_int("cost", f, getattr(self, f))
+        check_config("cost", self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        check_config("cost", self.max_repeats >= self.min_repeats,
+                     f"max_repeats={self.max_repeats} must be >= min_repeats={self.min_repeats}")
+        check_config("cost", len(self.lengths) > 0 and all(isinstance(n, int) and n > 0 for n in self.lengths),
+                     f"lengths must be positive ints, got {self.lengths!r}")
+        check_config("cost", set(self.passes) <= set(PASSES) and self.passes,
+                     f"passes must be a non-empty subset of {PASSES}, got {self.passes!r}")
+        check_config("cost", set(self.causal_modes) <= {False, True} and self.causal_modes,
+                     f"causal_modes must be a non-empty subset of (False, True), got {self.causal_modes!r}")
+        check_config("cost", self.dtype in ("float32", "bfloat16", "float16"),
+                     f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_config("cost", self.max_call_s > 0 and self.repeat_budget_s >= 0,
+                     f"max_call_s must be > 0 and repeat_budget_s >= 0, got {self.max_call_s}, {self.repeat_budget_s}")
+
+
+PRESETS: dict[str, CostConfig] = {
+    # CPU, minutes: every variant, N = 256..4096; few repeats, tight budgets; Table 2 scaled down
+    # to one layer of width 64 at batch 2 so each training step stays well under a second.
+    "quick": CostConfig(
+        preset="quick",
+        lengths=(256, 512, 1024, 2048, 4096),
+        min_repeats=1,
+        max_repeats=5,
+        repeat_budget_s=0.25,
+        max_call_s=2.5,
+        memory_budget_bytes=3 * GiB,
+        sweep_budget_s=150.0,
+        matmul_n=2048,
+        table2=Table2Config(batch=2, num_layers=1, emb_dim=64, num_heads=2, mlp_dim=128,
+                            min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=2.0,
+                            memory_budget_bytes=3 * GiB),
+    ),
+    # CPU, hours: N up to 65536 or until a budget; more repeats; Table 2 at half LRA's width.
+    "cpu": CostConfig(
+        preset="cpu",
+        lengths=tuple(2**i for i in range(8, 17)),
+        min_repeats=3,
+        max_repeats=20,
+        repeat_budget_s=5.0,
+        max_call_s=60.0,
+        memory_budget_bytes=12 * GiB,
+        table2=Table2Config(batch=8, num_layers=2, emb_dim=128, num_heads=4, mlp_dim=512,
+                            min_repeats=3, max_repeats=10, step_budget_s=5.0, max_step_s=60.0,
+                            memory_budget_bytes=12 * GiB),
+    ),
+    # Accelerator: LRA's lengths and its text configuration for Table 2 (batch 32, 4 layers, 256 wide).
+    "lra": CostConfig(
+        preset="lra",
+        lengths=tuple(2**i for i in range(10, 17)),
+        min_repeats=5,
+        max_repeats=50,
+        repeat_budget_s=3.0,
+        max_call_s=30.0,
+        memory_budget_bytes=60 * GiB,
+        table2=Table2Config(min_repeats=5, max_repeats=50, step_budget_s=5.0, max_step_s=30.0,
+                            memory_budget_bytes=60 * GiB),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- one point
+
+
+def _claimed(spec, which: str) -> measure.Complexity | None:
+    try:
+        return measure.parse_big_o(getattr(spec.capabilities, which))
+    except ValueError:
+        return None
+
+
+def _point_function(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig):
+    """(fn, args): a pure function of (params, other state, q, k, v[, g]) and its arguments."""
+    module = ea.build(name, num_heads=cfg.heads, head_dim=cfg.head_dim, max_len=n, rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    mask = Mask(causal=True) if causal else None
+    dtype = jnp.dtype(cfg.dtype)
+    # numpy draws: jax.random would compile a sampler for every new shape (over a second on CPU)
+    rng = np.random.default_rng(cfg.seed)
+    shape = (cfg.batch, n, cfg.heads, cfg.head_dim)
+    q, k, v, g = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=dtype) for _ in range(4))
+
+    def forward(params, rest, q, k, v):
+        return nnx.merge(graphdef, params, rest)(q, k, v, mask=mask)
+
+    if pass_ == "fwd":
+        return forward, (params, rest, q, k, v)
+
+    def loss(params, q, k, v, rest, g):
+        out = forward(params, rest, q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3)), (params, q, k, v, rest, g)
+
+
+def _predict(history: list[tuple[int, float]], n: int, claimed: measure.Complexity | None) -> tuple[float, float] | None:
+    """Predicted value at ``n`` from the last measured points: (value, growth exponent used).
+
+    The exponent is the local slope of the last two points, or the claimed one with a single
+    point, clipped to [1, 3] (small lengths are overhead-dominated and understate growth).
+    """
+    if not history:
+        return None
+    n1, y1 = history[-1]
+    if len(history) >= 2 and history[-2][1] > 0 and y1 > 0:
+        n0, y0 = history[-2]
+        e = math.log(y1 / y0) / math.log(n1 / n0)
+    else:
+        e = claimed.slope_at(n) if claimed else 2.0
+    e = min(max(e, 1.0), 3.0)
+    return y1 * (n / n1) ** e, e
+
+
+def _base_row(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> dict[str, Any]:
+    spec = ea.get_spec(name)
+    return {
+        "variant": name,
+        "n": n,
+        "pass": pass_,
+        "causal": causal,
+        "status": "ok",
+        "reason": "",
+        "family": spec.family,
+        "exact": spec.capabilities.exact,
+        "claimed_time": spec.capabilities.time,
+        "claimed_memory": spec.capabilities.memory,
+        "batch": cfg.batch,
+        "heads": cfg.heads,
+        "head_dim": cfg.head_dim,
+        "dtype": cfg.dtype,
+        "time_median_s": None,
+        "time_spread": None,
+        "time_spread_kind": None,
+        "time_min_s": None,
+        "time_max_s": None,
+        "repeats": 0,
+        "compile_s": None,
+        "memory_bytes": None,
+        "temp_bytes": None,
+        "argument_bytes": None,
+        "output_bytes": None,
+        "xla_peak_bytes": None,
+        "device_peak_bytes": None,
+        "flops": None,
+        "flops_source": None,
+        "flops_xla": None,
+        "flops_jaxpr": None,
+        "gflops_per_s": None,
+        "matmul_gflops": None,
+        "matmul_fraction": None,
+        "max_call_s": cfg.max_call_s,
+        "memory_budget_bytes": cfg.memory_budget_bytes,
+    }
+
+
+def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, *,
+                  matmul_gflops: float | None = None,
+                  predicted_s: tuple[float, float] | None = None, from_n: int | None = None) -> dict[str, Any]:
+    """Measure one (variant, pass, masking, N) point; never raises for a variant's failure."""
+    row = _base_row(name, pass_, causal, n, cfg)
+    row["matmul_gflops"] = matmul_gflops
+    if predicted_s is not None and predicted_s[0] > cfg.max_call_s:
+        row.update(status="skipped", reason=(
+            f"time budget: predicted {predicted_s[0]:.2f} s per call > max_call_s={cfg.max_call_s:g} s "
+            f"(extrapolated from N={from_n} with growth exponent {predicted_s[1]:.2f})"))
+        return row
+    try:
+        fn, args = _point_function(name, pass_, causal, n, cfg)
+        compiled, compile_s = measure.compile_function(fn, *args)
+        row["compile_s"] = compile_s
+        mem = measure.compiled_memory(compiled)
+        if mem is not None:
+            row.update(memory_bytes=mem.total_bytes, temp_bytes=mem.temp_bytes, argument_bytes=mem.argument_bytes,
+                       output_bytes=mem.output_bytes, xla_peak_bytes=mem.xla_peak_bytes)
+            if mem.total_bytes > cfg.memory_budget_bytes:
+                row.update(status="skipped", reason=(
+                    f"memory budget: compiled program needs {mem.total_bytes / MiB:.0f} MiB > "
+                    f"memory_budget_bytes={cfg.memory_budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
+                return row
+        row.update(measure.count_flops(fn, args, compiled))
+        timing = measure.time_compiled(compiled, *args, warmup=cfg.warmup, min_repeats=cfg.min_repeats,
+                                       max_repeats=cfg.max_repeats, budget_s=cfg.repeat_budget_s,
+                                       compile_s=compile_s)
+        row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
+                   time_min_s=timing.min_s, time_max_s=timing.max_s, repeats=timing.repeats)
+        row["device_peak_bytes"] = measure.device_peak_bytes()
+        if row["flops"]:
+            row["gflops_per_s"] = row["flops"] / timing.median_s / 1e9
+            if matmul_gflops:
+                row["matmul_fraction"] = row["gflops_per_s"] / matmul_gflops
+    except Exception as err:  # noqa: BLE001 - one variant's failure must not stop the sweep
+        msg = " ".join(str(err).split())
+        row.update(status="error", reason=f"{type(err).__name__}: {msg[:400]}")
+    return row
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _key(kind: str, variant: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> str:
+    masking = "causal" if causal else "bidir"
+    return report.RowStore.make_key(kind, variant, pass_, masking, n, cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
+
+
+def _is_done(row: dict | None, cfg_budget: tuple[float, int]) -> bool:
+    """A stored row is final when ok, or skipped for a budget no larger than the current one.
+
+    Errors and points skipped for the sweep's deadline are tried again on a rerun; so are
+    budget skips when the budget has grown since.
+    """
+    if row is None:
+        return False
+    if row.get("status") == "ok":
+        return True
+    if row.get("status") == "skipped" and not str(row.get("reason", "")).startswith("sweep budget"):
+        return (row.get("max_call_s"), row.get("memory_budget_bytes")) == cfg_budget
+    return False
+
+
+def select_variants(cfg: CostConfig) -> list[str]:
+    names = ea.list_variants()
+    if cfg.variants is None:
+        return names
+    unknown = [v for v in cfg.variants if v not in names]
+    if unknown:
+        for v in unknown:
+            ea.get_spec(v)  # raises KeyError with suggestions
+    return list(cfg.variants)
+
+
+def _points(cfg: CostConfig, variants: Sequence[str]):
+    for n in sorted(set(cfg.lengths)):
+        for pass_ in cfg.passes:
+            for causal in cfg.causal_modes:
+                for name in variants:
+                    if causal and not ea.get_spec(name).capabilities.causal:
+                        continue
+                    yield name, pass_, causal, n
+
+
+def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> report.RowStore:
+    """Measure every point of ``cfg`` not already in ``out/rows.jsonl``; write the tables and plots.
+
+    Tables are rebuilt from the store when the sweep ends, fails or is interrupted.
+    """
+    out = Path(out)
+    store = report.RowStore(out / "rows.jsonl", force=force)
+    variants = select_variants(cfg)
+    points = list(_points(cfg, variants))
+    rate = measure.matmul_rate(cfg.matmul_n, budget_s=min(1.0, max(cfg.repeat_budget_s, 0.3)))
+    t_start = time.perf_counter()
+    history: dict[tuple, list[tuple[int, float]]] = {}
+    over: dict[tuple, int] = {}  # series -> first N over a budget
+    budget = (cfg.max_call_s, cfg.memory_budget_bytes)
+    bar = _progress(len(points), progress)
+    last_n = None
+    try:
+        for name, pass_, causal, n in points:
+            series = (name, pass_, causal)
+            key = _key("cost", name, pass_, causal, n, cfg)
+            bar.set_postfix_str(f"{name} N={n} {pass_}{' causal' if causal else ''}", refresh=False)
+            prev = store.get(key)
+            if not force and _is_done(prev, budget):
+                _remember(prev, series, history, over)
+                bar.update(1)
+                continue
+            claimed = _claimed(ea.get_spec(name), "time")
+            if cfg.sweep_budget_s is not None and time.perf_counter() - t_start > cfg.sweep_budget_s:
+                row = _base_row(name, pass_, causal, n, cfg)
+                row.update(status="skipped", reason=f"sweep budget: sweep_budget_s={cfg.sweep_budget_s:g} s spent "
+                                                    "before this point (rerun to resume)")
+            elif series in over:
+                row = _base_row(name, pass_, causal, n, cfg)
+                row.update(status="skipped", reason=f"over budget already at N={over[series]} (see that row)")
+            else:
+                hist = history.get(series, [])
+                row = measure_point(name, pass_, causal, n, cfg, matmul_gflops=rate["matmul_gflops"],
+                                    predicted_s=_predict(hist, n, claimed), from_n=hist[-1][0] if hist else None)
+            if n != last_n:  # drop compiled programs of shorter lengths
+                jax.clear_caches()
+                last_n = n
+            store.add(key, row)
+            _remember(row, series, history, over)
+            bar.update(1)
+        if cfg.table2.enabled:
+            run_table2(cfg, variants, store, force=force, progress=progress)
+    finally:
+        bar.close()
+        write_outputs(out, store.rows(), cfg, rate)
+    return store
+
+
+def _remember(row: dict, series: tuple, history: dict, over: dict) -> None:
+    if row.get("status") == "ok" and row.get("time_median_s"):
+        history.setdefault(series, []).append((row["n"], row["time_median_s"]))
+    elif row.get("status") == "skipped" and str(row.get("reason", "")).startswith(("time budget", "memory budget")):
+        over.setdefault(series, row["n"])
+
+
+class _NoBar:
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def update(self, *a):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="cost", unit="pt", file=sys.stderr, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _current(rows: Sequence[dict], cfg: CostConfig, kind: str = "cost") -> list[dict]:
+    dims = (cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
+    return [r for r in rows if r.get("kind", "cost") == kind
+            and (r.get("batch"), r.get("heads"), r.get("head_dim"), r.get("dtype")) == dims]
+
+
+def _series(rows: Sequence[dict]) -> dict[tuple[str, bool], dict[str, dict[int, dict]]]:
+    """(pass, causal) -> variant -> n -> row."""
+    out: dict[tuple[str, bool], dict[str, dict[int, dict]]] = {}
+    for r in rows:
+        out.setdefault((r["pass"], bool(r["causal"])), {}).setdefault(r["variant"], {})[int(r["n"])] = r
+    return out
+
+
+def _ok(r: dict | None, field: str) -> float | None:
+    if r is None or r.get("status") != "ok":
+        return None
+    v = r.get(field)
+    return float(v) if v is not None and v > 0 else None
+
+
+def analyse(rows: Sequence[dict]) -> dict[tuple[str, bool], dict[str, dict[str, Any]]]:
+    """Per (pass, causal) and variant: slopes (all points and the 3 longest), claimed slopes, crossovers."""
+    result: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {}
+    for group, by_variant in _series(rows).items():
+        res = result.setdefault(group, {})
+        for name, by_n in by_variant.items():
+            ns = sorted(by_n)
+            info: dict[str, Any] = {"ns": ns}
+            for field, which in (("time_median_s", "time"), ("memory_bytes", "memory")):
+                pts = [(n, _ok(by_n[n], field)) for n in ns if _ok(by_n[n], field)]
+                info[f"{which}_fit"] = measure.fit_loglog([p[0] for p in pts], [p[1] for p in pts])
+                info[f"{which}_tail_fit"] = measure.fit_loglog([p[0] for p in pts[-3:]], [p[1] for p in pts[-3:]])
+                claim = by_n[ns[0]].get(f"claimed_{which}")
+                try:
+                    c = measure.parse_big_o(claim)
+                    mid = math.sqrt(pts[0][0] * pts[-1][0]) if pts else ns[0]
+                    info[f"{which}_claimed"] = c.slope_at(mid)
+                except (ValueError, TypeError):
+                    info[f"{which}_claimed"] = None
+                info[f"{which}_claim_text"] = claim
+            for base in BASELINES:
+                b = by_variant.get(base)
+                if b is None or base == name:
+                    continue
+                common = [n for n in ns if n in b]
+                vt = [_ok(by_n[n], "time_median_s") for n in common]
+                bt = [_ok(b[n], "time_median_s") for n in common]
+                vm = [_ok(by_n[n], "memory_bytes") for n in common]
+                bm = [_ok(b[n], "memory_bytes") for n in common]
+                info[f"cross_time_{base}"] = measure.crossover(common, vt, bt)
+                info[f"cross_memory_{base}"] = measure.crossover(common, vm, bm)
+                info[f"cross_both_{base}"] = measure.crossover(common, vt, bt, variant_extra=vm, baseline_extra=bm)
+                # lengths where the baseline could not run (over budget) but the variant could
+                info[f"beyond_{base}"] = [n for n in ns if _ok(by_n[n], "time_median_s") and n in b
+                                          and b[n].get("status") == "skipped"
+                                          and not str(b[n].get("reason", "")).startswith("sweep budget")]
+            res[name] = info
+    return result
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _ms(x):
+    return None if x is None else 1e3 * x
+
+
+def _mib(x):
+    return None if x is None else x / MiB
+
+
+def _cell(r: dict | None, field: str, scale) -> Any:
+    if r is None:
+        return None
+    if r.get("status") == "ok":
+        return scale(r.get(field))
+    if r.get("status") == "skipped":
+        if field == "memory_bytes" and r.get("memory_bytes"):
+            return f"({scale(r['memory_bytes']):.0f}, not run)"
+        return "skip"
+    return "error"
+
+
+def _ratio_cell(r: dict | None, by_base: dict[str, dict[int, dict]], n: int, field: str, invert: bool) -> str:
+    parts = []
+    for base in BASELINES:
+        b = by_base.get(base, {}).get(n)
+        v, bv = _ok(r, field), _ok(b, field)
+        if v is None or bv is None:
+            parts.append("-")
+        else:
+            parts.append(f"{(bv / v if invert else v / bv):.2g}")
+    return " / ".join(parts)
+
+
+def _fmt_cross(c: measure.Crossover | None) -> str:
+    if c is None or not c.ns:
+        return "-"
+    if c.n is None:
+        return f"none <= {c.ns[-1]}"
+    if c.from_start:
+        return f"<= {c.n}"
+    return f"{c.n} (~{c.n_interp:.0f})"
+
+
+def _fmt_slope(fit: measure.Fit | None) -> str:
+    return "-" if fit is None else f"{fit.slope:.2f}"
+
+
+_PASS_TITLE = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
+
+
+def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None, env: dict) -> str:
+    rows = _current(rows, cfg)
+    groups = _series(rows)
+    analysis = analyse(rows)
+    lines = [f"# Cost scaling: preset `{cfg.preset}`", ""]
+    lines.append(
+        f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
+        f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
+        + (f"Matmul rate measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (f32 {rate['matmul_n']}^3). "
+           if rate else "")
+    )
+    lines.append("")
+    lines.append(
+        "Time: median of timed calls after a warm-up, each inside `jax.block_until_ready`; compile "
+        "time is apart (`compile_s` in rows.csv). Memory: `compiled.memory_analysis()` argument + "
+        "output + temporary bytes of one call (`temp_bytes` alone in rows.csv). `fwd_bwd` is the "
+        "gradient of <out, g> with respect to q, k, v and the variant's parameters. `skip`: over a "
+        "budget (reason in rows.csv); `(M, not run)`: compiled memory M MiB over the memory budget."
+    )
+    lines.append("")
+    notes: list[str] = []
+    for (pass_, causal) in sorted(groups, key=lambda g: (PASSES.index(g[0]) if g[0] in PASSES else 9, g[1])):
+        by_variant = groups[(pass_, causal)]
+        info = analysis[(pass_, causal)]
+        ns = sorted({n for v in by_variant.values() for n in v})
+        title = f"{_PASS_TITLE.get(pass_, pass_)}, {'causal' if causal else 'bidirectional'}"
+        names = sorted(by_variant, key=lambda v: (v not in BASELINES, v))
+        lines += [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
+                  "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
+        head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
+        body = []
+        for v in names:
+            i = info[v]
+            body.append([v, i["time_claim_text"]] + [_cell(by_variant[v].get(n), "time_median_s", _ms) for n in ns]
+                        + [_fmt_slope(i["time_fit"]), _fmt_slope(i["time_tail_fit"]), i["time_claimed"]])
+        lines += [report.markdown_table(head, body)]
+        lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
+        head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
+        body = []
+        for v in names:
+            i = info[v]
+            body.append([v, i["memory_claim_text"]] + [_cell(by_variant[v].get(n), "memory_bytes", _mib) for n in ns]
+                        + [_fmt_slope(i["memory_fit"]), _fmt_slope(i["memory_tail_fit"]), i["memory_claimed"]])
+        lines += [report.markdown_table(head, body)]
+        lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
+                  "memory), each as `vs full / vs blockwise`.", ""]
+        head = ["variant"] + [f"speed-up N={n}" for n in ns] + [f"memory N={n}" for n in ns]
+        body = []
+        for v in names:
+            body.append([v] + [_ratio_cell(by_variant[v].get(n), by_variant, n, "time_median_s", True) for n in ns]
+                        + [_ratio_cell(by_variant[v].get(n), by_variant, n, "memory_bytes", False) for n in ns])
+        lines += [report.markdown_table(head, body)]
+        lines += ["Crossover N: the smallest measured N from which the variant is better than the baseline "
+                  "at every longer measured N (`~`: interpolated in log-log between the last losing and the "
+                  "first winning length; `<= N`: better from the first length; `none <= N`: not better at "
+                  "the longest length both measured). `both` = faster and less memory. Matmul fraction: "
+                  "FLOPs / time at the longest measured N, over this run's matmul rate.", ""]
+        head = ["variant", "time vs full", "memory vs full", "both vs full", "time vs blockwise",
+                "memory vs blockwise", "both vs blockwise", "FLOPs source", "matmul fraction"]
+        body = []
+        for v in names:
+            i = info[v]
+            last = next((by_variant[v][n] for n in reversed(ns) if _ok(by_variant[v].get(n), "time_median_s")), None)
+            body.append([v, _fmt_cross(i.get("cross_time_full")), _fmt_cross(i.get("cross_memory_full")),
+                         _fmt_cross(i.get("cross_both_full")), _fmt_cross(i.get("cross_time_blockwise")),
+                         _fmt_cross(i.get("cross_memory_blockwise")), _fmt_cross(i.get("cross_both_blockwise")),
+                         last.get("flops_source") if last else None,
+                         last.get("matmul_fraction") if last else None])
+        lines += [report.markdown_table(head, body)]
+        notes += _notes(title, by_variant, info, ns)
+    lines += ["## Notes", ""]
+    lines += [f"- {n}" for n in notes] if notes else ["- Every fitted slope is within 0.3 of its claim."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _notes(title: str, by_variant: dict, info: dict, ns: list[int]) -> list[str]:
+    out = []
+    for v in sorted(info):
+        i = info[v]
+        for which in ("time", "memory"):
+            fit, tail, claimed = i[f"{which}_fit"], i[f"{which}_tail_fit"], i[f"{which}_claimed"]
+            if fit is None or claimed is None:
+                continue
+            slope = tail.slope if tail is not None else fit.slope
+            d = slope - claimed
+            if abs(d) <= 0.3:
+                continue
+            if d < 0:
+                why = ("below the claim: at these lengths costs that do not grow like the claimed term "
+                       "(dispatch, the O(N d) projections and reshapes, the inputs and outputs themselves in "
+                       "the memory count) still dominate, so the asymptotic exponent is not reached yet"
+                       if which == "time" or claimed > 1 else
+                       "below the claim: fixed-size buffers (parameters, random features) dominate")
+            else:
+                why = ("above the claim: the implementation does more than its claimed asymptotics at "
+                       "these lengths (a pass that grows faster, e.g. a sort, a padded or a dense step), "
+                       "or the working set has left the CPU caches")
+            out.append(f"{title}, `{v}` {which}: slope {slope:.2f} over the longest lengths "
+                       f"(all lengths: {fit.slope:.2f}) against the claimed {claimed:.2f} "
+                       f"({i[f'{which}_claim_text']}); {why}.")
+        for base in BASELINES:
+            beyond = i.get(f"beyond_{base}")
+            if beyond:
+                out.append(f"{title}, `{v}`: ran at N={', '.join(map(str, beyond))} where `{base}` was over budget; "
+                           "crossovers use only lengths both measured.")
+        bad = [(n, r["status"], r.get("reason", "")) for n, r in sorted(by_variant[v].items())
+               if r.get("status") == "error"]
+        for n, _, reason in bad[:2]:
+            out.append(f"{title}, `{v}` failed at N={n}: {reason[:200]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot(rows: Sequence[dict], cfg: CostConfig, field: str, path: Path, ylabel: str, scale: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _series(_current(rows, cfg))
+    keys = sorted(groups, key=lambda g: (PASSES.index(g[0]) if g[0] in PASSES else 9, g[1]))
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys) + 2, 4.5), squeeze=False)
+    names = sorted({v for g in keys for v in groups[g]})
+    cmap = plt.get_cmap("tab20")
+    colors = {v: cmap(i % 20) for i, v in enumerate(names)}
+    for ax, g in zip(axes[0], keys):
+        for v in names:
+            by_n = groups[g].get(v, {})
+            pts = [(n, _ok(by_n[n], field)) for n in sorted(by_n) if _ok(by_n[n], field)]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, [y / scale for y in ys], marker="o", markersize=3, color=colors[v], label=v,
+                    linestyle="--" if v in BASELINES else "-", linewidth=2.0 if v in BASELINES else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{_PASS_TITLE.get(g[0], g[0])}, {'causal' if g[1] else 'bidirectional'}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / fig.get_figwidth(), 1))
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+CSV_COLUMNS = [
+    "kind", "variant", "n", "pass", "causal", "status", "reason", "time_median_s", "time_spread", "time_spread_kind",
+    "time_min_s", "time_max_s", "repeats", "compile_s", "memory_bytes", "temp_bytes", "argument_bytes",
+    "output_bytes", "xla_peak_bytes", "device_peak_bytes", "flops", "flops_source", "flops_xla", "flops_jaxpr",
+    "gflops_per_s", "matmul_gflops", "matmul_fraction", "steps_per_s", "speedup_vs_full", "memory_vs_full",
+    "claimed_time", "claimed_memory", "family", "exact", "batch", "heads", "head_dim", "dtype",
+    "max_call_s", "memory_budget_bytes",
+]
+
+
+def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None) -> None:
+    """rows.csv, rows.json, table.md, time.png, memory.png (and table2.md) from the stored rows."""
+    out = Path(out)
+    rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
+    env = report.environment(cfg.preset, **(rate or {}))
+    report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
+    report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
+    report.write_atomic(out / "table.md", cost_markdown(rows, cfg, rate, env))
+    plot(rows, cfg, "time_median_s", out / "time.png", "time per call (s)", 1.0)
+    plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB)
+    t2 = [r for r in rows if r["kind"] == "table2"]
+    if t2:
+        report.write_atomic(out / "table2.md", table2_markdown(t2, cfg, env))
+
+
+# ----------------------------------------------------------------------------- LRA Table 2 analog
+
+# Tay et al. 2020, Long Range Arena, Table 2: steps/s and peak memory (GB) on byte-level text,
+# 4x4 TPU v3, batch 32, at lengths 1K, 2K, 3K, 4K; keyed by the name of the variant here.
+PUBLISHED_TABLE2: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
+    "full": ("Transformer", (8.1, 4.9, 2.3, 1.4), (0.85, 2.65, 5.51, 9.48)),
+    "local": ("Local", (9.2, 8.4, 7.4, 7.4), (0.42, 0.76, 1.06, 1.37)),
+    "linformer": ("Linformer", (9.3, 9.1, 8.5, 7.7), (0.37, 0.55, 0.99, 0.99)),
+    "reformer": ("Reformer", (4.4, 2.2, 1.5, 1.1), (0.48, 0.99, 1.53, 2.28)),
+    "sinkhorn": ("Sinkhorn", (9.1, 7.9, 6.6, 5.3), (0.47, 0.83, 1.13, 1.48)),
+    "synthesizer": ("Synthesizer", (8.7, 5.7, 6.6, 1.9), (0.65, 1.98, 4.09, 6.99)),
+    "bigbird": ("BigBird", (7.4, 3.9, 2.7, 1.5), (0.77, 1.49, 2.18, 2.88)),
+    "linear": ("Linear Trans.", (9.1, 9.3, 8.6, 7.8), (0.37, 0.57, 0.80, 1.03)),
+    "performer": ("Performer", (9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
+}
+PUBLISHED_LENGTHS = (1024, 2048, 3072, 4096)
+
+
+def _table2_available() -> str | None:
+    """None when efficient_attn.nn / efficient_attn.train provide what Table 2 needs, else why not."""
+    try:
+        from efficient_attn import nn, train  # noqa: F401
+    except ImportError as err:
+        return f"efficient_attn.nn / efficient_attn.train not importable ({err})"
+    missing = [a for a in ("Classifier", "EncoderConfig") if not hasattr(nn, a)]
+    return f"efficient_attn.nn lacks {', '.join(missing)}" if missing else None
+
+
+def _table2_key(variant: str, n: int, cfg: CostConfig) -> str:
+    t = cfg.table2
+    return report.RowStore.make_key("table2", variant, n, t.batch, t.num_layers, t.emb_dim, t.num_heads, t.mlp_dim)
+
+
+def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore, *, force: bool = False,
+               progress: bool = True) -> None:
+    """Training steps/s and compiled memory of the text classifier per variant and length."""
+    why = _table2_available()
+    if why is not None:
+        print(f"cost: LRA Table 2 analog not run: {why}", file=sys.stderr)
+        return
+
+
+def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
+    return "# LRA Table 2 analog\n\n(not yet measured)\n"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="efficient-attn bench",
+        description="Cost of every attention variant against the sequence length: time, memory, FLOPs, "
+                    "slopes and crossovers against full and blockwise, and the LRA Table 2 analog.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="named configuration (default quick)")
+    p.add_argument("--variants", help="comma-separated variant names (default: every registered variant)")
+    p.add_argument("--lengths", help="comma-separated sequence lengths, e.g. 256,512,1024")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                   help="import a Python file that registers more variants (repeatable)")
+    p.add_argument("--force", action="store_true", help="discard stored rows and measure everything again")
+    p.add_argument("--out", help="output folder (default results/cost/<preset>)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--head-dim", type=int)
+    p.add_argument("--passes", help="comma-separated subset of fwd,fwd_bwd")
+    p.add_argument("--no-table2", action="store_true", help="skip the LRA Table 2 analog")
+    p.add_argument("--sweep-budget", type=float, help="seconds after which remaining points are skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> CostConfig:
+    cfg = PRESETS[args.preset]
+    changes: dict[str, Any] = {}
+    if args.variants:
+        changes["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if args.lengths:
+        try:
+            changes["lengths"] = tuple(int(x) for x in args.lengths.split(",") if x.strip())
+        except ValueError:
+            raise SystemExit(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if args.passes:
+        changes["passes"] = tuple(x.strip() for x in args.passes.split(",") if x.strip())
+    for field, value in (("batch", args.batch), ("heads", args.heads), ("head_dim", args.head_dim),
+                         ("sweep_budget_s", args.sweep_budget)):
+        if value is not None:
+            changes[field] = value
+    if args.no_table2:
+        changes["table2"] = dataclasses.replace(cfg.table2, enabled=False)
+    return dataclasses.replace(cfg, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``efficient-attn bench`` / ``experiments/cost_scaling.py``: run a preset, write results/cost/<preset>/."""
+    args = parse_args(argv)
+    for path in args.plugin:
+        load_plugin(path)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    out = Path(args.out) if args.out else Path("results") / "cost" / cfg.preset
+    t0 = time.perf_counter()
+    try:
+        store = run(cfg, out, force=args.force, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ncost: interrupted; finished rows are kept in {out / 'rows.jsonl'} and the tables were "
+              "rebuilt from them; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    counts = {s: sum(r.get("status") == s for r in store.rows()) for s in ("ok", "skipped", "error")}
+    print(f"cost: {len(store)} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors) "
+          f"in {time.perf_counter() - t0:.0f} s -> {out}/table.md", file=sys.stderr)
+    return 0
