@@ -1,0 +1,463 @@
+"""Training: optax AdamW, periodic validation, best-validation test score, orbax resume.
+
+    train(model, data, TrainConfig(...), workdir=..., metrics_path=...) -> TrainResult
+
+- Optimizer: AdamW (b1 0.9, b2 0.98, eps 1e-9 as in LRA) after global-norm gradient
+  clipping; weight decay on matrices only (not biases, LayerNorm scales or the CLS vector).
+- Learning rate: linear warm-up to ``lr`` over ``warmup`` steps, then ``schedule``:
+  ``cosine`` (to 0 at ``steps``), ``linear`` (to 0), ``constant``, or ``rsqrt``, which is
+  LRA's ``constant * linear_warmup * rsqrt_decay``: lr * min(1, s / w) / sqrt(max(s, w))
+  (so LRA's base rate 0.05 peaks at 0.05 / sqrt(1000) ~ 1.6e-3).
+- Data order is a pure function of (seed, step): example ``g = step * batch + i`` is
+  position ``g mod n`` of the permutation drawn for epoch ``g // n`` from ``seed``. Dropout
+  keys are ``fold_in(key(seed), step)``. Hence a run killed and resumed from its last
+  checkpoint ends with the same parameters and metrics as an uninterrupted one.
+- Validation every ``eval_every`` steps and at the end; each validation appends a JSON line
+  to ``metrics_path`` and saves an orbax checkpoint (params, optimizer state, best params,
+  history) under ``workdir``. The reported test score is that of the best-validation params.
+- The batch is sharded over every local device (``Mesh(jax.devices(), ("data",))``, batch
+  axis on "data"), parameters are replicated. The train and eval steps are compiled once
+  each, ahead of time (``jit(...).lower(...).compile()``), and the compile time reported apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from efficient_attn.core import check_config, check_positive_int
+from efficient_attn.report import write_atomic
+from efficient_attn.tasks.base import IGNORE, Split, TaskData
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "SCHEDULES",
+    "learning_rate",
+    "make_optimizer",
+    "batch_indices",
+    "needs_kv_mask",
+    "train",
+]
+
+SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Defaults: Adam(0.9, 0.98, 1e-9) as LRA, a cosine schedule."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    steps: int = 1000
+    batch_size: int = 32
+    eval_every: int = 100
+    clip: float = 1.0
+    seed: int = 0
+    schedule: str = "cosine"
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-9
+    eval_batch_size: int | None = None  # default: batch_size
+
+    def __post_init__(self):
+        name = "TrainConfig"
+        for field in ("steps", "batch_size", "eval_every"):
+            check_positive_int(name, field, getattr(self, field))
+        check_positive_int(name, "warmup", self.warmup, minimum=0)
+        check_positive_int(name, "seed", self.seed, minimum=0)
+        if self.eval_batch_size is not None:
+            check_positive_int(name, "eval_batch_size", self.eval_batch_size)
+        check_config(name, self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_config(name, self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        check_config(name, self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check_config(name, self.clip >= 0, f"clip must be >= 0 (0 = no clipping), got {self.clip!r}")
+        check_config(name, 0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
+        check_config(name, self.schedule == "rsqrt" or self.warmup < self.steps,
+                     f"warmup={self.warmup} must be < steps={self.steps} for a decaying schedule")
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run produced. ``test`` is ``metric`` on the test split with the best-val params."""
+
+    metric: str  # "accuracy" or "bits_per_byte"
+    test: float
+    test_loss: float
+    test_accuracy: float
+    best_val: float
+    best_step: int
+    steps: int
+    resumed_from: int  # 0 = fresh start
+    history: list[dict]
+    wall_s: float  # training + evaluation time, summed over resumed calls
+    compile_s: float
+    tokens_per_s: float  # training tokens (batch * length) per second, compile excluded
+    num_params: int
+    model: Any = dataclasses.field(repr=False, default=None)  # the model with the best params
+    params: Any = dataclasses.field(repr=False, default=None)  # the final params (nnx.State)
+
+    def summary(self) -> dict:
+        """Everything but the model and params: plain JSON-able values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "params")}
+
+
+def learning_rate(cfg: TrainConfig) -> optax.Schedule:
+    """The step -> learning-rate function of ``cfg`` (warm-up, then ``cfg.schedule``)."""
+    w = cfg.warmup
+    if cfg.schedule == "rsqrt":
+        def rsqrt(step):
+            s = jnp.asarray(step, jnp.float32)
+            warm = jnp.minimum(1.0, s / w) if w > 0 else 1.0
+            return cfg.lr * warm / jnp.sqrt(jnp.maximum(s, jnp.maximum(w, 1)))
+        return rsqrt
+    decay_steps = cfg.steps - w
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+    else:
+        after = optax.constant_schedule(cfg.lr)
+    if w == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), after], [w])
+
+
+def _decay_mask(params):
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW with ``learning_rate(cfg)``; decay on matrices only."""
+    adamw = optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=_decay_mask)
+    if cfg.clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw)
+    return adamw
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of the training batch at ``step``: a pure function of ``(n, batch, step, seed)``."""
+    g = step * batch_size + np.arange(batch_size)
+    epochs, pos = g // n, g % n
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = _permutation(n, seed, int(e))[pos[sel]]
+    return out
+
+
+def needs_kv_mask(data: TaskData) -> bool:
+    """Whether a model on ``data`` needs the key padding mask to be right.
+
+    False when no split has padding, or when the task is causal and every sequence is
+    right-padded (a real query then never sees a later, padded key).
+    """
+    for split in (data.train, data.val, data.test):
+        m = np.asarray(split.mask, bool)
+        if m.all():
+            continue
+        if data.causal and (np.diff(m.astype(np.int8), axis=1) <= 0).all():
+            continue  # right padding only: causal attention never reaches it
+        return True
+    return False
+
+
+def _losses(logits, targets, weights, kind: str):
+    """Sums of cross-entropy, correct predictions and counted targets (weights zero padding rows)."""
+    logits = logits.astype(jnp.float32)
+    if kind == "classify":
+        w = weights
+        tgt = targets
+    else:
+        w = (targets != IGNORE).astype(jnp.float32) * weights[:, None]
+        tgt = jnp.where(targets == IGNORE, 0, targets)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
+    correct = (jnp.argmax(logits, axis=-1) == tgt).astype(jnp.float32)
+    return jnp.sum(ce * w), jnp.sum(correct * w), jnp.sum(w)
+
+
+class _Sharder:
+    """Puts batches on the 'data' axis of a mesh over every local device, params replicated."""
+
+    def __init__(self, batch_size: int):
+        devices = jax.devices()
+        if batch_size % len(devices):
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by the {len(devices)} local devices "
+                f"(the batch is sharded over them); use a multiple of {len(devices)}"
+            )
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.batch = NamedSharding(self.mesh, P("data"))
+        self.replicated = NamedSharding(self.mesh, P())
+
+    def put_batch(self, *arrays):
+        return tuple(jax.device_put(a, self.batch) for a in arrays)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+
+def _gather(split: Split, idx: np.ndarray, kind: str, rows: int):
+    """The rows ``idx`` of ``split``, padded to ``rows`` with zero-weight rows."""
+    pad = rows - len(idx)
+    take = np.concatenate([idx, np.zeros(pad, idx.dtype)]) if pad else idx
+    tokens = np.asarray(split.inputs)[take].astype(np.int32)
+    mask = np.asarray(split.mask)[take].astype(bool)
+    targets = np.asarray(split.targets)[take].astype(np.int32)
+    weights = np.ones(rows, np.float32)
+    if pad:
+        weights[len(idx):] = 0.0
+    return tokens, mask, targets, weights
+
+
+def _metric_value(metric: str, loss_sum: float, correct: float, count: float) -> tuple[float, float, float]:
+    count = max(float(count), 1.0)
+    loss = float(loss_sum) / count
+    acc = float(correct) / count
+    value = loss / math.log(2.0) if metric == "bits_per_byte" else acc
+    return value, loss, acc
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new < old if metric == "bits_per_byte" else new > old
+
+
+def _config_json(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+class _Checkpoints:
+    """Orbax checkpoints of (params, opt_state, best_params) + a JSON record, newest kept."""
+
+    def __init__(self, workdir: str | Path):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.dir = Path(workdir).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manager = ocp.CheckpointManager(
+            self.dir,
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True),
+            item_names=("state", "record"),
+        )
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, record: dict) -> None:
+        a = self.ocp.args
+        self.manager.save(step, args=a.Composite(state=a.StandardSave(state), record=a.JsonSave(record)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: dict) -> tuple[dict, dict]:
+        a = self.ocp.args
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        out = self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract), record=a.JsonRestore()))
+        return out["state"], out["record"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def train(
+    model: nnx.Module,
+    data: TaskData,
+    cfg: TrainConfig,
+    *,
+    workdir: str | Path | None = None,
+    metrics_path: str | Path | None = None,
+    use_mask: bool = True,
+    progress: bool | None = None,
+    desc: str | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``model`` (a ``Classifier`` or ``CausalLM``) on ``data`` and test its best-val params.
+
+    ``workdir``: orbax checkpoint directory; when it holds a checkpoint of the same config,
+    training resumes from it. ``use_mask=False`` gives the model no padding mask (only
+    allowed when ``needs_kv_mask(data)`` is False, i.e. no padding can be seen).
+    ``progress``: tqdm bar (default: only when stderr is a terminal). ``stop_after``: end
+    after that many steps without a final evaluation, as a killed run would (for tests).
+    """
+    if data.kind not in ("classify", "token"):
+        raise ValueError(f"task {data.name!r}: unknown kind {data.kind!r} (expected 'classify' or 'token')")
+    if not use_mask and needs_kv_mask(data):
+        raise ValueError(
+            f"task {data.name!r} has padding that a model without the key mask would attend to; "
+            "train with use_mask=True (and a variant whose capabilities include kv_mask)"
+        )
+    for split_name in ("train", "val", "test"):
+        if len(getattr(data, split_name)) == 0:
+            raise ValueError(f"task {data.name!r}: the {split_name} split is empty")
+    metric = data.metric
+    kind = data.kind
+    sharder = _Sharder(cfg.batch_size)
+    if cfg.eval_batch % len(jax.devices()):
+        raise ValueError(f"eval batch {cfg.eval_batch} must be divisible by {len(jax.devices())} devices")
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = sharder.replicate(params)
+    rest = sharder.replicate(rest)
+    tx = make_optimizer(cfg)
+    opt_state = sharder.replicate(tx.init(params))
+    dropout = float(getattr(getattr(model, "cfg", None), "dropout", 0.0) or 0.0)
+    base_key = jax.random.key(cfg.seed)
+
+    def forward(p, tokens, mask, key):
+        m = nnx.merge(graphdef, p, rest)
+        return m(tokens, mask if use_mask else None, dropout_key=key)
+
+    def train_step(p, o, step, tokens, mask, targets, weights):
+        key = jax.random.fold_in(base_key, step) if dropout > 0 else None
+
+        def loss_fn(p_):
+            loss_sum, _, count = _losses(forward(p_, tokens, mask, key), targets, weights, kind)
+            return loss_sum / jnp.maximum(count, 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    def eval_step(p, tokens, mask, targets, weights):
+        return _losses(forward(p, tokens, mask, None), targets, weights, kind)
+
+    L = int(np.asarray(data.train.inputs).shape[1])
+    ex_train = sharder.put_batch(*_gather(data.train, np.arange(min(cfg.batch_size, len(data.train))), kind, cfg.batch_size))
+    ex_eval = sharder.put_batch(*_gather(data.val, np.arange(min(cfg.eval_batch, len(data.val))), kind, cfg.eval_batch))
+    t0 = time.perf_counter()
+    rep = sharder.replicated
+    step_c = (
+        jax.jit(train_step, out_shardings=(rep, rep, rep))
+        .lower(params, opt_state, jnp.int32(0), *ex_train)
+        .compile()
+    )
+    eval_c = jax.jit(eval_step, out_shardings=rep).lower(params, *ex_eval).compile()
+    compile_s = time.perf_counter() - t0
+
+    def evaluate(p, split: Split) -> tuple[float, float, float]:
+        n = len(split)
+        sums = np.zeros(3)
+        for start in range(0, n, cfg.eval_batch):
+            idx = np.arange(start, min(n, start + cfg.eval_batch))
+            out = eval_c(p, *sharder.put_batch(*_gather(split, idx, kind, cfg.eval_batch)))
+            sums += np.array([float(x) for x in out])
+        return _metric_value(metric, *sums)
+
+    ckpt = _Checkpoints(workdir) if workdir is not None else None
+    start = 0
+    best_params, best_val, best_step = params, None, 0
+    history: list[dict] = []
+    prior_wall = 0.0
+    if ckpt is not None and ckpt.latest() is not None:
+        start = int(ckpt.latest())
+        like = {"params": params, "opt_state": opt_state, "best_params": params}
+        state, record = ckpt.restore(start, like)
+        if record.get("config") != _config_json(cfg):
+            ckpt.close()
+            raise ValueError(
+                f"checkpoint in {workdir} (step {start}) was written with a different TrainConfig "
+                f"({record.get('config')}); delete that directory or train with the same config"
+            )
+        params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
+        best_val, best_step = record["best_val"], record["best_step"]
+        history = list(record["history"])
+        prior_wall = float(record["wall_s"])
+
+    def write_metrics():
+        if metrics_path is not None:
+            write_atomic(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=desc or data.name, leave=False,
+               dynamic_ncols=True)
+    train_time = 0.0
+    trained_tokens = 0
+    window: list[jax.Array] = []
+    t_call = time.perf_counter()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    try:
+        for step in range(start, end):
+            idx = batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)
+            batch = sharder.put_batch(*_gather(data.train, idx, kind, cfg.batch_size))
+            ts = time.perf_counter()
+            params, opt_state, loss = step_c(params, opt_state, jnp.int32(step), *batch)
+            loss = float(loss)
+            train_time += time.perf_counter() - ts
+            trained_tokens += cfg.batch_size * L
+            window.append(loss)
+            done = step + 1
+            bar.update(1)
+            if done % 10 == 0 or done == end:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{trained_tokens / max(train_time, 1e-9):.0f}")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                val, val_loss, val_acc = evaluate(params, data.val)
+                if _better(metric, val, best_val):
+                    best_params, best_val, best_step = params, val, done
+                history.append({
+                    "step": done,
+                    "train_loss": float(np.mean(window)),
+                    f"val_{metric}": val,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "lr": float(learning_rate(cfg)(done)),
+                })
+                window = []
+                write_metrics()
+                if ckpt is not None:
+                    wall = prior_wall + time.perf_counter() - t_call
+                    ckpt.save(done, {"params": params, "opt_state": opt_state, "best_params": best_params},
+                              {"config": _config_json(cfg), "best_val": best_val, "best_step": best_step,
+                               "history": history, "wall_s": wall})
+    finally:
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    wall_s = prior_wall + time.perf_counter() - t_call
+    test_value, test_loss, test_acc = evaluate(best_params, data.test)
+    write_metrics()
+    best_model = nnx.merge(graphdef, best_params, rest)
+    return TrainResult(
+        metric=metric,
+        test=test_value,
+        test_loss=test_loss,
+        test_accuracy=test_acc,
+        best_val=best_val if best_val is not None else float("nan"),
+        best_step=best_step,
+        steps=end,
+        resumed_from=start,
+        history=history,
+        wall_s=wall_s,
+        compile_s=compile_s,
+        tokens_per_s=trained_tokens / train_time if train_time > 0 else float("nan"),
+        num_params=int(sum(x.size for x in jax.tree.leaves(params))),
+        model=best_model,
+        params=params,
+    )

@@ -1,0 +1,163 @@
+"""Training loop: learning, schedules, deterministic data order, compile-once, kill-and-resume."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from efficient_attn.nn import CausalLM, Classifier, EncoderConfig, LMConfig
+from efficient_attn.tasks.base import IGNORE, Split, TaskData
+from efficient_attn.train import TrainConfig, batch_indices, learning_rate, needs_kv_mask, train
+
+L = 16
+
+
+def _cls_split(n, seed, pad=False):
+    r = np.random.default_rng(seed)
+    x = r.integers(1, 8, (n, L)).astype(np.int32)
+    m = np.ones((n, L), bool)
+    if pad:
+        lengths = r.integers(4, L + 1, n)
+        m = np.arange(L)[None] < lengths[:, None]
+        x = np.where(m, x, 0).astype(np.int32)
+    y = (x[:, 0] % 2).astype(np.int32)  # the label is the parity of the first token
+    return Split(x, y, m)
+
+
+def toy_classify(pad=False):
+    return TaskData("toy", "classify", False, 8, 2, L, _cls_split(256, 0, pad), _cls_split(64, 1, pad),
+                    _cls_split(64, 2, pad))
+
+
+def toy_model(seed=0):
+    cfg = EncoderConfig(vocab_size=8, max_len=L, num_classes=2, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
+    return Classifier(cfg, rngs=nnx.Rngs(seed))
+
+
+FAST = dict(lr=3e-3, warmup=5, batch_size=16, eval_every=10)
+
+
+def test_loss_decreases_and_beats_chance(tmp_path):
+    res = train(toy_model(), toy_classify(pad=True), TrainConfig(steps=100, **FAST),
+                metrics_path=tmp_path / "m.jsonl", progress=False)
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert res.best_val > 0.6 and res.metric == "accuracy"
+    lines = [json.loads(s) for s in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines] == list(range(10, 101, 10))
+    assert all(np.isfinite(d["val_accuracy"]) for d in lines)
+    assert res.compile_s > 0 and res.tokens_per_s > 0 and res.steps == 100
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    n, b = 10, 4
+    a = [batch_indices(n, b, s, seed=3) for s in range(5)]
+    again = [batch_indices(n, b, s, seed=3) for s in (4, 0, 2, 1, 3)]
+    for s, x in zip((4, 0, 2, 1, 3), again):
+        np.testing.assert_array_equal(x, a[s])
+    flat = np.concatenate(a)  # 20 examples = 2 epochs, each a permutation of range(10)
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert not np.array_equal(batch_indices(n, b, 0, seed=4), a[0]) or not np.array_equal(
+        batch_indices(n, b, 1, seed=4), a[1])
+
+
+def test_schedules():
+    warm = TrainConfig(lr=1.0, warmup=10, steps=110, schedule="cosine")
+    f = learning_rate(warm)
+    assert float(f(0)) == 0.0 and math.isclose(float(f(5)), 0.5, rel_tol=1e-6)
+    assert math.isclose(float(f(10)), 1.0, rel_tol=1e-6) and float(f(110)) < 1e-6
+    assert math.isclose(float(f(60)), 0.5, rel_tol=1e-4)  # cosine midpoint
+    lin = learning_rate(TrainConfig(lr=1.0, warmup=10, steps=110, schedule="linear"))
+    assert math.isclose(float(lin(60)), 0.5, rel_tol=1e-5)
+    rs = learning_rate(TrainConfig(lr=0.05, warmup=1000, steps=5000, schedule="rsqrt"))
+    assert math.isclose(float(rs(500)), 0.05 * 0.5 / math.sqrt(1000), rel_tol=1e-5)  # LRA's formula
+    assert math.isclose(float(rs(4000)), 0.05 / math.sqrt(4000), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(warmup=100, steps=50)
+
+
+def test_kill_and_resume_gives_identical_result(tmp_path):
+    cfg = TrainConfig(steps=40, **FAST)
+    data = toy_classify(pad=True)
+    straight = train(toy_model(), data, cfg, workdir=tmp_path / "a", progress=False)
+    # "killed" after 25 steps: the last checkpoint on disk is step 20 ...
+    train(toy_model(), data, cfg, workdir=tmp_path / "b", metrics_path=tmp_path / "b.jsonl",
+          progress=False, stop_after=25)
+    # ... and a fresh process (fresh model init with another seed: it must be overwritten) resumes
+    resumed = train(toy_model(seed=7), data, cfg, workdir=tmp_path / "b", metrics_path=tmp_path / "b.jsonl",
+                    progress=False)
+    assert resumed.resumed_from == 20 and straight.resumed_from == 0
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(nnx.state(straight.model, nnx.Param)),
+                    jax.tree.leaves(nnx.state(resumed.model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strip = lambda hs: [{k: v for k, v in h.items()} for h in hs]  # noqa: E731
+    assert strip(straight.history) == strip(resumed.history)
+    assert (straight.test, straight.best_val, straight.best_step) == (resumed.test, resumed.best_val, resumed.best_step)
+    lines = (tmp_path / "b.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines] == [10, 20, 30, 40]
+    # a checkpoint written under another config is refused, not silently mixed in
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        train(toy_model(), data, TrainConfig(steps=50, **FAST), workdir=tmp_path / "b", progress=False)
+
+
+def test_compiles_once_regardless_of_steps_and_evals():
+    from jax import monitoring
+
+    counts = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and counts:
+            counts[-1] += 1
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        data = toy_classify()
+        model = toy_model()
+        for steps, every in ((10, 10), (10, 10), (40, 5)):  # the first warms up eager-op caches
+            counts.append(0)
+            train(model, data, TrainConfig(lr=1e-3, warmup=2, steps=steps, batch_size=16, eval_every=every),
+                  progress=False)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    # one train step and one eval step per call, whether 10 steps or 40 with 8x the evaluations
+    assert counts[1] == counts[2] == 2, counts
+
+
+def _lm_split(n, seed):
+    """Copy task: the second half repeats the first; only the second half is scored."""
+    r = np.random.default_rng(seed)
+    half = r.integers(0, 6, (n, L // 2))
+    x = np.concatenate([half, half], axis=1).astype(np.int32)
+    y = np.full((n, L), IGNORE, np.int32)
+    y[:, L // 2 - 1:-1] = x[:, L // 2:]
+    lengths = r.integers(L - 2, L + 1, n)
+    m = np.arange(L)[None] < lengths[:, None]  # right padding only
+    y = np.where(np.concatenate([m[:, 1:], np.zeros((n, 1), bool)], axis=1), y, IGNORE).astype(np.int32)
+    return Split(x, y, m)
+
+
+def test_token_task_bits_per_byte_and_right_padding():
+    data = TaskData("toy_lm", "token", True, 6, 6, L, _lm_split(128, 0), _lm_split(32, 1), _lm_split(32, 2),
+                    metric="bits_per_byte")
+    assert not needs_kv_mask(data)  # right padding under a causal mask is never seen
+    model = CausalLM(LMConfig(vocab_size=6, max_len=L, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32),
+                     rngs=nnx.Rngs(0))
+    res = train(model, data, TrainConfig(steps=30, **FAST), use_mask=False, progress=False)
+    assert res.metric == "bits_per_byte"
+    assert math.isclose(res.test, res.test_loss / math.log(2), rel_tol=1e-9)
+    first = res.history[0]["val_bits_per_byte"]
+    assert 0 < res.best_val <= first < 8
+
+
+def test_mask_refusal_when_padding_would_be_seen():
+    data = toy_classify(pad=True)
+    assert needs_kv_mask(data) and not needs_kv_mask(toy_classify())
+    with pytest.raises(ValueError, match="padding"):
+        train(toy_model(), data, TrainConfig(steps=10, **FAST), use_mask=False, progress=False)
