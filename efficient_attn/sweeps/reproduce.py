@@ -1,0 +1,95 @@
+"""``make reproduce``: every experiment at one preset, then ``results/README.md``.
+
+    python experiments/reproduce.py --preset quick     # CPU, about 10 minutes on 2 cores
+    python experiments/reproduce.py --preset cpu       # CPU, hours
+    python experiments/reproduce.py --preset lra       # an accelerator, LRA's configurations
+
+Steps, in order (each resumable; finished rows are kept unless ``--force``):
+  1. the registry table                          results/registry.md
+  2. exact attention side by side                results/exact/
+  3. cost against N (and the Table 2 analog)     results/cost/<preset>/
+  4. accuracy on the tasks (Table 1 analog)      results/accuracy/<preset>/
+  5. approximation error against "full"          results/approximation/<preset>/
+  6. the index                                   results/README.md
+A step that fails is reported and the others still run; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from efficient_attn import registry, report
+
+PRESETS = ("quick", "cpu", "lra")
+EXPERIMENTS = (
+    ("exact", "efficient_attn.sweeps.exact"),
+    ("cost", "efficient_attn.sweeps.cost"),
+    ("accuracy", "efficient_attn.sweeps.accuracy"),
+    ("approximation", "efficient_attn.sweeps.approximation"),
+)
+
+
+def write_registry_table(results: Path) -> None:
+    from efficient_attn.cli import REGISTRY_HEADERS, registry_rows
+
+    text = "# Registered variants\n\nWritten by `efficient-attn list` / `make reproduce`.\n\n"
+    text += report.markdown_table(REGISTRY_HEADERS, registry_rows())
+    report.write_atomic(results / "registry.md", text)
+
+
+def _experiment_args(name: str, preset: str, results: Path, force: bool, plugins: list[str]) -> list[str]:
+    if name == "exact":
+        args = ["--out", str(results / "exact")]
+        if preset != "quick":
+            args.append("--huge")
+        return args
+    args = ["--preset", preset, "--out", str(results / name / preset)]
+    if force:
+        args.append("--force")
+    for p in plugins:
+        args += ["--plugin", p]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run every experiment at one preset, then rebuild results/README.md.")
+    p.add_argument("--preset", choices=PRESETS, default="quick")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--only", nargs="+", choices=[n for n, _ in EXPERIMENTS], help="run only these experiments")
+    p.add_argument("--force", action="store_true", help="recompute finished rows")
+    p.add_argument("--plugin", action="append", default=[], help="a Python file that registers variants")
+    args = p.parse_args(argv)
+
+    for path in args.plugin:
+        registry.load_plugin(path)
+    results = args.results
+    write_registry_table(results)
+    failures = []
+    for name, module_name in EXPERIMENTS:
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        print(f"\n=== {name} ({args.preset}) ===", flush=True)
+        try:
+            module = importlib.import_module(module_name)
+            rc = module.main(_experiment_args(name, args.preset, results, args.force, args.plugin))
+            if rc:
+                failures.append(f"{name}: exit status {rc}")
+        except Exception:  # keep going: one broken experiment must not hide the others' results
+            traceback.print_exc()
+            failures.append(f"{name}: {traceback.format_exc(limit=1).strip().splitlines()[-1]}")
+        print(f"=== {name} done in {time.perf_counter() - t0:.0f} s ===", flush=True)
+
+    from efficient_attn.results_index import write_results_readme
+
+    write_results_readme(results, args.preset)
+    print(f"\nwrote {results / 'README.md'}")
+    if failures:
+        print("FAILED steps:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
