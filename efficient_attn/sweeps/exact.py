@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg):
         print(msg, flush=True)
 
-    rate = measure.matmul_rate()
+    rate = measure.matmul_rate()["matmul_gflops"] * 1e9
     log(f"matmul rate: {rate / 1e9:.0f} GFLOP/s (f32 2048^3, this run)")
 
     for n in args.lengths:
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         for pass_name, wrap in (("fwd", lambda f: f), ("fwd_bwd", _fwd_bwd)):
             times = {}
             for name, f in _impls(False).items():
-                t = measure.time_fn(jax.jit(wrap(f)), q, k, v, repeats=args.repeats)
-                times[name] = t.median
+                t = measure.time_function(wrap(f), q, k, v, min_repeats=args.repeats, max_repeats=args.repeats)
+                times[name] = t.median_s
                 flops = attention_flops(n, b, h, d, backward=pass_name == "fwd_bwd")
-                rows.append(dict(n=n, impl=name, pass_=pass_name, causal=False, time_s=t.median,
-                                 time_min_s=t.min, time_max_s=t.max, gflops=flops / t.median / 1e9,
-                                 matmul_fraction=flops / t.median / rate))
-                log(f"N={n:6d} {pass_name:7s} {name:30s} {t.median * 1e3:9.1f} ms "
-                    f"({flops / t.median / 1e9:6.1f} GFLOP/s, {flops / t.median / rate:5.1%} of matmul)")
+                rows.append(dict(kind="time", n=n, impl=name, pass_=pass_name, causal=False, time_s=t.median_s,
+                                 time_min_s=t.min_s, time_max_s=t.max_s, compile_s=t.compile_s,
+                                 gflops=flops / t.median_s / 1e9, matmul_fraction=flops / t.median_s / rate))
+                log(f"N={n:6d} {pass_name:7s} {name:30s} {t.median_s * 1e3:9.1f} ms "
+                    f"({flops / t.median_s / 1e9:6.1f} GFLOP/s, {flops / t.median_s / rate:5.1%} of matmul)")
             ratio = times["jax.nn.dot_product_attention"] / times["blockwise"]
             log(f"N={n:6d} {pass_name:7s} blockwise speed-up vs jax.nn.dot_product_attention: {ratio:.2f}x; "
                 f"vs full: {times['full'] / times['blockwise']:.2f}x")
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in _impls(False).items():
         if name == "full":
             continue
-        mem[name] = measure.compiled_memory(jax.jit(_fwd_bwd(f)), spec, spec, spec)
-        rows.append(dict(n=args.memory_n, impl=name, pass_="fwd_bwd", causal=False,
+        mem[name] = measure.compiled_memory(measure.compile_function(_fwd_bwd(f), spec, spec, spec)[0])
+        rows.append(dict(kind="memory", n=args.memory_n, impl=name, pass_="fwd_bwd", causal=False,
                          temp_bytes=mem[name].temp_bytes, memory_bytes=mem[name].total_bytes))
     frac = mem["blockwise"].temp_bytes / mem["jax.nn.dot_product_attention"].temp_bytes
     log(f"N={args.memory_n}: fwd+bwd compiled temp memory: blockwise {mem['blockwise'].temp_bytes / 2**20:.1f} MiB, "
@@ -117,23 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     q, k, v = _inputs(args.causal_n, b, h, d)
     tc = {}
     for causal in (False, True):
-        f = jax.jit(_impls(causal)["blockwise"])
-        tc[causal] = measure.time_fn(f, q, k, v, repeats=args.repeats).median
-        rows.append(dict(n=args.causal_n, impl="blockwise", pass_="fwd", causal=causal, time_s=tc[causal]))
+        f = _impls(causal)["blockwise"]
+        tc[causal] = measure.time_function(f, q, k, v, min_repeats=args.repeats, max_repeats=args.repeats).median_s
+        rows.append(dict(kind="causal", n=args.causal_n, impl="blockwise", pass_="fwd", causal=causal, time_s=tc[causal]))
     log(f"N={args.causal_n}: blockwise causal {tc[True] * 1e3:.0f} ms vs non-causal {tc[False] * 1e3:.0f} ms: "
         f"{tc[False] / tc[True]:.2f}x")
 
     if args.huge:
         n = 65536
         q, k, v = _inputs(n, b, h, d)
-        g = jax.jit(_fwd_bwd(_impls(False)["blockwise"]))
-        m = measure.compiled_memory(g, q, k, v)
+        g, compile_s = measure.compile_function(_fwd_bwd(_impls(False)["blockwise"]), q, k, v)
+        m = measure.compiled_memory(g)
         t0 = time.perf_counter()
         jax.block_until_ready(g(q, k, v))
         dt = time.perf_counter() - t0
-        rows.append(dict(n=n, impl="blockwise", pass_="fwd_bwd", causal=False, time_s=dt,
+        rows.append(dict(kind="huge", n=n, impl="blockwise", pass_="fwd_bwd", causal=False, time_s=dt,
                          temp_bytes=m.temp_bytes, memory_bytes=m.total_bytes))
-        log(f"N={n}: blockwise fwd+bwd ran in {dt:.1f} s (incl. compile), compiled memory "
+        log(f"N={n}: blockwise fwd+bwd ran in {dt:.1f} s (compile {compile_s:.1f} s apart), compiled memory "
             f"{m.total_bytes / 2**30:.2f} GiB")
 
     _write(args.out, rows, rate)
@@ -143,35 +143,38 @@ def main(argv: list[str] | None = None) -> int:
 def _write(out: Path, rows, rate):
     env = report.environment("quick", matmul_gflops=rate / 1e9)
     report.write_json(out / "rows.json", {"environment": env, "rows": rows})
-    by = {(r["n"], r["impl"], r["pass_"], r["causal"]): r for r in rows}
-    lines = ["# Exact attention: full, blockwise and jax.nn.dot_product_attention\n",
-             f"float32, one run, {env['cpu']} ({env['cpu_cores']} cores), jax {env['jax']}, "
-             f"commit {env['commit']}. Matmul rate measured in the same run: {rate / 1e9:.0f} GFLOP/s.\n"]
-    ns = sorted({r["n"] for r in rows if "time_s" in r and r["impl"] == "full"})
+    by = {(r["n"], r["impl"], r["pass_"]): r for r in rows if r["kind"] == "time"}
+    lines = ["# Exact attention: full, blockwise and jax.nn.dot_product_attention\n\n",
+             f"float32, B/H/D as run, one run, {env['cpu']} ({env['cpu_cores']} cores), jax {env['jax']}, "
+             f"commit {env['commit']}. Matmul rate measured in the same run: {rate / 1e9:.0f} GFLOP/s. "
+             "Times are medians after warm-up; compile time excluded.\n"]
+    ns = sorted({n for n, _, _ in by})
     for pass_name in ("fwd", "fwd_bwd"):
         table = []
         for n in ns:
-            dpa = by[(n, "jax.nn.dot_product_attention", pass_name, False)]["time_s"]
-            full = by[(n, "full", pass_name, False)]["time_s"]
-            bw = by[(n, "blockwise", pass_name, False)]
+            dpa = by[(n, "jax.nn.dot_product_attention", pass_name)]["time_s"]
+            full = by[(n, "full", pass_name)]["time_s"]
+            bw = by[(n, "blockwise", pass_name)]
             table.append([n, dpa * 1e3, full * 1e3, bw["time_s"] * 1e3, dpa / bw["time_s"], full / bw["time_s"],
                           bw["matmul_fraction"]])
-        lines.append(f"\n## {pass_name}\n")
+        lines.append(f"\n## {'forward' if pass_name == 'fwd' else 'forward + backward'}\n\n")
         lines.append(report.markdown_table(
             ["N", "dot_product_attention ms", "full ms", "blockwise ms", "blockwise speed-up vs dpa",
              "vs full", "blockwise fraction of matmul rate"], table))
-    mem_rows = [r for r in rows if "temp_bytes" in r and r["impl"] != "blockwise" or
-                ("temp_bytes" in r and r["n"] != 65536)]
+    mem_rows = [r for r in rows if r["kind"] in ("memory", "huge")]
     if mem_rows:
-        lines.append("\n## Compiled memory, forward+backward (compile only)\n")
+        lines.append("\n## Compiled memory, forward + backward (compile only)\n\n")
         lines.append(report.markdown_table(
             ["N", "impl", "temp MiB", "total MiB"],
             [[r["n"], r["impl"], r["temp_bytes"] / 2**20, r["memory_bytes"] / 2**20] for r in mem_rows]))
-    causal = [r for r in rows if r["impl"] == "blockwise" and r["pass_"] == "fwd" and r["n"] not in ns]
-    if len(causal) == 2:
-        t = {r["causal"]: r["time_s"] for r in causal}
-        lines.append(f"\nCausal blockwise forward at N={causal[0]['n']}: {t[True] * 1e3:.0f} ms against "
-                     f"{t[False] * 1e3:.0f} ms non-causal ({t[False] / t[True]:.2f}x).\n")
+    t = {r["causal"]: r for r in rows if r["kind"] == "causal"}
+    if len(t) == 2:
+        lines.append(f"\nCausal blockwise forward at N={t[True]['n']}: {t[True]['time_s'] * 1e3:.0f} ms against "
+                     f"{t[False]['time_s'] * 1e3:.0f} ms non-causal ({t[False]['time_s'] / t[True]['time_s']:.2f}x).\n")
+    huge = [r for r in rows if r["kind"] == "huge"]
+    for r in huge:
+        lines.append(f"\nblockwise forward + backward at N={r['n']} ran in {r['time_s']:.1f} s with "
+                     f"{r['memory_bytes'] / 2**30:.2f} GiB compiled memory.\n")
     report.write_atomic(out / "table.md", "".join(lines))
 
 
