@@ -1,0 +1,243 @@
+"""Block-sparse softmax attention: each query block attends to a listed set of key blocks.
+
+The engine behind ``local``, ``sparse_transformer``, ``longformer``, ``bigbird`` and
+``reformer``. Queries are cut into ``num_q_blocks = ceil(T / block_q)`` blocks of ``block_q``
+consecutive rows, keys into ``ceil(S / block_k)`` blocks of ``block_k`` rows (the tails are
+padded and the padding is never visible). An integer ``table`` lists, for every query block,
+the key blocks it sees:
+
+    table: [num_q_blocks, r]  or  [H, num_q_blocks, r] (one pattern per head), -1 = no block
+
+For query block ``I`` the engine gathers the ``r`` listed key/value blocks, forms the
+``[block_q, r * block_k]`` logits ``s_ij = scale * q_i . k_j``, applies the in-block masks
+below and takes a softmax over the gathered keys:
+
+    out_i = sum_j p_ij v_j,   p_ij = exp(s_ij - lse_i) [j visible],
+    lse_i = log sum_{j visible} exp(s_ij)          (-inf when nothing is visible; out_i = 0)
+
+Time and memory are O(T r block_k d): the [T, S] matrix is never formed. ``table`` may be a
+NumPy array (static, e.g. a band) or a JAX array (e.g. BigBird's random blocks read from a
+module variable); entries must be -1 or in [0, num_k_blocks) and list each block at most once
+per row (a repeated block would be counted twice in the softmax).
+
+In-block masks (all optional, combined with AND):
+
+- validity: key rows past ``S`` (padding) and ``kv_valid == False`` keys are invisible;
+- ``causal``: ``k_pos <= q_pos``, on *token positions*. Positions default to ``arange``; a
+  caller that permutes its sequence (Reformer sorts tokens by hash bucket) passes the
+  original positions in ``q_pos``/``k_pos`` so causality holds on the original order;
+- ``q_seg``/``k_seg``: key visible only when its segment id equals the query's;
+- ``band=(left, right)``: key visible only when ``i - left <= j <= i + right`` in the
+  engine's own (row index) coordinates, i.e. a sliding window over the sequence as given;
+- ``self_mode``: ``"exclude"`` hides the key whose position equals the query's;
+  ``"fallback"`` (Reformer) subtracts ``SELF_PENALTY`` from that logit, so a query attends
+  to itself only when no other key is visible (then ``lse`` carries the penalty, which
+  makes such a row lose any later ``merge_softmax`` against a row that saw something else).
+
+``merge_softmax`` combines partial results computed over disjoint key sets into the exact
+softmax over their union (by logsumexp weighting); variants use it to add global keys to a
+local pattern and Reformer to combine its hash rounds.
+
+Layout inside this module is head-major: q [B, H, T, D], k [B, H, S, D], v [B, H, S, E].
+The naive twin (a dense masked softmax built from the same table) is in
+tests/test_block_sparse.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+__all__ = ["SELF_PENALTY", "block_sparse_attention", "merge_softmax", "banded_table", "num_blocks"]
+
+SELF_PENALTY = 1.0e5
+"""Subtracted from a query's logit on itself under ``self_mode="fallback"`` (as trax does)."""
+
+
+def num_blocks(length: int, block: int) -> int:
+    """``ceil(length / block)``."""
+    return -(-length // block)
+
+
+def banded_table(
+    num_q_blocks: int, num_k_blocks: int, block_q: int, block_k: int, left: int, right: int
+) -> np.ndarray:
+    """Key blocks overlapping rows ``[I*block_q - left, (I+1)*block_q - 1 + right]``, -1 padded.
+
+    With ``band=(left, right)`` in the engine, this table covers exactly the sliding window
+    ``i - left <= j <= i + right``: O(T (left + right + block)) work.
+    """
+    rows = []
+    for i in range(num_q_blocks):
+        lo = max(0, i * block_q - left) // block_k
+        hi = min(num_k_blocks * block_k - 1, (i + 1) * block_q - 1 + right) // block_k
+        rows.append(list(range(lo, hi + 1)) if hi >= lo else [])
+    return pad_rows(rows)
+
+
+def pad_rows(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """A ragged list of key-block lists as an int32 table padded with -1 (at least 1 column)."""
+    width = max([1] + [len(r) for r in rows])
+    table = np.full((len(rows), width), -1, dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = np.asarray(r, dtype=np.int32)
+    return table
+
+
+def _pad_axis(x, axis: int, new: int, value):
+    extra = new - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _as_bht(x, name: str, B: int, H: int, L: int):
+    """Broadcastable [L], [B, L] -> [1|B, 1|H, L] (a [B?, H?, L] array passes through)."""
+    x = jnp.asarray(x)
+    if x.ndim == 1:
+        x = x[None, None]
+    elif x.ndim == 2:
+        x = x[:, None]
+    if x.ndim != 3 or x.shape[-1] != L or x.shape[0] not in (1, B) or x.shape[1] not in (1, H):
+        raise ValueError(f"block_sparse_attention: {name} must broadcast to [{B}, {H}, {L}], got {x.shape}")
+    return x
+
+
+def _gather_blocks(x, table, per_head: bool):
+    """x: [b, h, nk, bk, ...]; table: [nq, r] or [H, nq, r] -> [b, h, nq, r, bk, ...]."""
+    if not per_head:
+        return x[:, :, table]
+    if x.shape[1] == 1:
+        x = jnp.broadcast_to(x, (x.shape[0], table.shape[0]) + x.shape[2:])
+    heads = jnp.arange(table.shape[0])[:, None, None]
+    return x[:, heads, table]
+
+
+def block_sparse_attention(
+    q: Float[Array, "B H T D"],
+    k: Float[Array, "B H S D"],
+    v: Float[Array, "B H S E"],
+    table,
+    *,
+    block_q: int,
+    block_k: int,
+    causal: bool = False,
+    kv_valid: Bool[Array, "B Hk S"] | None = None,
+    q_pos: Int[Array, "Bq Hq T"] | None = None,
+    k_pos: Int[Array, "Bk Hk S"] | None = None,
+    q_seg: Int[Array, "Bq Hq T"] | None = None,
+    k_seg: Int[Array, "Bk Hk S"] | None = None,
+    band: tuple[int, int] | None = None,
+    self_mode: Literal["exclude", "fallback"] | None = None,
+    scale: float | None = None,
+) -> tuple[Float[Array, "B H T E"], Float[Array, "B H T"]]:
+    """Softmax attention restricted to the key blocks of ``table``; returns ``(out, lse)``.
+
+    ``out`` is float32 and zero where a query sees no key; ``lse`` is the log of the
+    softmax normaliser (``-inf`` there). See the module docstring for every option.
+    """
+    B, H, T, D = q.shape
+    S, E = k.shape[2], v.shape[3]
+    if k.shape != (B, H, S, D) or v.shape[:3] != (B, H, S):
+        raise ValueError(f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    nq, nk = num_blocks(T, block_q), num_blocks(S, block_k)
+
+    per_head = jnp.ndim(table) == 3
+    if isinstance(table, np.ndarray):
+        if table.shape[-2] != nq or (per_head and table.shape[0] != H):
+            raise ValueError(f"block_sparse_attention: table {table.shape} needs {nq} query-block rows (T={T}, block_q={block_q})")
+        if table.size and (table.min() < -1 or table.max() >= nk):
+            raise ValueError(f"block_sparse_attention: table entries must be -1 or in [0, {nk}), got [{table.min()}, {table.max()}]")
+    table = jnp.asarray(table, dtype=jnp.int32)
+    if table.ndim not in (2, 3) or table.shape[-2] != nq:
+        raise ValueError(f"block_sparse_attention: table {table.shape} needs shape [{nq}, r] or [H, {nq}, r]")
+    r = table.shape[-1]
+    slot_ok = table >= 0  # [(H,) nq, r]
+    tbl = jnp.clip(table, 0, nk - 1)
+
+    f32 = jnp.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    Tp, Sp = nq * block_q, nk * block_k
+    qb = _pad_axis(q.astype(f32), 2, Tp, 0.0).reshape(B, H, nq, block_q, D)
+    kb = _pad_axis(k.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, D)
+    vb = _pad_axis(v.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, E)
+
+    # key validity: inside S and kv_valid
+    valid = jnp.arange(Sp) < S
+    valid = valid[None, None] if kv_valid is None else jnp.logical_and(
+        valid[None, None], _pad_axis(_as_bht(kv_valid, "kv_valid", B, H, S), 2, Sp, False)
+    )
+    vis_k = _gather_blocks(valid.reshape(valid.shape[:2] + (nk, block_k)), tbl, per_head)  # [b,h,nq,r,bk]
+    vis = jnp.logical_and(vis_k, slot_ok[..., None]).reshape(vis_k.shape[:3] + (1, r * block_k))
+
+    def q_side(x, name, fill):
+        x = _pad_axis(_as_bht(x, name, B, H, T), 2, Tp, fill)
+        return x.reshape(x.shape[:2] + (nq, block_q, 1))
+
+    def k_side(x, name, fill):
+        x = _pad_axis(_as_bht(x, name, B, H, S), 2, Sp, fill)
+        g = _gather_blocks(x.reshape(x.shape[:2] + (nk, block_k)), tbl, per_head)
+        return g.reshape(g.shape[:3] + (1, r * block_k))
+
+    need_pos = causal or self_mode is not None
+    if need_pos:
+        qp = q_side(jnp.arange(T) if q_pos is None else q_pos, "q_pos", -1)
+        kp = k_side(jnp.arange(S) if k_pos is None else k_pos, "k_pos", -2)
+        if causal:
+            vis = jnp.logical_and(vis, kp <= qp)
+        if self_mode == "exclude":
+            vis = jnp.logical_and(vis, kp != qp)
+    if (q_seg is None) != (k_seg is None):
+        raise ValueError("block_sparse_attention: give both q_seg and k_seg, or neither")
+    if q_seg is not None:
+        vis = jnp.logical_and(vis, q_side(q_seg, "q_seg", -1) == k_side(k_seg, "k_seg", -2))
+    if band is not None:
+        left, right = band
+        qi = jnp.arange(Tp).reshape(nq, block_q, 1)
+        kj = (tbl[..., None] * block_k + jnp.arange(block_k)).reshape(tbl.shape[:-1] + (1, r * block_k))
+        vis = jnp.logical_and(vis, jnp.logical_and(kj >= qi - left, kj <= qi + right))
+
+    kg = _gather_blocks(kb, tbl, per_head).reshape(B, H, nq, r * block_k, D)
+    vg = _gather_blocks(vb, tbl, per_head).reshape(B, H, nq, r * block_k, E)
+    logits = jnp.einsum("bhqid,bhqjd->bhqij", qb, kg) * scale
+    if self_mode == "fallback":
+        logits = jnp.where(kp == qp, logits - SELF_PENALTY, logits)
+
+    vis = jnp.broadcast_to(vis, logits.shape)
+    masked = jnp.where(vis, logits, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(masked - m)  # exactly 0 where invisible, no inf*0 in the gradient
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    seen = denom > 0
+    p = e / jnp.where(seen, denom, 1.0)
+    out = jnp.einsum("bhqij,bhqje->bhqie", p, vg).reshape(B, H, Tp, E)[:, :, :T]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
+    return out, lse.reshape(B, H, Tp)[:, :, :T]
+
+
+def merge_softmax(
+    outs: Float[Array, "n ... E"], lses: Float[Array, "n ..."]
+) -> tuple[Float[Array, "... E"], Float[Array, "..."]]:
+    """Combine softmax results over disjoint key sets (stacked on axis 0) into their union.
+
+    ``out = sum_r w_r out_r``, ``w_r = exp(lse_r - logsumexp_r lse_r)``; parts with
+    ``lse = -inf`` (saw nothing) get weight 0; a row that saw nothing anywhere stays 0.
+    Returns ``(out, lse)`` of the union. Reformer uses the same weighting for hash rounds,
+    whose key sets may overlap (a key seen in two rounds then counts twice, as in trax).
+    """
+    m = jax.lax.stop_gradient(jnp.max(lses, axis=0))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m)
+    denom = jnp.sum(w, axis=0)
+    seen = denom > 0
+    out = jnp.sum(w[..., None] * outs, axis=0) / jnp.where(seen, denom, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
+    return out, lse
