@@ -444,7 +444,10 @@ def parse_big_o(text: str) -> Complexity:
         raise ValueError(f"cannot read big-O claim {text!r}: expected 'O(...)', e.g. 'O(N^2)' or 'O(N w)'")
     # (log N)^2 -> log^2 N
     body = re.sub(rf"\(\s*log\s*\(?\s*({_SYM})\s*\)?\s*\)\s*\^\s*(\d+)", r"log^\2 \1", m.group(1))
-    terms = [_parse_term(t, text) for t in body.split("+")]
+    pieces = body.split("+")
+    if any(not t.strip() for t in pieces):
+        raise ValueError(f"cannot read big-O claim {text!r}: an empty term around '+'")
+    terms = [_parse_term(t, text) for t in pieces]
     return max(terms, key=lambda c: (c.exponent, c.log_power))
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import efficient_attn as ea
@@ -84,6 +86,7 @@ class Table2Config:
     step_budget_s: float = 2.0
     max_step_s: float = 10.0
     memory_budget_bytes: int = 64 * GiB
+    budget_s: float | None = None  # after this many seconds of Table 2 work, the rest is skipped
 
     def __post_init__(self):
         for f in ("batch", "num_layers", "emb_dim", "num_heads", "mlp_dim", "min_repeats", "max_repeats"):
@@ -96,9 +99,10 @@ class Table2Config:
 
 @dataclasses.dataclass(frozen=True)
 class CostConfig:
-    """One cost sweep. Lengths are visited in increasing order, all variants at one length
-    before the next, so a sweep stopped by ``sweep_budget_s`` has measured every variant on the
-    same lengths.
+    """One cost sweep. Points are visited mode by mode (forward bidirectional, forward+backward
+    bidirectional, then the causal ones), each mode in increasing length with every variant at
+    one length before the next; a sweep stopped by ``sweep_budget_s`` therefore has complete
+    curves, for every variant, in the modes it reached.
 
     variants:            names (None = every registered variant, plugins included)
     lengths:             sequence lengths N (T = S = N)
@@ -107,6 +111,7 @@ class CostConfig:
     batch/heads/head_dim/dtype: the q, k, v shape [batch, N, heads, head_dim] and dtype
     warmup, min_repeats, max_repeats, repeat_budget_s: the timing protocol of one point
     max_call_s:          skip a point whose predicted time per call exceeds this (seconds)
+    max_compile_s:       skip the longer lengths of a series once one compile took longer than this
     memory_budget_bytes: skip a point whose compiled memory exceeds this
     sweep_budget_s:      after this many seconds, the remaining points are skipped (None = no limit)
     """
@@ -125,6 +130,7 @@ class CostConfig:
     max_repeats: int = 10
     repeat_budget_s: float = 1.0
     max_call_s: float = 3.0
+    max_compile_s: float = 60.0
     memory_budget_bytes: int = 4 * GiB
     sweep_budget_s: float | None = None
     seed: int = 0
@@ -150,8 +156,10 @@ class CostConfig:
 
 
 PRESETS: dict[str, CostConfig] = {
-    # CPU, minutes: every variant, N = 256..4096; few repeats, tight budgets; Table 2 scaled down
-    # to one layer of width 64 at batch 2 so each training step stays well under a second.
+    # CPU, minutes: every variant, N = 256..4096; one warm-up and 1-5 timed calls within 0.25 s,
+    # no call predicted over 2.5 s, and a deadline so the whole run (compiles included, about a
+    # second each on 2 cores) stays within about 3 minutes. Table 2 scaled down to one layer of
+    # width 64 at batch 2, with its own deadline.
     "quick": CostConfig(
         preset="quick",
         lengths=(256, 512, 1024, 2048, 4096),
@@ -159,12 +167,12 @@ PRESETS: dict[str, CostConfig] = {
         max_repeats=5,
         repeat_budget_s=0.25,
         max_call_s=2.5,
+        max_compile_s=15.0,
         memory_budget_bytes=3 * GiB,
-        sweep_budget_s=150.0,
-        matmul_n=2048,
+        sweep_budget_s=120.0,
         table2=Table2Config(batch=2, num_layers=1, emb_dim=64, num_heads=2, mlp_dim=128,
                             min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=2.0,
-                            memory_budget_bytes=3 * GiB),
+                            memory_budget_bytes=3 * GiB, budget_s=50.0),
     ),
     # CPU, hours: N up to 65536 or until a budget; more repeats; Table 2 at half LRA's width.
     "cpu": CostConfig(
@@ -174,12 +182,14 @@ PRESETS: dict[str, CostConfig] = {
         max_repeats=20,
         repeat_budget_s=5.0,
         max_call_s=60.0,
+        max_compile_s=300.0,
         memory_budget_bytes=12 * GiB,
         table2=Table2Config(batch=8, num_layers=2, emb_dim=128, num_heads=4, mlp_dim=512,
                             min_repeats=3, max_repeats=10, step_budget_s=5.0, max_step_s=60.0,
                             memory_budget_bytes=12 * GiB),
     ),
-    # Accelerator: LRA's lengths and its text configuration for Table 2 (batch 32, 4 layers, 256 wide).
+    # Accelerator: N up to 65536; Table 2 at LRA's text configuration (4 layers, width 256, 4 heads,
+    # MLP 1024, batch 32).
     "lra": CostConfig(
         preset="lra",
         lengths=tuple(2**i for i in range(10, 17)),
@@ -187,6 +197,7 @@ PRESETS: dict[str, CostConfig] = {
         max_repeats=50,
         repeat_budget_s=3.0,
         max_call_s=30.0,
+        max_compile_s=600.0,
         memory_budget_bytes=60 * GiB,
         table2=Table2Config(min_repeats=5, max_repeats=50, step_budget_s=5.0, max_step_s=30.0,
                             memory_budget_bytes=60 * GiB),
@@ -331,46 +342,75 @@ def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, 
 
 # ----------------------------------------------------------------------------- the sweep
 
+# Visiting order: a whole (pass, masking) mode, every length, before the next mode, so that a
+# sweep stopped by its time budget has complete curves for the modes it reached.
+MODES = (("fwd", False), ("fwd_bwd", False), ("fwd", True), ("fwd_bwd", True))
+
 
 def _key(kind: str, variant: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> str:
     masking = "causal" if causal else "bidir"
     return report.RowStore.make_key(kind, variant, pass_, masking, n, cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
 
 
-def _is_done(row: dict | None, cfg_budget: tuple[float, int]) -> bool:
-    """A stored row is final when ok, or skipped for a budget no larger than the current one.
+def _is_done(row: dict | None, budget: dict[str, Any]) -> bool:
+    """A stored row is final when ok, or skipped under the same budgets as now.
 
-    Errors and points skipped for the sweep's deadline are tried again on a rerun; so are
-    budget skips when the budget has grown since.
+    Errors and points skipped for a sweep's deadline are tried again on a rerun; so are
+    budget skips when a budget has changed since.
     """
     if row is None:
         return False
     if row.get("status") == "ok":
         return True
     if row.get("status") == "skipped" and not str(row.get("reason", "")).startswith("sweep budget"):
-        return (row.get("max_call_s"), row.get("memory_budget_bytes")) == cfg_budget
+        return all(row.get(k) == v for k, v in budget.items())
     return False
 
 
 def select_variants(cfg: CostConfig) -> list[str]:
+    """The variants of ``cfg`` (every registered one when None); an unknown name raises KeyError."""
     names = ea.list_variants()
     if cfg.variants is None:
         return names
-    unknown = [v for v in cfg.variants if v not in names]
-    if unknown:
-        for v in unknown:
+    for v in cfg.variants:
+        if v not in names:
             ea.get_spec(v)  # raises KeyError with suggestions
-    return list(cfg.variants)
+    return list(dict.fromkeys(cfg.variants))
 
 
 def _points(cfg: CostConfig, variants: Sequence[str]):
-    for n in sorted(set(cfg.lengths)):
-        for pass_ in cfg.passes:
-            for causal in cfg.causal_modes:
-                for name in variants:
-                    if causal and not ea.get_spec(name).capabilities.causal:
-                        continue
-                    yield name, pass_, causal, n
+    for pass_, causal in MODES:
+        if pass_ not in cfg.passes or causal not in cfg.causal_modes:
+            continue
+        for n in sorted(set(cfg.lengths)):
+            for name in variants:
+                if causal and not ea.get_spec(name).capabilities.causal:
+                    continue
+                yield name, pass_, causal, n
+
+
+class _Budgets:
+    """Per-series memory of measured times and of the first budget a series went over."""
+
+    def __init__(self, max_compile_s: float):
+        self.max_compile_s = max_compile_s
+        self.history: dict[tuple, list[tuple[int, float]]] = {}
+        self.over: dict[tuple, str] = {}
+
+    def remember(self, row: dict, series: tuple, time_field: str) -> None:
+        n = row["n"]
+        if row.get("status") == "ok" and row.get(time_field):
+            self.history.setdefault(series, []).append((n, row[time_field]))
+            if (row.get("compile_s") or 0) > self.max_compile_s:
+                self.over.setdefault(series, f"compile budget: compiling N={n} took {row['compile_s']:.0f} s > "
+                                             f"max_compile_s={self.max_compile_s:g} s")
+        elif row.get("status") == "skipped" and str(row.get("reason", "")).startswith(("time budget", "memory budget")):
+            self.over.setdefault(series, f"over budget already at N={n} (see that row)")
+
+    def skip_reason(self, series: tuple, t_start: float, deadline: float | None) -> str | None:
+        if deadline is not None and time.perf_counter() - t_start > deadline:
+            return f"sweep budget: {deadline:g} s spent before this point (rerun to resume)"
+        return self.over.get(series)
 
 
 def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> report.RowStore:
@@ -382,54 +422,54 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     store = report.RowStore(out / "rows.jsonl", force=force)
     variants = select_variants(cfg)
     points = list(_points(cfg, variants))
-    rate = measure.matmul_rate(cfg.matmul_n, budget_s=min(1.0, max(cfg.repeat_budget_s, 0.3)))
-    t_start = time.perf_counter()
-    history: dict[tuple, list[tuple[int, float]]] = {}
-    over: dict[tuple, int] = {}  # series -> first N over a budget
-    budget = (cfg.max_call_s, cfg.memory_budget_bytes)
-    bar = _progress(len(points), progress)
-    last_n = None
+    info: dict[str, Any] = {"load_avg_start": _load_avg()}
     try:
-        for name, pass_, causal, n in points:
-            series = (name, pass_, causal)
-            key = _key("cost", name, pass_, causal, n, cfg)
-            bar.set_postfix_str(f"{name} N={n} {pass_}{' causal' if causal else ''}", refresh=False)
-            prev = store.get(key)
-            if not force and _is_done(prev, budget):
-                _remember(prev, series, history, over)
+        info.update(measure.matmul_rate(cfg.matmul_n, budget_s=min(1.0, max(cfg.repeat_budget_s, 0.3))))
+        budgets = _Budgets(cfg.max_compile_s)
+        budget = {"max_call_s": cfg.max_call_s, "memory_budget_bytes": cfg.memory_budget_bytes}
+        bar = _progress(len(points), progress, "cost")
+        t_start = time.perf_counter()
+        last = None
+        try:
+            for name, pass_, causal, n in points:
+                series = (name, pass_, causal)
+                key = _key("cost", name, pass_, causal, n, cfg)
+                bar.set_postfix_str(f"{name} N={n} {pass_}{' causal' if causal else ''}")
+                prev = store.get(key)
+                if not force and _is_done(prev, budget):
+                    budgets.remember(prev, series, "time_median_s")
+                    bar.update(1)
+                    continue
+                if (pass_, causal, n) != last:  # drop compiled programs of the previous length
+                    jax.clear_caches()
+                    last = (pass_, causal, n)
+                reason = budgets.skip_reason(series, t_start, cfg.sweep_budget_s)
+                if reason is not None:
+                    row = _base_row(name, pass_, causal, n, cfg)
+                    row.update(status="skipped", reason=reason)
+                else:
+                    hist = budgets.history.get(series, [])
+                    row = measure_point(name, pass_, causal, n, cfg, matmul_gflops=info["matmul_gflops"],
+                                        predicted_s=_predict(hist, n, _claimed(ea.get_spec(name), "time")),
+                                        from_n=hist[-1][0] if hist else None)
+                store.add(key, row)
+                budgets.remember(row, series, "time_median_s")
                 bar.update(1)
-                continue
-            claimed = _claimed(ea.get_spec(name), "time")
-            if cfg.sweep_budget_s is not None and time.perf_counter() - t_start > cfg.sweep_budget_s:
-                row = _base_row(name, pass_, causal, n, cfg)
-                row.update(status="skipped", reason=f"sweep budget: sweep_budget_s={cfg.sweep_budget_s:g} s spent "
-                                                    "before this point (rerun to resume)")
-            elif series in over:
-                row = _base_row(name, pass_, causal, n, cfg)
-                row.update(status="skipped", reason=f"over budget already at N={over[series]} (see that row)")
-            else:
-                hist = history.get(series, [])
-                row = measure_point(name, pass_, causal, n, cfg, matmul_gflops=rate["matmul_gflops"],
-                                    predicted_s=_predict(hist, n, claimed), from_n=hist[-1][0] if hist else None)
-            if n != last_n:  # drop compiled programs of shorter lengths
-                jax.clear_caches()
-                last_n = n
-            store.add(key, row)
-            _remember(row, series, history, over)
-            bar.update(1)
+        finally:
+            bar.close()
         if cfg.table2.enabled:
             run_table2(cfg, variants, store, force=force, progress=progress)
     finally:
-        bar.close()
-        write_outputs(out, store.rows(), cfg, rate)
+        info["load_avg_end"] = _load_avg()
+        write_outputs(out, store.rows(), cfg, info)
     return store
 
 
-def _remember(row: dict, series: tuple, history: dict, over: dict) -> None:
-    if row.get("status") == "ok" and row.get("time_median_s"):
-        history.setdefault(series, []).append((row["n"], row["time_median_s"]))
-    elif row.get("status") == "skipped" and str(row.get("reason", "")).startswith(("time budget", "memory budget")):
-        over.setdefault(series, row["n"])
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 class _NoBar:
@@ -443,12 +483,12 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="cost", unit="pt", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -576,7 +616,10 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
         f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
         f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
         + (f"Matmul rate measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (f32 {rate['matmul_n']}^3). "
-           if rate else "")
+           if rate and rate.get("matmul_gflops") else "")
+        + (f"Load average (1, 5, 15 min) at the start of this run: {rate['load_avg_start']}, at the end: "
+           f"{rate.get('load_avg_end')}; above the core count, other processes shared the CPU and times are "
+           "inflated. " if rate and rate.get("load_avg_start") else "")
     )
     lines.append("")
     lines.append(
@@ -735,23 +778,27 @@ CSV_COLUMNS = [
     "output_bytes", "xla_peak_bytes", "device_peak_bytes", "flops", "flops_source", "flops_xla", "flops_jaxpr",
     "gflops_per_s", "matmul_gflops", "matmul_fraction", "steps_per_s", "speedup_vs_full", "memory_vs_full",
     "claimed_time", "claimed_memory", "family", "exact", "batch", "heads", "head_dim", "dtype",
-    "max_call_s", "memory_budget_bytes",
+    "num_layers", "emb_dim", "mlp_dim", "max_call_s", "memory_budget_bytes",
 ]
 
 
-def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None) -> None:
-    """rows.csv, rows.json, table.md, time.png, memory.png (and table2.md) from the stored rows."""
+def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: dict[str, Any] | None) -> None:
+    """rows.csv, rows.json, table.md, time.png, memory.png (and table2.md) from the stored rows.
+
+    ``info``: this run's matmul rate and load averages, added to the environment stamp.
+    """
     out = Path(out)
     rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
-    env = report.environment(cfg.preset, **(rate or {}))
+    enriched = {id(r): e for r, e in zip(_table2_current(rows, cfg), table2_rows(rows, cfg))}
+    rows = [enriched.get(id(r), r) for r in rows]
+    env = report.environment(cfg.preset, **(info or {}))
     report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
     report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
-    report.write_atomic(out / "table.md", cost_markdown(rows, cfg, rate, env))
+    report.write_atomic(out / "table.md", cost_markdown(rows, cfg, info, env))
     plot(rows, cfg, "time_median_s", out / "time.png", "time per call (s)", 1.0)
     plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB)
-    t2 = [r for r in rows if r["kind"] == "table2"]
-    if t2:
-        report.write_atomic(out / "table2.md", table2_markdown(t2, cfg, env))
+    if _table2_current(rows, cfg):
+        report.write_atomic(out / "table2.md", table2_markdown(rows, cfg, env))
 
 
 # ----------------------------------------------------------------------------- LRA Table 2 analog
@@ -770,16 +817,19 @@ PUBLISHED_TABLE2: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = 
     "performer": ("Performer", (9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
 }
 PUBLISHED_LENGTHS = (1024, 2048, 3072, 4096)
+TEXT_VOCAB = 256  # byte-level text
+TEXT_CLASSES = 2  # IMDb sentiment
 
 
 def _table2_available() -> str | None:
     """None when efficient_attn.nn / efficient_attn.train provide what Table 2 needs, else why not."""
     try:
-        from efficient_attn import nn, train  # noqa: F401
+        from efficient_attn import nn, train
     except ImportError as err:
         return f"efficient_attn.nn / efficient_attn.train not importable ({err})"
-    missing = [a for a in ("Classifier", "EncoderConfig") if not hasattr(nn, a)]
-    return f"efficient_attn.nn lacks {', '.join(missing)}" if missing else None
+    missing = [f"nn.{a}" for a in ("Classifier", "EncoderConfig") if not hasattr(nn, a)]
+    missing += [f"train.{a}" for a in ("TrainConfig", "make_optimizer") if not hasattr(train, a)]
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 def _table2_key(variant: str, n: int, cfg: CostConfig) -> str:
@@ -787,17 +837,202 @@ def _table2_key(variant: str, n: int, cfg: CostConfig) -> str:
     return report.RowStore.make_key("table2", variant, n, t.batch, t.num_layers, t.emb_dim, t.num_heads, t.mlp_dim)
 
 
+def _train_step_function(name: str, n: int, cfg: CostConfig):
+    """(step, args): one optimiser step of the byte-level text classifier with variant ``name``.
+
+    The model is ``nn.Classifier`` (LRA's encoder) with mean pooling, so that the attention
+    sees exactly ``n`` positions (CLS pooling would make it n + 1, which block-based variants
+    pad); no padding mask, since every variant must run and random bytes fill every position
+    (the cost does not depend on the bytes). The optimiser is ``train.make_optimizer`` with
+    LRA's text settings (lr 0.05 with rsqrt decay, weight decay 0.1, warm-up 8000).
+    """
+    from efficient_attn import nn, train
+
+    t = cfg.table2
+    ecfg = nn.EncoderConfig(vocab_size=TEXT_VOCAB, max_len=n, num_classes=TEXT_CLASSES, num_layers=t.num_layers,
+                            emb_dim=t.emb_dim, num_heads=t.num_heads, mlp_dim=t.mlp_dim, pool="mean", attention=name)
+    model = nn.Classifier(ecfg, rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = train.make_optimizer(train.TrainConfig(lr=0.05, weight_decay=0.1, warmup=8000, steps=20000,
+                                                batch_size=t.batch, schedule="rsqrt"))
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(cfg.seed)
+    tokens = jnp.asarray(rng.integers(0, TEXT_VOCAB, (t.batch, n)), jnp.int32)
+    labels = jnp.asarray(rng.integers(0, TEXT_CLASSES, (t.batch,)), jnp.int32)
+
+    def step(params, opt_state, rest, tokens, labels):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p, rest)(tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, (params, opt_state, rest, tokens, labels)
+
+
+def measure_train_step(name: str, n: int, cfg: CostConfig, *, predicted_s: tuple[float, float] | None = None,
+                       from_n: int | None = None) -> dict[str, Any]:
+    """Steps per second and compiled memory of one training step; never raises for a variant."""
+    t = cfg.table2
+    spec = ea.get_spec(name)
+    row: dict[str, Any] = {
+        "kind": "table2", "variant": name, "n": n, "pass": "train_step", "causal": False, "status": "ok",
+        "reason": "", "family": spec.family, "exact": spec.capabilities.exact,
+        "claimed_time": spec.capabilities.time, "claimed_memory": spec.capabilities.memory,
+        "batch": t.batch, "num_layers": t.num_layers, "emb_dim": t.emb_dim, "heads": t.num_heads,
+        "mlp_dim": t.mlp_dim, "dtype": "float32", "time_median_s": None, "time_spread": None,
+        "steps_per_s": None, "repeats": 0, "compile_s": None, "memory_bytes": None, "temp_bytes": None,
+        "max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes,
+    }
+    if predicted_s is not None and predicted_s[0] > t.max_step_s:
+        row.update(status="skipped", reason=(
+            f"time budget: predicted {predicted_s[0]:.2f} s per step > max_step_s={t.max_step_s:g} s "
+            f"(extrapolated from N={from_n} with growth exponent {predicted_s[1]:.2f})"))
+        return row
+    try:
+        fn, args = _train_step_function(name, n, cfg)
+        compiled, compile_s = measure.compile_function(fn, *args)
+        row["compile_s"] = compile_s
+        mem = measure.compiled_memory(compiled)
+        if mem is not None:
+            row.update(memory_bytes=mem.total_bytes, temp_bytes=mem.temp_bytes, argument_bytes=mem.argument_bytes,
+                       output_bytes=mem.output_bytes, xla_peak_bytes=mem.xla_peak_bytes)
+            if mem.total_bytes > t.memory_budget_bytes:
+                row.update(status="skipped", reason=(
+                    f"memory budget: compiled step needs {mem.total_bytes / MiB:.0f} MiB > "
+                    f"memory_budget_bytes={t.memory_budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
+                return row
+        timing = measure.time_compiled(compiled, *args, warmup=t.warmup, min_repeats=t.min_repeats,
+                                       max_repeats=t.max_repeats, budget_s=t.step_budget_s, compile_s=compile_s)
+        row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
+                   time_min_s=timing.min_s, time_max_s=timing.max_s, repeats=timing.repeats,
+                   steps_per_s=1.0 / timing.median_s, device_peak_bytes=measure.device_peak_bytes())
+    except Exception as err:  # noqa: BLE001 - one variant's failure must not stop the sweep
+        msg = " ".join(str(err).split())
+        row.update(status="error", reason=f"{type(err).__name__}: {msg[:400]}")
+    return row
+
+
 def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore, *, force: bool = False,
                progress: bool = True) -> None:
-    """Training steps/s and compiled memory of the text classifier per variant and length."""
+    """Training steps/s and compiled memory of the text classifier per variant and length (in ``store``)."""
     why = _table2_available()
     if why is not None:
         print(f"cost: LRA Table 2 analog not run: {why}", file=sys.stderr)
         return
+    t = cfg.table2
+    budgets = _Budgets(cfg.max_compile_s)
+    budget = {"max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes}
+    points = [(name, n) for n in sorted(set(t.lengths)) for name in variants]
+    bar = _progress(len(points), progress, "table2")
+    t_start = time.perf_counter()
+    try:
+        for name, n in points:
+            key = _table2_key(name, n, cfg)
+            bar.set_postfix_str(f"{name} N={n} train step")
+            prev = store.get(key)
+            if not force and _is_done(prev, budget):
+                budgets.remember(prev, (name,), "time_median_s")
+                bar.update(1)
+                continue
+            jax.clear_caches()
+            reason = budgets.skip_reason((name,), t_start, t.budget_s)
+            if reason is not None:
+                spec = ea.get_spec(name)
+                row = {"kind": "table2", "variant": name, "n": n, "pass": "train_step", "causal": False,
+                       "status": "skipped", "reason": reason, "family": spec.family, "batch": t.batch,
+                       "num_layers": t.num_layers, "emb_dim": t.emb_dim, "heads": t.num_heads, "mlp_dim": t.mlp_dim,
+                       "dtype": "float32", "max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes}
+            else:
+                hist = budgets.history.get((name,), [])
+                row = measure_train_step(name, n, cfg, predicted_s=_predict(hist, n, _claimed(ea.get_spec(name), "time")),
+                                         from_n=hist[-1][0] if hist else None)
+            store.add(key, row)
+            budgets.remember(row, (name,), "time_median_s")
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _table2_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    t = cfg.table2
+    dims = (t.batch, t.num_layers, t.emb_dim, t.num_heads, t.mlp_dim)
+    return [r for r in rows if r.get("kind") == "table2"
+            and (r.get("batch"), r.get("num_layers"), r.get("emb_dim"), r.get("heads"), r.get("mlp_dim")) == dims]
+
+
+def table2_rows(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    """The Table 2 rows of ``cfg``'s model with ``speedup_vs_full`` and ``memory_vs_full`` filled in."""
+    rows = [dict(r) for r in _table2_current(rows, cfg)]
+    full = {r["n"]: r for r in rows if r["variant"] == "full"}
+    for r in rows:
+        f = full.get(r["n"])
+        v, fv = _ok(r, "steps_per_s"), _ok(f, "steps_per_s")
+        r["speedup_vs_full"] = v / fv if v and fv else None
+        m, fm = _ok(r, "memory_bytes"), _ok(f, "memory_bytes")
+        r["memory_vs_full"] = m / fm if m and fm else None
+    return rows
 
 
 def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
-    return "# LRA Table 2 analog\n\n(not yet measured)\n"
+    t = cfg.table2
+    rows = table2_rows(rows, cfg)
+    by = {(r["variant"], r["n"]): r for r in rows}
+    names = sorted({r["variant"] for r in rows}, key=lambda v: (v != "full", v not in BASELINES, v))
+    ns = sorted({r["n"] for r in rows})
+    lines = [
+        f"# LRA Table 2 analog: training speed and memory, byte-level text (preset `{cfg.preset}`)", "",
+        f"One optimiser step (forward, backward, AdamW update) of the LRA text classifier scaled down to "
+        f"{t.num_layers} layer(s), width {t.emb_dim}, {t.num_heads} heads, MLP {t.mlp_dim}, batch {t.batch}, "
+        f"mean pooling, float32, on {env.get('device')} ({env.get('cpu')}). Steps/s = 1 / median step time "
+        "(compile excluded), with the speed-up against `full` in parentheses; memory = compiled "
+        "(`memory_analysis`) arguments + outputs + temporaries of the step in MiB, with the ratio to `full`.",
+        "",
+        "The LRA columns are the published Table 2 (Tay et al. 2020, 4x4 TPU v3, batch 32, width 256, "
+        "4 layers; steps/s with speed-up, peak memory in GB). Compare the ratios, not the absolute "
+        "numbers: the hardware, model size and batch differ.", "",
+    ]
+
+    def cell(value, ratio, fmt):
+        if value is None:
+            return None
+        return f"{fmt(value)} ({ratio:.2f}x)" if ratio is not None else fmt(value)
+
+    def ours(v, n, field, ratio_field, fmt):
+        r = by.get((v, n))
+        if r is None:
+            return None
+        if r.get("status") != "ok":
+            return r.get("status")
+        return cell(r.get(field), r.get(ratio_field), fmt)
+
+    pub_ns = [n for n in PUBLISHED_LENGTHS]
+    head = (["variant"] + [f"steps/s {n // 1024}K" if n % 1024 == 0 else f"steps/s {n}" for n in ns]
+            + [f"MiB {n // 1024}K" if n % 1024 == 0 else f"MiB {n}" for n in ns]
+            + ["LRA model"] + [f"LRA steps/s {n // 1024}K" for n in pub_ns] + [f"LRA GB {n // 1024}K" for n in pub_ns])
+    body = []
+    base = PUBLISHED_TABLE2["full"]
+    for v in names:
+        pub = PUBLISHED_TABLE2.get(v)
+        row = [v]
+        row += [ours(v, n, "steps_per_s", "speedup_vs_full", lambda x: f"{x:.3g}") for n in ns]
+        row += [ours(v, n, "memory_bytes", "memory_vs_full", lambda x: f"{x / MiB:.0f}") for n in ns]
+        if pub:
+            row += [pub[0]]
+            row += [f"{s:g} ({s / b:.1f}x)" for s, b in zip(pub[1], base[1])]
+            row += [f"{m:g} ({m / b:.2f}x)" for m, b in zip(pub[2], base[2])]
+        else:
+            row += ["-"] + [None] * (2 * len(pub_ns))
+        body.append(row)
+    lines.append(report.markdown_table(head, body))
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        lines += ["Not measured:", ""]
+        lines += [f"- `{r['variant']}` at N={r['n']}: {r['status']}: {r.get('reason', '')[:200]}" for r in bad]
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line
