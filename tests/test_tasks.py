@@ -267,6 +267,20 @@ def test_pathfinder_balanced_and_not_separable_by_ink():
     assert abs(pos.mean() - neg.mean()) < 4 * se
 
 
+def test_pathfinder_arrays_are_the_checked_scenes_and_workers_agree(monkeypatch):
+    args = dict(seq_len=256, num_train=96, num_val=16, num_test=16, seed=7)
+    data = tasks.generate("pathfinder", **args)
+    cfg, scenes, labels = pathfinder.generate_scenes(pathfinder.PathfinderConfig(), **args)
+    inputs = np.concatenate([s.inputs for s in _splits(data)])
+    np.testing.assert_array_equal(np.concatenate([s.targets for s in _splits(data)]), labels)
+    for row, scene in zip(inputs[::9], scenes[::9]):
+        np.testing.assert_array_equal(row, pathfinder.quantize(pathfinder.render(scene, cfg, 16), 256).ravel())
+    monkeypatch.setenv("EA_TASK_WORKERS", "2")
+    assert pathfinder._workers(128) == 2
+    parallel = tasks.generate("pathfinder", **args)
+    np.testing.assert_array_equal(np.concatenate([s.inputs for s in _splits(parallel)]), inputs)
+
+
 def test_pathfinder_seq_len_must_be_square():
     with pytest.raises(ValueError, match="square"):
         tasks.generate("pathfinder", seq_len=1000, num_train=2, num_val=0, num_test=0)
@@ -374,6 +388,11 @@ def test_bytes_lm_on_stdlib():
     text = bytes(data.train.inputs[0].astype(np.uint8))
     assert text.count(b" ") > 5  # real source text
     assert data.params["files_read"]["train"] >= 1 and data.params["files"]["val"] > 0
+    # a smaller stride: overlapping windows, each starting `stride` bytes after the previous
+    dense = tasks.generate("bytes_lm", seq_len=128, num_train=16, num_val=4, num_test=4, seed=0, stride=16)
+    np.testing.assert_array_equal(dense.train.inputs[1:, :112], dense.train.inputs[:-1, 16:])
+    np.testing.assert_array_equal(dense.train.inputs[0], data.train.inputs[0])
+    assert not np.array_equal(dense.train.inputs[1], data.train.inputs[1])
 
 
 # ----------------------------------------------------------------------------- cache

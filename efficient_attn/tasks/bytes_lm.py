@@ -11,9 +11,11 @@ where h = int(sha256(relative posix path)[:8], 16) % 100. That depends only on t
 the split is the same in every run and for every seed (for one Python installation).
 
 Windows: within each split, the files are shuffled by the seed and their bytes concatenated
-in that order (file boundaries are not marked); the stream is cut into consecutive,
-non-overlapping windows of ``seq_len + 1`` bytes, and only as many files are read as the
-requested number of windows needs. Window w gives ``inputs = w[:-1]`` and
+in that order (file boundaries are not marked); windows of ``seq_len + 1`` bytes start every
+``stride`` bytes of that stream (default ``seq_len + 1``: consecutive, non-overlapping; a
+smaller stride gives more, overlapping and so less independent, windows: the stdlib has
+about 28 MB of training text, i.e. about 27,000 disjoint windows of 1025 bytes), and only as
+many files are read as the requested number of windows needs. Window w gives ``inputs = w[:-1]`` and
 ``targets = w[1:]`` (every position is scored; ``mask`` all True, no padding).
 ``vocab_size`` = ``num_classes`` = 256; metric ``bits_per_byte`` = mean cross-entropy in
 nats / ln 2 over the target bytes. ``kind="token"``, ``causal=True``.
@@ -50,6 +52,7 @@ class BytesLMConfig:
     root: str | None = None
     val_percent: int = 5
     test_percent: int = 5
+    stride: int | None = None  # window start spacing; None = seq_len + 1 (no overlap)
 
     def __post_init__(self):
         check_positive_int(NAME, "val_percent", self.val_percent, minimum=1)
@@ -60,6 +63,8 @@ class BytesLMConfig:
             f"val_percent + test_percent must be < 100, got {self.val_percent} + {self.test_percent}",
         )
         check_config(NAME, self.root is None or isinstance(self.root, str), f"root must be a str path, got {self.root!r}")
+        if self.stride is not None:
+            check_positive_int(NAME, "stride", self.stride)
 
     def resolve(self) -> "BytesLMConfig":
         root = self.root if self.root is not None else sysconfig.get_paths()["stdlib"]
@@ -114,10 +119,9 @@ def corpus_fingerprint(cfg: BytesLMConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _windows(root: str, files: list[str], order: np.ndarray, count: int, width: int, split: str):
-    """``count`` windows of ``width`` bytes from the files in ``order``; the files read."""
-    out = np.zeros((count, width), dtype=np.uint8)
-    need = count * width
+def _windows(root: str, files: list[str], order: np.ndarray, count: int, width: int, stride: int, split: str):
+    """``count`` windows of ``width`` bytes, ``stride`` apart, from the files in ``order``."""
+    need = (count - 1) * stride + width if count else 0
     chunks, have, used = [], 0, []
     for i in order:
         if have >= need:
@@ -127,13 +131,15 @@ def _windows(root: str, files: list[str], order: np.ndarray, count: int, width: 
         have += len(data)
         used.append(files[i])
     if have < need:
+        available = 0 if have < width else (have - width) // stride + 1
         raise ValueError(
-            f"bytes_lm: the {split} split ({len(files)} files, {have} bytes) holds only {have // width} "
-            f"windows of seq_len+1={width} bytes, {count} requested; ask for fewer or a shorter seq_len"
+            f"bytes_lm: the {split} split ({len(files)} files, {have} bytes) holds only {available} "
+            f"windows of seq_len+1={width} bytes at stride {stride}, {count} requested; ask for fewer, "
+            "a shorter seq_len or a smaller stride"
         )
-    stream = np.frombuffer(b"".join(chunks), dtype=np.uint8)[:need]
-    out[:] = stream.reshape(count, width)
-    return out, used
+    stream = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    starts = np.arange(count) * stride
+    return stream[starts[:, None] + np.arange(width)[None, :]], used
 
 
 def generate(cfg: BytesLMConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int) -> TaskData:
@@ -141,11 +147,12 @@ def generate(cfg: BytesLMConfig, *, seq_len: int, num_train: int, num_val: int, 
     cfg = cfg.resolve()
     files = split_files(cfg)
     width = seq_len + 1
+    stride = cfg.stride if cfg.stride is not None else width
     rows, used = [], {}
     for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
         names = files[split]
         order = rng(NAME, seed, split).permutation(len(names))
-        w, used[split] = _windows(cfg.root, names, order, count, width, split)
+        w, used[split] = _windows(cfg.root, names, order, count, width, stride, split)
         rows.append(w)
     data = np.concatenate(rows, axis=0).astype(np.int32)
     inputs, targets = data[:, :-1], data[:, 1:]

@@ -61,8 +61,11 @@ O(side^2 antialias^2 paddles) to render; see the tests/report for measured times
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import multiprocessing
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -189,10 +192,8 @@ def segment_distance(p1: np.ndarray, q1: np.ndarray, p2: np.ndarray, q2: np.ndar
     def cross(u, v):
         return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
-    d = np.minimum(
-        np.minimum(point_segment_distance(p1, p2, q2), point_segment_distance(q1, p2, q2)),
-        np.minimum(point_segment_distance(p2, p1, q1), point_segment_distance(q2, p1, q1)),
-    )
+    ends1, ends2 = np.stack(np.broadcast_arrays(p1, q1)), np.stack(np.broadcast_arrays(p2, q2))
+    d = np.minimum(point_segment_distance(ends1, p2, q2).min(0), point_segment_distance(ends2, p1, q1).min(0))
     r1, r2 = q1 - p1, q2 - p2
     o1, o2 = cross(r1, p2 - p1), cross(r1, q2 - p1)
     o3, o4 = cross(r2, p1 - p2), cross(r2, q1 - p2)
@@ -275,28 +276,27 @@ def _unit(theta) -> np.ndarray:
     return np.stack([np.sin(theta), np.cos(theta)], axis=-1)
 
 
-def _seed(canvas, cfg, gen, snake, *, around=None, tips=False, tries=60) -> bool:
-    """Place the first paddle of ``snake`` (at a random free place, or ``seed_distance`` from
-    ``around``). ``tips``: its start is a target end."""
-    L = cfg.paddle_length
-    for _ in range(tries):
-        if around is not None:
-            phi = gen.uniform(0, 2 * np.pi)
-            a0 = around + cfg.seed_distance * _unit(phi)
-        else:
-            a0 = gen.uniform(canvas.lo, canvas.hi, size=2)
-        theta = gen.uniform(0, 2 * np.pi)
-        b0 = a0 + L * _unit(theta)
-        # the start a0 is the end that may carry a marker: test it as the "new tip"
-        if not canvas.ok(b0[None], a0[None], snake.owner, -1, new_tip=tips)[0]:
-            continue
-        snake.points = [a0, b0]
-        snake.theta = theta
-        snake.last = canvas.add(a0, b0, snake.owner)
-        if tips:
-            canvas.add_tip(a0, snake.owner)
-        return True
-    return False
+def _seed(canvas, cfg, gen, snake, *, around=None, tips=False, tries=64) -> bool:
+    """Place the first paddle of ``snake`` at a random free place (or ``seed_distance`` from
+    ``around``): ``tries`` random draws tested at once, the first admissible one kept (the
+    same law as drawing one at a time until one fits). ``tips``: its start is a target end."""
+    if around is not None:
+        a0 = around + cfg.seed_distance * _unit(gen.uniform(0, 2 * np.pi, size=tries))
+    else:
+        a0 = gen.uniform(canvas.lo, canvas.hi, size=(tries, 2))
+    theta = gen.uniform(0, 2 * np.pi, size=tries)
+    b0 = a0 + cfg.paddle_length * _unit(theta)
+    # the start a0 is the end that may carry a marker: pass it as the candidate's "new tip"
+    good = np.flatnonzero(canvas.ok(b0, a0, snake.owner, -1, new_tip=tips))
+    if good.size == 0:
+        return False
+    i = good[0]
+    snake.points = [a0[i], b0[i]]
+    snake.theta = float(theta[i])
+    snake.last = canvas.add(a0[i], b0[i], snake.owner)
+    if tips:
+        canvas.add_tip(a0[i], snake.owner)
+    return True
 
 
 def _extend(canvas, cfg, gen, snake, turns, weights, *, tip=False) -> bool:
@@ -403,6 +403,7 @@ def quantize(img: np.ndarray, levels: int) -> np.ndarray:
 
 
 def _scene_rngs(seed: int, n: int) -> list[np.random.Generator]:
+    """One generator per image, spawned from ``seed`` (image i's draw does not depend on n)."""
     root = np.random.SeedSequence([int(seed), zlib.crc32(NAME.encode())])
     return [np.random.default_rng(s) for s in root.spawn(n)]
 
@@ -422,26 +423,63 @@ def side_of(seq_len: int) -> int:
     return side
 
 
+def _labels(seed: int, num_train: int, num_val: int, num_test: int) -> np.ndarray:
+    label_rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(b"pathfinder/labels")]))
+    return np.concatenate([balanced_labels(label_rng, m) for m in (num_train, num_val, num_test)])
+
+
 def generate_scenes(
     cfg: PathfinderConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int
 ) -> tuple[PathfinderConfig, list[Scene], np.ndarray]:
     """The scenes (geometry) and their labels, in split order train, val, test."""
     side = side_of(seq_len)
     cfg = cfg.resolve(side)
-    n = num_train + num_val + num_test
-    label_rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(b"pathfinder/labels")]))
-    labels = np.concatenate([balanced_labels(label_rng, m) for m in (num_train, num_val, num_test)])
-    scenes = [sample_scene(g, cfg, side, int(lab)) for g, lab in zip(_scene_rngs(seed, n), labels)]
+    labels = _labels(seed, num_train, num_val, num_test)
+    scenes = [sample_scene(g, cfg, side, int(lab)) for g, lab in zip(_scene_rngs(seed, len(labels)), labels)]
     return cfg, scenes, labels
 
 
-def generate(cfg: PathfinderConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int) -> TaskData:
-    """Balanced Pathfinder images as ``side*side`` grey-level tokens."""
-    cfg, scenes, labels = generate_scenes(
-        cfg, seq_len=seq_len, num_train=num_train, num_val=num_val, num_test=num_test, seed=seed
+def _images(cfg: PathfinderConfig, side: int, seeds: list, labels: np.ndarray) -> np.ndarray:
+    """Token rows of the scenes drawn from ``seeds`` (SeedSequences) with ``labels``."""
+    return np.stack(
+        [
+            quantize(render(sample_scene(np.random.default_rng(sd), cfg, side, int(lab)), cfg, side), cfg.levels).ravel()
+            for sd, lab in zip(seeds, labels)
+        ]
     )
+
+
+def _workers(n: int) -> int:
+    """Worker processes for ``n`` images: ``$EA_TASK_WORKERS`` (default 1), at most n // 64."""
+    try:
+        wanted = int(os.environ.get("EA_TASK_WORKERS", "1"))
+    except ValueError:
+        raise ValueError(f"EA_TASK_WORKERS must be an integer, got {os.environ['EA_TASK_WORKERS']!r}") from None
+    return max(1, min(wanted, n // 64))
+
+
+def generate(cfg: PathfinderConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int) -> TaskData:
+    """Balanced Pathfinder images as ``side*side`` grey-level tokens.
+
+    Every image has its own seed (spawned from ``seed``), so the arrays do not depend on the
+    number of worker processes (``$EA_TASK_WORKERS``, default 1: this is CPU-bound numpy)."""
     side = side_of(seq_len)
-    inputs = np.stack([quantize(render(sc, cfg, side), cfg.levels).ravel() for sc in scenes])
+    cfg = cfg.resolve(side)
+    labels = _labels(seed, num_train, num_val, num_test)
+    n = len(labels)
+    seeds = np.random.SeedSequence([int(seed), zlib.crc32(NAME.encode())]).spawn(n)
+    workers = _workers(n)
+    if workers == 1:
+        inputs = _images(cfg, side, seeds, labels)
+    else:
+        bounds = np.linspace(0, n, 4 * workers + 1).astype(int)
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            parts = pool.map(
+                _images,
+                *zip(*[(cfg, side, seeds[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]),
+            )
+            inputs = np.concatenate(list(parts))
     mask = np.ones_like(inputs, dtype=bool)
     train, val, test = three_splits(inputs, labels, mask, num_train, num_val)
     params = dataclasses.asdict(cfg)
