@@ -1,0 +1,237 @@
+"""The cost sweep (efficient_attn.sweeps.cost): outputs, resumption, budgets, errors, interruption."""
+
+import csv
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import pytest
+
+import efficient_attn as ea
+from efficient_attn import report
+from efficient_attn.registry import unregister
+from efficient_attn.sweeps import cost
+
+TINY = dict(
+    lengths=(64, 128),
+    causal_modes=(False,),
+    batch=1,
+    heads=2,
+    head_dim=16,
+    warmup=1,
+    min_repeats=1,
+    max_repeats=2,
+    repeat_budget_s=0.01,
+    matmul_n=128,
+)
+
+
+def tiny(**changes):
+    t2 = dataclasses.replace(cost.Table2Config(), enabled=False)
+    return dataclasses.replace(cost.CostConfig(preset="test", variants=("full", "blockwise"), table2=t2, **TINY),
+                               **changes)
+
+
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_writes_every_output_and_a_rerun_skips_finished_rows(tmp_path, monkeypatch):
+    argv = ["--variants", "full,blockwise", "--lengths", "64,128", "--out", str(tmp_path), "--no-table2",
+            "--no-progress", "--heads", "2", "--head-dim", "16", "--batch", "1"]
+    # the quick preset's budgets, with the causal mode (fewer compiles here)
+    monkeypatch.setitem(cost.PRESETS, "quick", dataclasses.replace(cost.PRESETS["quick"], causal_modes=(False,),
+                                                                   matmul_n=128, sweep_budget_s=None))
+    assert cost.main(argv) == 0
+    for name in ("table.md", "rows.csv", "rows.json", "rows.jsonl", "time.png", "memory.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    rows = _csv_rows(tmp_path / "rows.csv")
+    assert len(rows) == 2 * 2 * 2  # variants x lengths x passes
+    assert {(r["variant"], r["n"], r["pass"]) for r in rows} == {
+        (v, n, p) for v in ("full", "blockwise") for n in ("64", "128") for p in ("fwd", "fwd_bwd")}
+    for r in rows:
+        assert r["status"] == "ok", r["reason"]
+        assert r["causal"] == "False"
+        assert 0 < float(r["time_median_s"]) < 10 and float(r["time_spread"]) >= 0
+        assert float(r["compile_s"]) > 0
+        assert int(r["memory_bytes"]) >= int(r["temp_bytes"]) >= 0
+        assert float(r["flops"]) > 0 and r["flops_source"] in ("xla", "jaxpr", "jaxpr_lower_bound")
+    # full's quadratic score matrix: memory grows faster than blockwise's
+    mem = {(r["variant"], int(r["n"]), r["pass"]): int(r["memory_bytes"]) for r in rows}
+    assert mem["full", 128, "fwd"] > mem["full", 64, "fwd"]
+
+    doc = json.loads((tmp_path / "rows.json").read_text())
+    assert doc["environment"]["preset"] == "quick" and doc["environment"]["matmul_gflops"] > 0
+    assert len(doc["rows"]) == 8
+    table = (tmp_path / "table.md").read_text()
+    for text in ("Forward, bidirectional", "Forward + backward, bidirectional", "| full |", "| blockwise |",
+                 "vs full / vs blockwise", "Crossover N", "N=64", "N=128", "## Notes"):
+        assert text in table, text
+
+    # rerun: nothing is measured again
+    calls = []
+    monkeypatch.setattr(cost, "measure_point", lambda *a, **k: calls.append(a) or pytest.fail("re-measured"))
+    assert cost.main(argv) == 0
+    assert calls == []
+    assert len(_csv_rows(tmp_path / "rows.csv")) == 8
+
+
+def test_force_measures_again(tmp_path, monkeypatch):
+    cfg = tiny(variants=("full",), lengths=(64,), passes=("fwd",))
+    cost.run(cfg, tmp_path, progress=False)
+    seen = []
+    real = cost.measure_point
+
+    def spy(*a, **k):
+        seen.append(a[:4])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cost, "measure_point", spy)
+    cost.run(cfg, tmp_path, progress=False)
+    assert seen == []
+    cost.run(cfg, tmp_path, force=True, progress=False)
+    assert seen == [("full", "fwd", False, 64)]
+
+
+def test_points_over_the_memory_budget_are_skipped_with_the_reason(tmp_path):
+    cfg = tiny(variants=("full",), passes=("fwd",), memory_budget_bytes=1)
+    store = cost.run(cfg, tmp_path, progress=False)
+    rows = {r["n"]: r for r in store.rows()}
+    assert rows[64]["status"] == "skipped" and rows[64]["reason"].startswith("memory budget")
+    assert rows[64]["memory_bytes"] > 1 and rows[64]["time_median_s"] is None  # compiled, never run
+    assert rows[128]["status"] == "skipped" and "over budget already at N=64" in rows[128]["reason"]
+    assert "skip" in (tmp_path / "table.md").read_text()
+
+
+def test_points_predicted_over_the_time_budget_are_skipped(tmp_path):
+    cfg = tiny(variants=("full",), passes=("fwd",), lengths=(64, 128, 256), max_call_s=1e-9)
+    store = cost.run(cfg, tmp_path, progress=False)
+    rows = {r["n"]: r for r in store.rows()}
+    assert rows[64]["status"] == "ok"  # nothing to extrapolate from: measured
+    assert rows[128]["status"] == "skipped" and rows[128]["reason"].startswith("time budget: predicted")
+    assert rows[128]["compile_s"] is None  # not even compiled
+    assert rows[256]["status"] == "skipped"
+    # a rerun under a larger budget measures the skipped points
+    store = cost.run(dataclasses.replace(cfg, max_call_s=30.0), tmp_path, progress=False)
+    assert all(r["status"] == "ok" for r in store.rows())
+
+
+def test_sweep_deadline_skips_the_rest_and_a_rerun_resumes(tmp_path):
+    cfg = tiny(variants=("full",), passes=("fwd",), sweep_budget_s=0.0)
+    store = cost.run(cfg, tmp_path, progress=False)
+    assert all(r["status"] == "skipped" and r["reason"].startswith("sweep budget") for r in store.rows())
+    store = cost.run(dataclasses.replace(cfg, sweep_budget_s=None), tmp_path, progress=False)
+    assert [r["status"] for r in store.rows()] == ["ok", "ok"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _BrokenConfig:
+    fail_above: int = 64
+
+
+@pytest.fixture
+def broken_variant():
+    @ea.register("broken_for_test", config=_BrokenConfig, family="test", citation="none")
+    class Broken(ea.Attention):
+        """Fails for long inputs, to test that the sweep records errors and goes on."""
+
+        capabilities = ea.Capabilities(time="O(N)", memory="O(N)")
+
+        def __call__(self, q, k, v, *, mask=None):
+            if q.shape[1] > self.config.fail_above:
+                raise RuntimeError("too long for this test variant")
+            return jnp.zeros_like(q)
+
+    yield "broken_for_test"
+    unregister("broken_for_test")
+
+
+def test_a_failing_variant_is_recorded_as_an_error_and_the_sweep_goes_on(tmp_path, broken_variant):
+    cfg = tiny(variants=(broken_variant, "full"), passes=("fwd",), causal_modes=(False, True))
+    store = cost.run(cfg, tmp_path, progress=False)
+    rows = {(r["variant"], r["n"], r["causal"]): r for r in store.rows()}
+    assert rows[broken_variant, 64, False]["status"] == "ok"
+    err = rows[broken_variant, 128, False]
+    assert err["status"] == "error" and "too long for this test variant" in err["reason"]
+    assert (broken_variant, 64, True) not in rows  # not causal-capable: no causal points
+    assert all(rows["full", n, c]["status"] == "ok" for n in (64, 128) for c in (False, True))
+    assert "failed at N=128" in (tmp_path / "table.md").read_text()
+
+
+def test_interrupt_keeps_finished_rows_and_consistent_tables(tmp_path, monkeypatch):
+    real = cost.measure_point
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(a)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cost, "measure_point", interrupted)
+    cfg = tiny(passes=("fwd",))
+    with pytest.raises(KeyboardInterrupt):
+        cost.run(cfg, tmp_path, progress=False)
+    stored = report.RowStore(tmp_path / "rows.jsonl").rows()
+    assert len(stored) == 2
+    assert len(_csv_rows(tmp_path / "rows.csv")) == 2
+    assert len(json.loads((tmp_path / "rows.json").read_text())["rows"]) == 2
+    assert (tmp_path / "table.md").exists()
+    monkeypatch.setattr(cost, "measure_point", real)
+    store = cost.run(cfg, tmp_path, progress=False)
+    assert len(store) == 4 and all(r["status"] == "ok" for r in store.rows())
+
+
+def test_analysis_slopes_ratios_and_crossover_on_synthetic_rows():
+    cfg = tiny()
+    ns = [256, 512, 1024, 2048]
+
+    def row(v, n, t, m, claim):
+        r = cost._base_row("full", "fwd", False, n, cfg)
+        r.update(variant=v, time_median_s=t, memory_bytes=m, claimed_time=claim, claimed_memory=claim)
+        return r
+
+    rows = [row("full", n, 1e-6 * n**2, 100 * n**2, "O(N^2)") for n in ns]
+    rows += [row("blockwise", n, 2e-6 * n**2, 1000 * n, "O(N^2)") for n in ns]
+    rows += [row("lin", n, 1e-3 * n, 5000 * n, "O(N)") for n in ns]  # faster than full from 1024 on
+    got = cost.analyse(rows)[("fwd", False)]
+    assert got["full"]["time_fit"].slope == pytest.approx(2.0)
+    assert got["lin"]["time_fit"].slope == pytest.approx(1.0)
+    assert got["lin"]["time_claimed"] == 1.0
+    assert got["lin"]["cross_time_full"].n == 1024  # 1e-3 n < 1e-6 n^2 once n > 1000
+    assert got["lin"]["cross_time_blockwise"].n == 512  # 1e-3 n < 2e-6 n^2 once n > 500
+    assert got["lin"]["cross_memory_full"].n == 256  # 5000 n < 100 n^2 once n > 50
+    assert got["lin"]["cross_memory_blockwise"].n is None  # always 5x blockwise's memory
+    md = cost.cost_markdown(rows, cfg, None, {"device": "cpu"})
+    assert "| lin | O(N) |" in md and "none <= 2048" in md
+
+
+def test_table2_analog_measures_training_steps(tmp_path):
+    pytest.importorskip("efficient_attn.nn")
+    t2 = cost.Table2Config(lengths=(64,), batch=1, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=16,
+                           min_repeats=1, max_repeats=2, step_budget_s=0.01)
+    cfg = tiny(variants=("full",), passes=("fwd",), lengths=(64,), table2=t2)
+    store = cost.run(cfg, tmp_path, progress=False)
+    t2rows = {r["variant"]: r for r in store.rows() if r.get("kind") == "table2"}
+    assert set(t2rows) == {"full"}
+    for r in t2rows.values():
+        assert r["status"] == "ok", r["reason"]
+        assert r["steps_per_s"] > 0 and r["memory_bytes"] > 0
+    text = (tmp_path / "table2.md").read_text()
+    assert "Transformer" in text and "8.1 (1.0x)" in text  # the published row beside ours
+    assert "| full | " in text and "(1.00x)" in text
+    csv_rows = [r for r in _csv_rows(tmp_path / "rows.csv") if r["kind"] == "table2"]
+    assert {r["variant"]: float(r["speedup_vs_full"]) for r in csv_rows}["full"] == pytest.approx(1.0)
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="lengths"):
+        tiny(lengths=(0, 64))
+    with pytest.raises(ValueError, match="passes"):
+        tiny(passes=("sideways",))
+    with pytest.raises(ValueError, match="max_repeats"):
+        tiny(min_repeats=3, max_repeats=2)
+    with pytest.raises(KeyError, match="unknown attention variant"):
+        cost.select_variants(tiny(variants=("fulll",)))
