@@ -1,0 +1,305 @@
+"""Kernel (linear) attention: ``linear``, ``performer`` and ``cosformer`` on one engine.
+
+Each variant replaces exp(q . k / sqrt(d)) by a product of feature maps phi(q) . phi(k) and
+hands phi(Q), phi(K), V to ``ops.linear_attention`` (reassociation when non-causal,
+chunk-parallel prefix states when causal; see that module for masks and numerics). Time
+O(N F d), memory O(N F) for F features: no T x S matrix is ever formed.
+
+linear (Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive Transformers
+with Linear Attention", ICML). phi(x) = elu(x) + 1 (positive, F = d). Not an approximation
+of softmax: a different similarity. ``eps`` = 1e-6 is added to the denominator as in LRA's
+and the paper's code.
+
+performer (Choromanski et al. 2021, "Rethinking Attention with Performers", ICLR; FAVOR+).
+Positive orthogonal random features estimate the softmax kernel without bias:
+
+    x' = x / d^(1/4)  (q and k),    phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),
+    E_W[phi(q) . phi(k)] = exp(q . k / sqrt(d))   when every row w_i ~ N(0, I_d).
+
+W [m, d] is drawn in blocks of d rows: each block is the orthogonal factor of the QR of a
+d x d Gaussian (sign-corrected, so it is Haar distributed), and row i is rescaled to the norm
+of an independent d-dim Gaussian vector (chi(d) distributed). Each row is then marginally
+N(0, I_d), so the estimator stays unbiased, while rows in a block are exactly orthogonal
+(lower variance). The output is a ratio of two such estimates: consistent, not unbiased, and
+never exact (capabilities exact=False). ``num_features`` m = 256 as in LRA.
+
+Stabilisation that does not bias the normalised output: the log-features l = W x' - |x'|^2/2
+- log(m)/2 are shifted before exp, with the shifts under ``stop_gradient``:
+  * query i: by max_f l_i,f (its own max). Both num_i and den_i are scaled by the same
+    exp(-shift_i), so out_i is unchanged; it depends on query i only.
+  * key j: phi(k_j) = exp(l_j - max_f l_j,f) <= 1 is passed with the log scale max_f l_j,f,
+    and the engine rescales all keys by exp(scale_j - M) with M the largest scale among the
+    keys visible to the query (see ``ops.linear_attention``): a common factor, so it cancels
+    too, and causal outputs stay independent of later keys.
+No constant is added to the features (the original code adds 1e-6, a small bias); a query
+whose features all underflow gets den = 0 and hence a zero output, never NaN.
+
+``redraw`` (LRA: redrawn): True draws a fresh W on every call from the ``nnx.Rngs`` stream
+kept by the module (seeded at construction from the ``rngs`` passed in); each draw advances
+that stream, a state update. Called eagerly or through ``nnx.jit`` / ``nnx.grad`` the update
+persists and every call gets a new W. In a functional loop (``nnx.split`` once, then
+``nnx.merge`` inside ``jax.jit``) the update lives only inside the traced copy: W changes
+between steps only if the caller returns the non-Param state (``nnx.state(merged)``) and
+passes it to the next step; otherwise every step reuses one W, which is then simply
+redraw=False. Where the stream cannot be advanced at all (a ``jax.jit`` closing over
+variables created outside it) the key the advancing call would use is drawn without
+advancing. False draws W once at construction and stores it as a non-trainable
+``RandomFeatures`` variable.
+
+cosformer (Qin et al. 2022, "cosFormer: Rethinking Softmax in Attention", ICLR). ReLU
+features with a cosine re-weighting of position distance,
+
+    s(i, j) = relu(q_i) . relu(k_j) cos(pi/2 (i - j) / M),
+
+decomposed exactly (cos(a - b) = cos a cos b + sin a sin b) into features of width 2d:
+phi(q_i) = [relu(q_i) sin(a_i), relu(q_i) cos(a_i)] with a_i = pi i / (2M), and the same for
+k_j, so the engine stays linear. M = max(T, S) of the call, with positions 1..T and 1..S,
+exactly as the authors' released code does; the paper needs M >= the sequence length so
+that |i - j| < M and every weight cos(.) > 0. Cross attention (T != S) is allowed as in
+that code (positions of both sequences are counted from their start; the paper reports
+cross-attention results). ``eps`` = 1e-6 as in the released code, which clamps the
+denominator at eps; here it is added (the engine's rule), which differs by at most 1e-6
+relative for any denominator >= 1, and a zero denominator gives zeros instead of num/eps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import errors as flax_errors
+from flax import nnx
+from jax import lax
+from jaxtyping import Array, Float
+
+from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
+from efficient_attn.ops.linear_attention import linear_attention
+from efficient_attn.registry import register
+
+__all__ = [
+    "LinearConfig",
+    "PerformerConfig",
+    "CosformerConfig",
+    "LinearAttention",
+    "Performer",
+    "Cosformer",
+    "RandomFeatures",
+    "orthogonal_gaussian",
+    "favor_log_features",
+    "cosformer_features",
+]
+
+
+class RandomFeatures(nnx.Variable):
+    """A random projection drawn from ``rngs`` at construction; not a parameter, never trained."""
+
+
+def _check_eps(name: str, eps) -> None:
+    ok = isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0
+    check_config(name, ok, f"eps must be a finite float >= 0, got {eps!r}")
+
+
+def _mask_parts(mask: Mask | None):
+    return (False, None) if mask is None else (mask.causal, mask.kv_mask)
+
+
+# ---------------------------------------------------------------------------------- linear
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    """eps: added to the denominator (LRA: 1e-6). chunk_size: causal chunk length C."""
+
+    eps: float = 1e-6
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        _check_eps("linear", self.eps)
+        check_positive_int("linear", "chunk_size", self.chunk_size)
+
+
+@register(
+    "linear",
+    config=LinearConfig,
+    family="kernel",
+    citation="Katharopoulos et al. 2020, Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
+)
+class LinearAttention(Attention):
+    """Linear attention with the elu(x) + 1 feature map; O(N d^2) time, O(N d) memory."""
+
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)")
+
+    def __call__(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H Dv"],
+        *,
+        mask: Mask | None = None,
+    ) -> Float[Array, "B T H Dv"]:
+        causal, kv_mask = _mask_parts(mask)
+        phi_q = jax.nn.elu(q.astype(jnp.float32)) + 1.0
+        phi_k = jax.nn.elu(k.astype(jnp.float32)) + 1.0
+        return linear_attention(
+            phi_q, phi_k, v, causal=causal, kv_mask=kv_mask, eps=self.config.eps, chunk_size=self.config.chunk_size
+        )
+
+
+# ------------------------------------------------------------------------------- performer
+
+
+def orthogonal_gaussian(key: jax.Array, num_features: int, dim: int) -> Float[Array, "M D"]:
+    """[m, d] rows w_i, each marginally N(0, I_d), exactly orthogonal within blocks of d rows."""
+    blocks = -(-num_features // dim)
+    k_dirs, k_norms = jax.random.split(key)
+
+    def block(k):
+        g = jax.random.normal(k, (dim, dim), jnp.float32)
+        qm, r = jnp.linalg.qr(g)
+        qm = qm * jnp.sign(jnp.diag(r))[None, :]  # sign fix: Haar-distributed orthogonal matrix
+        return qm.T  # orthonormal rows
+
+    dirs = jax.vmap(block)(jax.random.split(k_dirs, blocks)).reshape(blocks * dim, dim)[:num_features]
+    norms = jnp.linalg.norm(jax.random.normal(k_norms, (num_features, dim), jnp.float32), axis=1)
+    return dirs * norms[:, None]
+
+
+def favor_log_features(x: Float[Array, "B N H D"], w: Float[Array, "M D"]) -> Float[Array, "B N H M"]:
+    """log phi(x) = W x' - |x'|^2 / 2 - log(m) / 2 with x' = x / d^(1/4) (unshifted, float32)."""
+    d = x.shape[-1]
+    m = w.shape[0]
+    x = x.astype(jnp.float32) * d**-0.25
+    proj = jnp.einsum("bnhd,md->bnhm", x, w.astype(jnp.float32))
+    return proj - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True) - 0.5 * math.log(m)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformerConfig:
+    """num_features m (LRA: 256); redraw W on every call (LRA: True); causal chunk length."""
+
+    num_features: int = 256
+    redraw: bool = True
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        check_positive_int("performer", "num_features", self.num_features)
+        check_config("performer", isinstance(self.redraw, bool), f"redraw must be a bool, got {self.redraw!r}")
+        check_positive_int("performer", "chunk_size", self.chunk_size)
+
+
+@register(
+    "performer",
+    config=PerformerConfig,
+    family="kernel",
+    citation="Choromanski et al. 2021, Rethinking Attention with Performers",
+)
+class Performer(Attention):
+    """FAVOR+: positive orthogonal random features for the softmax kernel; O(N m d) time."""
+
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N m d)", memory="O(N m)")
+
+    def __init__(self, config: PerformerConfig, dims: Dims, *, rngs: nnx.Rngs):
+        super().__init__(config, dims, rngs=rngs)
+        if config.redraw:
+            self.rngs = nnx.Rngs(rngs.params())
+        else:
+            self.projection = RandomFeatures(orthogonal_gaussian(rngs.params(), config.num_features, dims.head_dim))
+
+    def draw(self) -> Float[Array, "M D"]:
+        """The projection W used by the next call (a fresh draw when ``redraw``)."""
+        if not self.config.redraw:
+            return self.projection[...]
+        stream = self.rngs.default
+        try:
+            key = stream()  # advances the stream: the next call draws a new W
+        except flax_errors.TraceContextError:
+            # called inside a jax transform over state captured outside it (e.g. jax.jit of a
+            # closure of nnx.merge): the stream cannot advance from here. Draw the key that the
+            # advancing call would have drawn; the caller owns threading state back out.
+            key = jax.random.fold_in(stream.key[...], stream.count[...])
+        return orthogonal_gaussian(key, self.config.num_features, self.dims.head_dim)
+
+    def __call__(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H Dv"],
+        *,
+        mask: Mask | None = None,
+    ) -> Float[Array, "B T H Dv"]:
+        causal, kv_mask = _mask_parts(mask)
+        w = self.draw()
+        lq = favor_log_features(q, w)
+        lk = favor_log_features(k, w)
+        phi_q = jnp.exp(lq - lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
+        k_scale = lax.stop_gradient(jnp.max(lk, axis=-1))  # [B, S, H]
+        phi_k = jnp.exp(lk - k_scale[..., None])
+        return linear_attention(
+            phi_q,
+            phi_k,
+            v,
+            causal=causal,
+            kv_mask=kv_mask,
+            k_log_scale=k_scale,
+            eps=0.0,
+            chunk_size=self.config.chunk_size,
+        )
+
+
+# ------------------------------------------------------------------------------- cosformer
+
+
+def cosformer_features(
+    x: Float[Array, "B N H D"], length: int
+) -> Float[Array, "B N H 2D"]:
+    """[relu(x_i) sin(a_i), relu(x_i) cos(a_i)] with a_i = pi i / (2 length), i = 1..N."""
+    n = x.shape[1]
+    a = (math.pi / 2) * jnp.arange(1, n + 1, dtype=jnp.float32) / length
+    r = jax.nn.relu(x.astype(jnp.float32))
+    return jnp.concatenate([r * jnp.sin(a)[None, :, None, None], r * jnp.cos(a)[None, :, None, None]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosformerConfig:
+    """eps: denominator stabiliser (released code: 1e-6). chunk_size: causal chunk length."""
+
+    eps: float = 1e-6
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        _check_eps("cosformer", self.eps)
+        check_positive_int("cosformer", "chunk_size", self.chunk_size)
+
+
+@register(
+    "cosformer",
+    config=CosformerConfig,
+    family="kernel",
+    citation="Qin et al. 2022, cosFormer: Rethinking Softmax in Attention",
+)
+class Cosformer(Attention):
+    """ReLU linear attention re-weighted by cos(pi/2 (i - j) / M); O(N d^2) time."""
+
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)")
+
+    def __call__(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H Dv"],
+        *,
+        mask: Mask | None = None,
+    ) -> Float[Array, "B T H Dv"]:
+        causal, kv_mask = _mask_parts(mask)
+        length = max(q.shape[1], k.shape[1])
+        return linear_attention(
+            cosformer_features(q, length),
+            cosformer_features(k, length),
+            v,
+            causal=causal,
+            kv_mask=kv_mask,
+            eps=self.config.eps,
+            chunk_size=self.config.chunk_size,
+        )
