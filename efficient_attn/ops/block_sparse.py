@@ -53,7 +53,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["SELF_PENALTY", "block_sparse_attention", "merge_softmax", "banded_table", "num_blocks"]
+__all__ = [
+    "SELF_PENALTY",
+    "band_block_size",
+    "banded_table",
+    "block_sparse_attention",
+    "merge_softmax",
+    "num_blocks",
+    "pad_rows",
+]
 
 SELF_PENALTY = 1.0e5
 """Subtracted from a query's logit on itself under ``self_mode="fallback"`` (as trax does)."""
@@ -62,6 +70,15 @@ SELF_PENALTY = 1.0e5
 def num_blocks(length: int, block: int) -> int:
     """``ceil(length / block)``."""
     return -(-length // block)
+
+
+def band_block_size(reach: int, length: int) -> int:
+    """A tile for a sliding window reaching ``reach`` tokens: ``reach`` clipped to [16, 128], <= length.
+
+    Tiles near the reach keep the gathered keys per query near ``2 * reach`` (about
+    ``2 reach + 3 b`` at worst) without degenerating into tiny blocks for small windows.
+    """
+    return max(1, min(max(reach, 16), 128, length))
 
 
 def banded_table(
