@@ -47,6 +47,7 @@ __all__ = [
     "Complexity",
     "Crossover",
     "compile_function",
+    "trace_and_compile",
     "time_compiled",
     "time_function",
     "compiled_memory",
@@ -85,10 +86,17 @@ class Timing:
 
 
 def compile_function(fn: Callable, *args: Any) -> tuple[Any, float]:
-    """``jax.jit(fn).lower(*args).compile()`` and its wall time in seconds."""
+    """``jax.jit(fn).lower(*args).compile()`` and its wall time (trace + lower + compile) in seconds."""
+    compiled, seconds, _ = trace_and_compile(fn, *args)
+    return compiled, seconds
+
+
+def trace_and_compile(fn: Callable, *args: Any) -> tuple[Any, float, Any]:
+    """Like ``compile_function``, also returning the traced ``ClosedJaxpr`` (for ``count_flops``)."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - t0
+    traced = jax.jit(fn).trace(*args)
+    compiled = traced.lower().compile()
+    return compiled, time.perf_counter() - t0, traced.jaxpr
 
 
 def _summary(times: Sequence[float], compile_s: float) -> Timing:
@@ -291,20 +299,21 @@ def jaxpr_flops(fn: Callable, *args: Any) -> tuple[float, bool]:
     return _count(closed.jaxpr)
 
 
-def count_flops(fn: Callable, args: Sequence[Any], compiled: Any) -> dict[str, Any]:
+def count_flops(fn: Callable, args: Sequence[Any], compiled: Any, *, jaxpr: Any = None) -> dict[str, Any]:
     """FLOPs of one call, with their source.
 
     Returns ``flops``, ``flops_source`` ("xla": cost_analysis of a loop-free program;
     "jaxpr": the jaxpr count, used when XLA's is missing or the program loops, where XLA
     counts a loop body once; "jaxpr_lower_bound" when even the jaxpr had a while loop),
     and both raw counts ``flops_xla`` and ``flops_jaxpr`` (the jaxpr is traced only when
-    XLA's count cannot be used, so ``flops_jaxpr`` is None for loop-free programs).
+    XLA's count cannot be used, so ``flops_jaxpr`` is None for loop-free programs). Pass the
+    ``jaxpr`` from ``trace_and_compile`` to avoid tracing ``fn`` a second time.
     """
     fx = xla_flops(compiled)
     if fx is not None and not has_loops(compiled):
         return {"flops": fx, "flops_source": "xla", "flops_xla": fx, "flops_jaxpr": None}
     try:
-        fj, exact = jaxpr_flops(fn, *args)
+        fj, exact = _count(jaxpr.jaxpr) if jaxpr is not None else jaxpr_flops(fn, *args)
     except Exception:  # noqa: BLE001 - an exotic primitive must not stop a measurement
         fj, exact = None, False
     if fj is not None:

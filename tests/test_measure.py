@@ -232,3 +232,15 @@ def test_count_flops_uses_xla_without_loops_and_the_jaxpr_with_them():
     assert got["flops"] == pytest.approx(8 * 2 * 64**3, rel=0.05)
     # XLA's own number counts the loop body once: far below the true count
     assert got["flops_xla"] is None or got["flops_xla"] < got["flops"] / 4
+
+
+def test_count_flops_from_a_traced_jaxpr_matches_tracing_again():
+    m = jnp.ones((32, 32))
+
+    def looped(x):
+        y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ x), None), x, None, length=4)
+        return y
+
+    compiled, seconds, jaxpr = measure.trace_and_compile(looped, m)
+    assert seconds > 0
+    assert measure.count_flops(looped, (m,), compiled, jaxpr=jaxpr) == measure.count_flops(looped, (m,), compiled)

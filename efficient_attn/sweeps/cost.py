@@ -312,7 +312,7 @@ def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, 
         return row
     try:
         fn, args = _point_function(name, pass_, causal, n, cfg)
-        compiled, compile_s = measure.compile_function(fn, *args)
+        compiled, compile_s, jaxpr = measure.trace_and_compile(fn, *args)
         row["compile_s"] = compile_s
         mem = measure.compiled_memory(compiled)
         if mem is not None:
@@ -323,7 +323,8 @@ def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, 
                     f"memory budget: compiled program needs {mem.total_bytes / MiB:.0f} MiB > "
                     f"memory_budget_bytes={cfg.memory_budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
                 return row
-        row.update(measure.count_flops(fn, args, compiled))
+        row.update(measure.count_flops(fn, args, compiled, jaxpr=jaxpr))
+        del jaxpr
         timing = measure.time_compiled(compiled, *args, warmup=cfg.warmup, min_repeats=cfg.min_repeats,
                                        max_repeats=cfg.max_repeats, budget_s=cfg.repeat_budget_s,
                                        compile_s=compile_s)
@@ -442,9 +443,9 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
                     budgets.remember(prev, series, "time_median_s")
                     bar.update(1)
                     continue
-                if (pass_, causal, n) != last:  # drop compiled programs of the previous length
+                if (pass_, causal) != last:  # drop the compiled programs of the previous mode
                     jax.clear_caches()
-                    last = (pass_, causal, n)
+                    last = (pass_, causal)
                 reason = budgets.skip_reason(series, t_start, cfg.sweep_budget_s)
                 if reason is not None:
                     row = _base_row(name, pass_, causal, n, cfg)
@@ -956,7 +957,6 @@ def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
                 budgets.remember(prev, (name,), "time_median_s")
                 bar.update(1)
                 continue
-            jax.clear_caches()
             reason = budgets.skip_reason((name,), t_start, t.budget_s)
             if reason is not None:
                 spec = ea.get_spec(name)
