@@ -24,9 +24,9 @@ recorded as an error; neither stops the sweep. Every finished point is appended 
 ``RowStore`` as it completes, so a rerun resumes (``--force`` starts over), and the tables are
 rebuilt from the store at the end and on Ctrl-C.
 
-The LRA Table 2 analog (training steps per second and compiled memory of the byte-level text
-classifier at 1K-4K tokens, relative to ``full``) is in ``efficient_attn.sweeps.table2``-style
-helpers at the end of this file.
+The LRA Table 2 analog (``run_table2``, at the end of this file): training steps per second
+and compiled memory of LRA's byte-level text classifier (``nn.Classifier``, scaled down by the
+preset) at 1K-4K tokens for every variant, relative to ``full``, beside the published numbers.
 
 Run: ``python experiments/cost_scaling.py --preset quick`` or ``efficient-attn bench``.
 """
