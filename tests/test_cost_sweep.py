@@ -235,3 +235,42 @@ def test_config_validation_names_the_bad_value():
         tiny(min_repeats=3, max_repeats=2)
     with pytest.raises(KeyError, match="unknown attention variant"):
         cost.select_variants(tiny(variants=("fulll",)))
+
+
+PLUGIN = '''
+import dataclasses
+import jax
+import efficient_attn as ea
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanConfig:
+    pass
+
+
+@ea.register("plugin_mean_for_cost_test", config=MeanConfig, family="plugin", citation="test")
+class MeanAttention(ea.Attention):
+    """Every query gets the mean of the values: O(N) time and memory."""
+
+    capabilities = ea.Capabilities(time="O(N)", memory="O(N)")
+
+    def __call__(self, q, k, v, *, mask=None):
+        return jax.numpy.broadcast_to(v.mean(axis=1, keepdims=True), q.shape[:3] + v.shape[3:])
+'''
+
+
+def test_plugin_file_variant_is_swept(tmp_path):
+    plugin = tmp_path / "my_variant.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "out"
+    try:
+        code = cost.main(["--plugin", str(plugin), "--variants", "plugin_mean_for_cost_test", "--lengths", "32,64",
+                          "--passes", "fwd", "--out", str(out), "--no-table2", "--no-progress",
+                          "--heads", "2", "--head-dim", "8"])
+        assert code == 0
+        rows = _csv_rows(out / "rows.csv")
+        assert [(r["variant"], r["n"], r["status"]) for r in rows] == [
+            ("plugin_mean_for_cost_test", "32", "ok"), ("plugin_mean_for_cost_test", "64", "ok")]
+        assert "| plugin_mean_for_cost_test | O(N) |" in (out / "table.md").read_text()
+    finally:
+        unregister("plugin_mean_for_cost_test")
