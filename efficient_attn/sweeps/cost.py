@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -74,7 +75,7 @@ class Table2Config:
     """
 
     enabled: bool = True
-    lengths: tuple[int, ...] = (1024, 2048, 3072, 4096)
+    lengths: tuple[int, ...] = (1024, 2048, 3072, 4096)  # visited in this order (tables sort them)
     batch: int = 32
     num_layers: int = 4
     emb_dim: int = 256
@@ -157,22 +158,23 @@ class CostConfig:
 
 PRESETS: dict[str, CostConfig] = {
     # CPU, minutes: every variant, N = 256..4096; one warm-up and 1-5 timed calls within 0.25 s,
-    # no call predicted over 2.5 s, and a deadline so the whole run (compiles included, about a
-    # second each on 2 cores) stays within about 3 minutes. Table 2 scaled down to one layer of
-    # width 64 at batch 2, with its own deadline.
+    # no call predicted over 3 s, and deadlines so the whole run (compiles included, one to a
+    # few seconds each on 2 cores) stays within about 3 minutes: what is not reached is recorded
+    # as skipped and a rerun resumes it. Table 2 scaled down to one layer of width 64 at batch 1,
+    # 1K and 4K first (the ends of LRA's range), then 2K and 3K.
     "quick": CostConfig(
         preset="quick",
         lengths=(256, 512, 1024, 2048, 4096),
         min_repeats=1,
         max_repeats=5,
         repeat_budget_s=0.25,
-        max_call_s=2.5,
+        max_call_s=3.0,
         max_compile_s=15.0,
         memory_budget_bytes=3 * GiB,
-        sweep_budget_s=120.0,
-        table2=Table2Config(batch=2, num_layers=1, emb_dim=64, num_heads=2, mlp_dim=128,
-                            min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=2.0,
-                            memory_budget_bytes=3 * GiB, budget_s=50.0),
+        sweep_budget_s=110.0,
+        table2=Table2Config(lengths=(1024, 4096, 2048, 3072), batch=1, num_layers=1, emb_dim=64, num_heads=2,
+                            mlp_dim=128, min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=5.0,
+                            memory_budget_bytes=3 * GiB, budget_s=45.0),
     ),
     # CPU, hours: N up to 65536 or until a budget; more repeats; Table 2 at half LRA's width.
     "cpu": CostConfig(
@@ -215,10 +217,17 @@ def _claimed(spec, which: str) -> measure.Complexity | None:
         return None
 
 
+@functools.lru_cache(maxsize=128)
+def _module_state(name: str, heads: int, head_dim: int, n: int, seed: int):
+    """The variant's (graphdef, params, other state), built once per length for all four modes
+    (building some variants takes a second: their fixed random patterns are drawn eagerly)."""
+    module = ea.build(name, num_heads=heads, head_dim=head_dim, max_len=n, rngs=nnx.Rngs(seed))
+    return nnx.split(module, nnx.Param, ...)
+
+
 def _point_function(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig):
     """(fn, args): a pure function of (params, other state, q, k, v[, g]) and its arguments."""
-    module = ea.build(name, num_heads=cfg.heads, head_dim=cfg.head_dim, max_len=n, rngs=nnx.Rngs(cfg.seed))
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    graphdef, params, rest = _module_state(name, cfg.heads, cfg.head_dim, n, cfg.seed)
     mask = Mask(causal=True) if causal else None
     dtype = jnp.dtype(cfg.dtype)
     # numpy draws: jax.random would compile a sampler for every new shape (over a second on CPU)
@@ -240,16 +249,17 @@ def _point_function(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig
 
 
 def _predict(history: list[tuple[int, float]], n: int, claimed: measure.Complexity | None) -> tuple[float, float] | None:
-    """Predicted value at ``n`` from the last measured points: (value, growth exponent used).
+    """Predicted value at ``n`` from the longest measured lengths below it: (value, exponent used).
 
-    The exponent is the local slope of the last two points, or the claimed one with a single
+    None when nothing shorter was measured. The exponent is the local slope of the last two points, or the claimed one with a single
     point, clipped to [1, 3] (small lengths are overhead-dominated and understate growth).
     """
-    if not history:
+    below = sorted(p for p in history if p[0] < n)
+    if not below:
         return None
-    n1, y1 = history[-1]
-    if len(history) >= 2 and history[-2][1] > 0 and y1 > 0:
-        n0, y0 = history[-2]
+    n1, y1 = below[-1]
+    if len(below) >= 2 and below[-2][1] > 0 and y1 > 0:
+        n0, y0 = below[-2]
         e = math.log(y1 / y0) / math.log(n1 / n0)
     else:
         e = claimed.slope_at(n) if claimed else 2.0
@@ -391,27 +401,40 @@ def _points(cfg: CostConfig, variants: Sequence[str]):
 
 
 class _Budgets:
-    """Per-series memory of measured times and of the first budget a series went over."""
+    """Per series: the measured (N, time) points, and the shortest N that went over a budget
+    (longer lengths of that series are then skipped without trying)."""
 
     def __init__(self, max_compile_s: float):
         self.max_compile_s = max_compile_s
         self.history: dict[tuple, list[tuple[int, float]]] = {}
-        self.over: dict[tuple, str] = {}
+        self.over: dict[tuple, tuple[int, str]] = {}
+
+    def _over(self, series: tuple, n: int, reason: str) -> None:
+        if series not in self.over or n < self.over[series][0]:
+            self.over[series] = (n, reason)
 
     def remember(self, row: dict, series: tuple, time_field: str) -> None:
         n = row["n"]
         if row.get("status") == "ok" and row.get(time_field):
             self.history.setdefault(series, []).append((n, row[time_field]))
             if (row.get("compile_s") or 0) > self.max_compile_s:
-                self.over.setdefault(series, f"compile budget: compiling N={n} took {row['compile_s']:.0f} s > "
-                                             f"max_compile_s={self.max_compile_s:g} s")
+                self._over(series, n, f"compile budget: compiling N={n} took {row['compile_s']:.0f} s > "
+                                      f"max_compile_s={self.max_compile_s:g} s")
         elif row.get("status") == "skipped" and str(row.get("reason", "")).startswith(("time budget", "memory budget")):
-            self.over.setdefault(series, f"over budget already at N={n} (see that row)")
+            self._over(series, n, f"over budget already at N={n} (see that row)")
 
-    def skip_reason(self, series: tuple, t_start: float, deadline: float | None) -> str | None:
+    def predict(self, series: tuple, n: int, claimed: measure.Complexity | None):
+        """(prediction, exponent) or None, and the length it was extrapolated from."""
+        hist = self.history.get(series, [])
+        below = [m for m, _ in hist if m < n]
+        return _predict(hist, n, claimed), (max(below) if below else None)
+
+    def skip_reason(self, series: tuple, n: int, t_start: float, deadline: float | None) -> str | None:
         if deadline is not None and time.perf_counter() - t_start > deadline:
             return f"sweep budget: {deadline:g} s spent before this point (rerun to resume)"
-        return self.over.get(series)
+        if series in self.over and n > self.over[series][0]:
+            return self.over[series][1]
+        return None
 
 
 def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> report.RowStore:
@@ -446,15 +469,14 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
                 if (pass_, causal) != last:  # drop the compiled programs of the previous mode
                     jax.clear_caches()
                     last = (pass_, causal)
-                reason = budgets.skip_reason(series, t_start, cfg.sweep_budget_s)
+                reason = budgets.skip_reason(series, n, t_start, cfg.sweep_budget_s)
                 if reason is not None:
                     row = _base_row(name, pass_, causal, n, cfg)
                     row.update(status="skipped", reason=reason)
                 else:
-                    hist = budgets.history.get(series, [])
+                    predicted, from_n = budgets.predict(series, n, _claimed(ea.get_spec(name), "time"))
                     row = measure_point(name, pass_, causal, n, cfg, matmul_gflops=info["matmul_gflops"],
-                                        predicted_s=_predict(hist, n, _claimed(ea.get_spec(name), "time")),
-                                        from_n=hist[-1][0] if hist else None)
+                                        predicted_s=predicted, from_n=from_n)
                 store.add(key, row)
                 budgets.remember(row, series, "time_median_s")
                 bar.update(1)
@@ -463,6 +485,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         if cfg.table2.enabled:
             run_table2(cfg, variants, store, force=force, progress=progress)
     finally:
+        _module_state.cache_clear()
         info["load_avg_end"] = _load_avg()
         write_outputs(out, store.rows(), cfg, info)
     return store
@@ -945,7 +968,7 @@ def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
     t = cfg.table2
     budgets = _Budgets(cfg.max_compile_s)
     budget = {"max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes}
-    points = [(name, n) for n in sorted(set(t.lengths)) for name in variants]
+    points = [(name, n) for n in dict.fromkeys(t.lengths) for name in variants]  # in the config's order
     bar = _progress(len(points), progress, "table2")
     t_start = time.perf_counter()
     try:
@@ -957,7 +980,7 @@ def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
                 budgets.remember(prev, (name,), "time_median_s")
                 bar.update(1)
                 continue
-            reason = budgets.skip_reason((name,), t_start, t.budget_s)
+            reason = budgets.skip_reason((name,), n, t_start, t.budget_s)
             if reason is not None:
                 spec = ea.get_spec(name)
                 row = {"kind": "table2", "variant": name, "n": n, "pass": "train_step", "causal": False,
@@ -965,9 +988,8 @@ def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
                        "num_layers": t.num_layers, "emb_dim": t.emb_dim, "heads": t.num_heads, "mlp_dim": t.mlp_dim,
                        "dtype": "float32", "max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes}
             else:
-                hist = budgets.history.get((name,), [])
-                row = measure_train_step(name, n, cfg, predicted_s=_predict(hist, n, _claimed(ea.get_spec(name), "time")),
-                                         from_n=hist[-1][0] if hist else None)
+                predicted, from_n = budgets.predict((name,), n, _claimed(ea.get_spec(name), "time"))
+                row = measure_train_step(name, n, cfg, predicted_s=predicted, from_n=from_n)
             store.add(key, row)
             budgets.remember(row, (name,), "time_median_s")
             bar.update(1)
