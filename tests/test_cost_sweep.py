@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import efficient_attn as ea
-from efficient_attn import report
+from efficient_attn import measure, report
 from efficient_attn.registry import unregister
 from efficient_attn.sweeps import cost
 
@@ -274,3 +274,20 @@ def test_plugin_file_variant_is_swept(tmp_path):
         assert "| plugin_mean_for_cost_test | O(N) |" in (out / "table.md").read_text()
     finally:
         unregister("plugin_mean_for_cost_test")
+
+
+def test_budgets_extrapolate_from_shorter_lengths_and_skip_only_longer_ones():
+    b = cost._Budgets(max_compile_s=10.0)
+    s = ("full", "fwd", False)
+    b.remember({"n": 1024, "status": "ok", "time_median_s": 0.1, "compile_s": 1.0}, s, "time_median_s")
+    b.remember({"n": 4096, "status": "skipped", "reason": "time budget: predicted ..."}, s, "time_median_s")
+    # visited out of order (Table 2 goes 1K, 4K, 2K, 3K): 2K is still tried, 8K is not
+    assert b.skip_reason(s, 2048, 0.0, None) is None
+    assert "N=4096" in b.skip_reason(s, 8192, 0.0, None)
+    (pred, exponent), from_n = b.predict(s, 2048, measure.parse_big_o("O(N^2)"))
+    assert from_n == 1024 and exponent == 2.0 and pred == pytest.approx(0.4)
+    b.remember({"n": 2048, "status": "ok", "time_median_s": 0.2, "compile_s": 30.0}, s, "time_median_s")
+    (pred, exponent), from_n = b.predict(s, 3072, None)
+    assert from_n == 2048 and exponent == pytest.approx(1.0)  # the local slope of 1K -> 2K
+    assert b.skip_reason(s, 3072, 0.0, None).startswith("compile budget")
+    assert b.predict(s, 512, None) == (None, None)  # nothing shorter measured: no prediction
