@@ -748,6 +748,10 @@ def _notes(title: str, by_variant: dict, info: dict, ns: list[int]) -> list[str]
             if beyond:
                 out.append(f"{title}, `{v}`: ran at N={', '.join(map(str, beyond))} where `{base}` was over budget; "
                            "crossovers use only lengths both measured.")
+        loops = [n for n, r in sorted(by_variant[v].items()) if r.get("flops_source") == "jaxpr_lower_bound"]
+        if loops:
+            out.append(f"{title}, `{v}`: FLOPs are a lower bound (a while loop with a data-dependent trip count "
+                       "was counted once), so its matmul fraction is understated.")
         bad = [(n, r["status"], r.get("reason", "")) for n, r in sorted(by_variant[v].items())
                if r.get("status") == "error"]
         for n, _, reason in bad[:2]:
@@ -1130,8 +1134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_plugin(path)
     try:
         cfg = config_from_args(args)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+        select_variants(cfg)
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"efficient-attn bench: {err.args[0] if err.args else err}") from None
     out = Path(args.out) if args.out else Path("results") / "cost" / cfg.preset
     t0 = time.perf_counter()
     try:
@@ -1144,3 +1149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"cost: {len(store)} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['error']} errors) "
           f"in {time.perf_counter() - t0:.0f} s -> {out}/table.md", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
