@@ -443,7 +443,7 @@ def parse_big_o(text: str) -> Complexity:
     The length is any of N, n, T, S, L; every other symbol (w, k, d, m, r, b...) is a constant.
     "O(N^2)" -> 2, "O(N)" -> 1, "O(N w)" -> 1, "O(N k)" -> 1, "O(N log N)" -> 1 with one log
     factor, "O(N sqrt N)" -> 1.5, "O(T S)" -> 2, "O(N^2 / b)" -> 2, "O(N^1.5)" -> 1.5,
-    "O(N k + N d)" -> 1 (a sum: its largest term). Raises ``ValueError`` for a string it
+    "O(N k + N d)" -> 1 (a sum: its largest term), "O(N b + (N/b)^2)" -> 2. Raises ``ValueError`` for a string it
     cannot read.
     """
     if not isinstance(text, str):
@@ -451,12 +451,33 @@ def parse_big_o(text: str) -> Complexity:
     m = re.fullmatch(r"\s*O\s*\((.*)\)\s*", text)
     if not m or not m.group(1).strip():
         raise ValueError(f"cannot read big-O claim {text!r}: expected 'O(...)', e.g. 'O(N^2)' or 'O(N w)'")
-    # (log N)^2 -> log^2 N
+    # (log N)^2 -> log^2 N;  "log (N)" -> "log(N)"
     body = re.sub(rf"\(\s*log\s*\(?\s*({_SYM})\s*\)?\s*\)\s*\^\s*(\d+)", r"log^\2 \1", m.group(1))
+    # innermost parenthesised groups first, optionally under sqrt or log and raised to a power:
+    # (N/b)^2 -> N^2, (N + k) -> N, sqrt(N b) -> N^0.5, log(N k) -> log N
+    group = re.compile(r"(?<![A-Za-z0-9_])(?:(sqrt|√|log)\s*)?\(([^()]*)\)(?:\s*\^\s*(\d+(?:\.\d+)?))?")
+    while True:
+        g = group.search(body)
+        if g is None:
+            break
+        inner = _parse_sum(g.group(2), text)
+        fn, p = g.group(1), float(g.group(3) or 1)
+        if fn == "log":
+            inner = Complexity(0.0, 1 if inner.exponent > 0 else 0)
+        elif fn:
+            inner = Complexity(inner.exponent / 2, inner.log_power)  # sqrt: only used with an integer log power
+        e, logs = inner.exponent * p, int(round(inner.log_power * p))
+        token = f" N^{e:g}" if e >= 0 else f" / N^{-e:g}"
+        token += f" log^{logs} N" if logs > 0 else ""
+        body = body[: g.start()] + token + " " + body[g.end():]
+    return _parse_sum(body, text)
+
+
+def _parse_sum(body: str, claim: str) -> Complexity:
     pieces = body.split("+")
     if any(not t.strip() for t in pieces):
-        raise ValueError(f"cannot read big-O claim {text!r}: an empty term around '+'")
-    terms = [_parse_term(t, text) for t in pieces]
+        raise ValueError(f"cannot read big-O claim {claim!r}: an empty term around '+'")
+    terms = [_parse_term(t, claim) for t in pieces]
     return max(terms, key=lambda c: (c.exponent, c.log_power))
 
 

@@ -63,6 +63,15 @@ def test_fit_needs_two_distinct_lengths():
         ("O(N k + N d)", 1, 0),
         ("O(N^2 + N d)", 2, 0),
         ("O(N (log N)^2)", 1, 2),
+        ("O(N b + (N/b)^2)", 2, 0),
+        ("O(N b + N^2/b)", 2, 0),
+        ("O(N m d + m^3)", 1, 0),
+        ("O((N/c)^1.5)", 1.5, 0),
+        ("O(N log(N))", 1, 1),
+        ("O(N * (k + d))", 1, 0),
+        ("O(N sqrt(N b))", 1.5, 0),
+        ("O(N b (g + r + 3))", 1, 0),
+        ("O(N log(N k))", 1, 1),
         ("O(1)", 0, 0),
         ("O(d^2)", 0, 0),
     ],
@@ -73,7 +82,7 @@ def test_parse_big_o(claim, exponent, logs):
     assert c.log_power == logs
 
 
-@pytest.mark.parametrize("bad", ["N^2", "O()", "O(N + )", "O(N ? k)", "", None])
+@pytest.mark.parametrize("bad", ["N^2", "O()", "O(N + )", "O(N ? k)", "O((N + )^2)", "", None])
 def test_parse_big_o_rejects_what_it_cannot_read(bad):
     with pytest.raises(ValueError):
         measure.parse_big_o(bad)
