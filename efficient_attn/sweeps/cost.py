@@ -305,6 +305,7 @@ def _base_row(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> d
         "matmul_gflops": None,
         "matmul_fraction": None,
         "max_call_s": cfg.max_call_s,
+        "max_compile_s": cfg.max_compile_s,
         "memory_budget_bytes": cfg.memory_budget_bytes,
     }
 
@@ -452,7 +453,8 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         # the ceiling is the best call: on a shared CPU the median is pulled down by other processes
         info["matmul_gflops"] = info["matmul_best_gflops"]
         budgets = _Budgets(cfg.max_compile_s)
-        budget = {"max_call_s": cfg.max_call_s, "memory_budget_bytes": cfg.memory_budget_bytes}
+        budget = {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
+                  "memory_budget_bytes": cfg.memory_budget_bytes}
         bar = _progress(len(points), progress, "cost")
         t_start = time.perf_counter()
         last = None
@@ -825,7 +827,7 @@ CSV_COLUMNS = [
     "output_bytes", "xla_peak_bytes", "device_peak_bytes", "flops", "flops_source", "flops_xla", "flops_jaxpr",
     "gflops_per_s", "matmul_gflops", "matmul_fraction", "steps_per_s", "speedup_vs_full", "memory_vs_full",
     "claimed_time", "claimed_memory", "family", "exact", "batch", "heads", "head_dim", "dtype",
-    "num_layers", "emb_dim", "mlp_dim", "max_call_s", "memory_budget_bytes",
+    "num_layers", "emb_dim", "mlp_dim", "max_call_s", "max_compile_s", "memory_budget_bytes",
 ]
 
 
@@ -931,7 +933,7 @@ def measure_train_step(name: str, n: int, cfg: CostConfig, *, predicted_s: tuple
         "batch": t.batch, "num_layers": t.num_layers, "emb_dim": t.emb_dim, "heads": t.num_heads,
         "mlp_dim": t.mlp_dim, "dtype": "float32", "time_median_s": None, "time_spread": None,
         "steps_per_s": None, "repeats": 0, "compile_s": None, "memory_bytes": None, "temp_bytes": None,
-        "max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes,
+        "max_call_s": t.max_step_s, "max_compile_s": cfg.max_compile_s, "memory_budget_bytes": t.memory_budget_bytes,
     }
     if predicted_s is not None and predicted_s[0] > t.max_step_s:
         row.update(status="skipped", reason=(
@@ -971,7 +973,8 @@ def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
         return
     t = cfg.table2
     budgets = _Budgets(cfg.max_compile_s)
-    budget = {"max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes}
+    budget = {"max_call_s": t.max_step_s, "max_compile_s": cfg.max_compile_s,
+              "memory_budget_bytes": t.memory_budget_bytes}
     points = [(name, n) for n in dict.fromkeys(t.lengths) for name in variants]  # in the config's order
     bar = _progress(len(points), progress, "table2")
     t_start = time.perf_counter()
@@ -990,7 +993,8 @@ def run_table2(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
                 row = {"kind": "table2", "variant": name, "n": n, "pass": "train_step", "causal": False,
                        "status": "skipped", "reason": reason, "family": spec.family, "batch": t.batch,
                        "num_layers": t.num_layers, "emb_dim": t.emb_dim, "heads": t.num_heads, "mlp_dim": t.mlp_dim,
-                       "dtype": "float32", "max_call_s": t.max_step_s, "memory_budget_bytes": t.memory_budget_bytes}
+                       "dtype": "float32", "max_call_s": t.max_step_s, "max_compile_s": cfg.max_compile_s,
+                       "memory_budget_bytes": t.memory_budget_bytes}
             else:
                 predicted, from_n = budgets.predict((name,), n, _claimed(ea.get_spec(name), "time"))
                 row = measure_train_step(name, n, cfg, predicted_s=predicted, from_n=from_n)
