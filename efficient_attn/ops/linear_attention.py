@@ -143,10 +143,13 @@ def linear_attention(
 ) -> Float[Array, "B T H Dv"]:
     """Normalised linear attention of feature maps; float32 output (see the module docstring).
 
-    ``causal`` needs T == S. ``k_log_scale``: optional per-key log multiplier of phi(k).
+    ``causal`` needs T == S. ``k_log_scale``: optional per-key log multiplier of phi(k); the
+    denominator is then known only up to the engine's rescaling, so ``eps`` must be 0.
     """
     if causal and phi_q.shape[1] != phi_k.shape[1]:
         raise ValueError(f"causal linear attention needs T == S, got {phi_q.shape[1]} and {phi_k.shape[1]}")
+    if k_log_scale is not None and eps != 0:
+        raise ValueError("linear_attention: eps must be 0 with k_log_scale (the rescaled denominator has no fixed scale)")
     phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
     if k_log_scale is not None:
         k_log_scale = k_log_scale.astype(jnp.float32)

@@ -179,16 +179,17 @@ def landmark_weights(valid: Bool[Array, "B N"] | None, batch: int, n: int, m: in
 
 def iterative_pinv(a: Float[Array, "... m n"], iterations: int) -> Float[Array, "... n m"]:
     """Moore-Penrose pseudo-inverse by the iteration of the Nystromformer paper (Razavi et al.)."""
-    n = a.shape[-1]
-    eye = jnp.eye(n, dtype=a.dtype)
+    eye = jnp.eye(a.shape[-2], dtype=a.dtype)
     col = jnp.max(jnp.sum(jnp.abs(a), axis=-2), axis=-1)  # ||A||_1
     row = jnp.max(jnp.sum(jnp.abs(a), axis=-1), axis=-1)  # ||A||_inf
     scale = col * row
-    z = jnp.swapaxes(a, -1, -2) / jnp.where(scale > 0, scale, 1.0)[..., None, None]
-    for _ in range(iterations):
+    z0 = jnp.swapaxes(a, -1, -2) / jnp.where(scale > 0, scale, 1.0)[..., None, None]
+
+    def step(_, z):
         az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
+        return 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+
+    return jax.lax.fori_loop(0, iterations, step, z0)
 
 
 @dataclasses.dataclass(frozen=True)
