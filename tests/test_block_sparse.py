@@ -233,3 +233,17 @@ def test_bad_tables_are_refused():
         _bsa(q, k, v, np.zeros((3, 1), np.int32), block_q=4, block_k=4)
     with pytest.raises(ValueError, match="entries"):
         _bsa(q, k, v, np.full((2, 1), 2, np.int32), block_q=4, block_k=4)
+
+
+@pytest.mark.parametrize("run_elements", [1, 700])
+def test_runs_of_query_blocks_match_twin(monkeypatch, run_elements):
+    """Long inputs are processed in runs of query blocks (lax.map / lax.scan); same results."""
+    from efficient_attn.ops import block_sparse
+
+    monkeypatch.setattr(block_sparse, "CHUNK_ELEMENTS", run_elements)  # 1 block per run, or a few
+    B, H, T, D = 1, 2, 29, 4
+    q, k, v = _data(B, H, T, T, D, 3, seed=8)
+    rng = np.random.default_rng(5)
+    table = _random_table(rng, num_blocks(T, 4), num_blocks(T, 4), r=3, heads=H)
+    kv = jnp.asarray(rng.random((B, T)) < 0.8)
+    _check(q, k, v, table, block_q=4, block_k=4, causal=True, kv_valid=kv, band=(9, 0), self_mode="fallback")

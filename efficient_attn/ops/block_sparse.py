@@ -38,6 +38,10 @@ In-block masks (all optional, combined with AND):
 softmax over their union (by logsumexp weighting); variants use it to add global keys to a
 local pattern and Reformer to combine its hash rounds.
 
+Gradients: a custom VJP recomputes each block's logits in the backward pass from q, k and
+the saved ``lse`` (as FlashAttention does), so a forward+backward keeps O(N d) residuals
+rather than the O(N r b) probabilities. (Reverse mode only: no ``jax.jvp``.)
+
 Layout inside this module is head-major: q [B, H, T, D], k [B, H, S, D], v [B, H, S, E].
 The naive twin (a dense masked softmax built from the same table) is in
 tests/test_block_sparse.py.
@@ -45,6 +49,8 @@ tests/test_block_sparse.py.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Literal, Sequence
 
@@ -137,6 +143,182 @@ def _gather_blocks(x, table, per_head: bool):
     return x[:, heads, table]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Hashable settings of one engine call (the custom VJP's non-differentiable argument)."""
+
+    block_q: int
+    block_k: int
+    causal: bool
+    band: tuple[int, int] | None
+    self_mode: str | None
+    scale: float
+    per_head: bool
+
+
+def _flat_keys(x, tbl, cfg: _Static):
+    """Gather key blocks and flatten them: [b, h, nk, bk, ...] -> [b, h, nq, r * bk, ...]."""
+    g = _gather_blocks(x, tbl, cfg.per_head)
+    return g.reshape(g.shape[:3] + (g.shape[3] * g.shape[4],) + g.shape[5:])
+
+
+def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
+    """Scaled logits [B, H, nq, bq, r * bk] of the gathered keys and which of them are visible.
+
+    ``qb`` and the query-side entries of ``aux`` may be a run of query blocks starting at
+    block ``first_block`` (only the band needs the absolute index).
+    """
+    tbl = aux["table"]
+    kg = _flat_keys(kb, tbl, cfg)
+    logits = jnp.einsum("bhqid,bhqjd->bhqij", qb, kg) * cfg.scale
+    slot_ok = jnp.repeat(aux["slot_ok"], cfg.block_k, axis=-1)[..., None, :]  # [(H,) nq, 1, r*bk]
+    vis = jnp.logical_and(_flat_keys(aux["valid"], tbl, cfg)[..., None, :], slot_ok)
+    if aux["q_pos"] is not None:
+        qp, kp = aux["q_pos"][..., None], _flat_keys(aux["k_pos"], tbl, cfg)[..., None, :]
+        if cfg.causal:
+            vis = jnp.logical_and(vis, kp <= qp)
+        if cfg.self_mode == "exclude":
+            vis = jnp.logical_and(vis, kp != qp)
+        elif cfg.self_mode == "fallback":
+            logits = jnp.where(kp == qp, logits - SELF_PENALTY, logits)
+    if aux["q_seg"] is not None:
+        vis = jnp.logical_and(vis, aux["q_seg"][..., None] == _flat_keys(aux["k_seg"], tbl, cfg)[..., None, :])
+    if cfg.band is not None:
+        left, right = cfg.band
+        nq, bq = qb.shape[2], qb.shape[3]
+        qi = (first_block * bq + jnp.arange(nq * bq)).reshape(nq, bq, 1)
+        kj = (tbl[..., None] * cfg.block_k + jnp.arange(cfg.block_k)).reshape(tbl.shape[:-1] + (1, -1))
+        vis = jnp.logical_and(vis, jnp.logical_and(kj >= qi - left, kj <= qi + right))
+    return logits, vis
+
+
+CHUNK_ELEMENTS = 1 << 22
+"""Query blocks are processed in runs whose logits hold about this many floats (16 MiB), one
+run after another (``lax.map``/``lax.scan``), so temporaries do not grow with N."""
+
+_Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg")  # per-query-block entries of aux
+
+
+def _blocks_per_run(qb, aux, cfg: _Static) -> int:
+    B, H, nq, bq = qb.shape[:4]
+    per_block = B * H * bq * aux["table"].shape[-1] * cfg.block_k
+    return max(1, min(nq, CHUNK_ELEMENTS // max(per_block, 1)))
+
+
+def _split_runs(qb, aux, run: int):
+    """Cut the query-block axis into runs: arrays get a leading run axis (padded rows see nothing)."""
+    nq = qb.shape[2]
+    n = num_blocks(nq, run)
+
+    def cut(x, axis, fill):
+        x = _pad_axis(x, axis, n * run, fill)
+        x = x.reshape(x.shape[:axis] + (n, run) + x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    q_aux = {
+        "table": cut(aux["table"], aux["table"].ndim - 2, 0),
+        "slot_ok": cut(aux["slot_ok"], aux["slot_ok"].ndim - 2, False),
+        "q_pos": None if aux["q_pos"] is None else cut(aux["q_pos"], 2, -1),
+        "q_seg": None if aux["q_seg"] is None else cut(aux["q_seg"], 2, -1),
+    }
+    return cut(qb, 2, 0.0), q_aux, n
+
+
+def _join_runs(x, nq: int):
+    """Inverse of ``_split_runs`` for an output [n, B, H, run, ...] -> [B, H, nq, ...]."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :nq]
+
+
+def _forward_run(qb, kb, vb, aux, cfg: _Static, first_block=0):
+    logits, vis = _logits_and_visibility(qb, kb, aux, cfg, first_block)
+    masked = jnp.where(vis, logits, -jnp.inf)
+    m = jnp.max(masked, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(masked - m)  # exactly 0 where invisible
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    seen = denom > 0
+    out = jnp.einsum("bhqij,bhqje->bhqie", e, _flat_keys(vb, aux["table"], cfg)) / jnp.where(seen, denom, 1.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
+    return out, lse
+
+
+def _forward(qb, kb, vb, aux, cfg: _Static):
+    run = _blocks_per_run(qb, aux, cfg)
+    nq = qb.shape[2]
+    if run >= nq:
+        return _forward_run(qb, kb, vb, aux, cfg)
+    q_runs, q_aux, n = _split_runs(qb, aux, run)
+    shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
+
+    def body(xs):
+        i, q_i, aux_i = xs
+        return _forward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, i * run)
+
+    out, lse = jax.lax.map(body, (jnp.arange(n), q_runs, q_aux))
+    return _join_runs(out, nq), _join_runs(lse, nq)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(qb, kb, vb, aux, cfg: _Static):
+    return _forward(qb, kb, vb, aux, cfg)
+
+
+def _attend_fwd(qb, kb, vb, aux, cfg):
+    out, lse = _forward(qb, kb, vb, aux, cfg)
+    return (out, lse), (qb, kb, vb, aux, out, lse)
+
+
+def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse, first_block=0):
+    """Gradients of one run of query blocks: (dq, dk, dv), dk/dv over all key blocks.
+
+    dS_ij = p_ij (dP_ij - delta_i + dlse_i),  dP = dO V^T,  delta_i = sum_e dO_ie out_ie,
+    with p recomputed from the logits and the saved lse.
+    """
+    logits, vis = _logits_and_visibility(qb, kb, aux, cfg, first_block)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
+    p = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - lse_safe), 0.0)
+    gather = lambda x: _flat_keys(x, aux["table"], cfg)
+    vg, v_transpose = jax.vjp(gather, vb)
+    dp = jnp.einsum("bhqie,bhqje->bhqij", d_out, vg)
+    delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
+    ds = p * (dp - delta + d_lse[..., None]) * cfg.scale
+    kg, k_transpose = jax.vjp(gather, kb)
+    dq = jnp.einsum("bhqij,bhqjd->bhqid", ds, kg)
+    (dk,) = k_transpose(jnp.einsum("bhqij,bhqid->bhqjd", ds, qb))
+    (dv,) = v_transpose(jnp.einsum("bhqij,bhqie->bhqje", p, d_out))
+    return dq, dk, dv
+
+
+def _attend_bwd(cfg, res, cotangents):
+    """Recompute the probabilities from (q, k, lse) instead of storing them (as FlashAttention)."""
+    qb, kb, vb, aux, out, lse = res
+    d_out, d_lse = cotangents
+    run = _blocks_per_run(qb, aux, cfg)
+    nq = qb.shape[2]
+    if run >= nq:
+        dq, dk, dv = _backward_run(qb, kb, vb, aux, cfg, out, lse, d_out, d_lse)
+        return dq, dk, dv, None
+    q_runs, q_aux, n = _split_runs(qb, aux, run)
+    cut = lambda x: jnp.moveaxis(  # noqa: E731
+        _pad_axis(x, 2, n * run, 0.0).reshape(x.shape[:2] + (n, run) + x.shape[3:]), 2, 0
+    )
+    shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
+
+    def body(carry, xs):
+        dk_acc, dv_acc = carry
+        i, q_i, aux_i, out_i, lse_i, dout_i, dlse_i = xs
+        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i, i * run)
+        return (dk_acc + dk, dv_acc + dv), dq
+
+    xs = (jnp.arange(n), q_runs, q_aux, cut(out), cut(lse), cut(d_out), cut(d_lse))
+    (dk, dv), dq = jax.lax.scan(body, (jnp.zeros_like(kb), jnp.zeros_like(vb)), xs)
+    return _join_runs(dq, nq), dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def block_sparse_attention(
     q: Float[Array, "B H T D"],
     k: Float[Array, "B H S D"],
@@ -159,11 +341,17 @@ def block_sparse_attention(
 
     ``out`` is float32 and zero where a query sees no key; ``lse`` is the log of the
     softmax normaliser (``-inf`` there). See the module docstring for every option.
+    Differentiable in q, k, v by a custom VJP that recomputes the block logits in the
+    backward pass, so only q, k, v, out and lse are kept: O(N d) saved, not O(N r b).
     """
     B, H, T, D = q.shape
     S, E = k.shape[2], v.shape[3]
     if k.shape != (B, H, S, D) or v.shape[:3] != (B, H, S):
         raise ValueError(f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    if self_mode not in (None, "exclude", "fallback"):
+        raise ValueError(f'block_sparse_attention: self_mode must be None, "exclude" or "fallback", got {self_mode!r}')
+    if (q_seg is None) != (k_seg is None):
+        raise ValueError("block_sparse_attention: give both q_seg and k_seg, or neither")
     nq, nk = num_blocks(T, block_q), num_blocks(S, block_k)
 
     per_head = jnp.ndim(table) == 3
@@ -175,69 +363,45 @@ def block_sparse_attention(
     table = jnp.asarray(table, dtype=jnp.int32)
     if table.ndim not in (2, 3) or table.shape[-2] != nq:
         raise ValueError(f"block_sparse_attention: table {table.shape} needs shape [{nq}, r] or [H, {nq}, r]")
-    r = table.shape[-1]
-    slot_ok = table >= 0  # [(H,) nq, r]
-    tbl = jnp.clip(table, 0, nk - 1)
 
     f32 = jnp.float32
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     Tp, Sp = nq * block_q, nk * block_k
     qb = _pad_axis(q.astype(f32), 2, Tp, 0.0).reshape(B, H, nq, block_q, D)
     kb = _pad_axis(k.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, D)
     vb = _pad_axis(v.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, E)
 
-    # key validity: inside S and kv_valid
-    valid = jnp.arange(Sp) < S
-    valid = valid[None, None] if kv_valid is None else jnp.logical_and(
-        valid[None, None], _pad_axis(_as_bht(kv_valid, "kv_valid", B, H, S), 2, Sp, False)
-    )
-    vis_k = _gather_blocks(valid.reshape(valid.shape[:2] + (nk, block_k)), tbl, per_head)  # [b,h,nq,r,bk]
-    vis = jnp.logical_and(vis_k, slot_ok[..., None]).reshape(vis_k.shape[:3] + (1, r * block_k))
-
     def q_side(x, name, fill):
         x = _pad_axis(_as_bht(x, name, B, H, T), 2, Tp, fill)
-        return x.reshape(x.shape[:2] + (nq, block_q, 1))
+        return x.reshape(x.shape[:2] + (nq, block_q))
 
     def k_side(x, name, fill):
         x = _pad_axis(_as_bht(x, name, B, H, S), 2, Sp, fill)
-        g = _gather_blocks(x.reshape(x.shape[:2] + (nk, block_k)), tbl, per_head)
-        return g.reshape(g.shape[:3] + (1, r * block_k))
+        return x.reshape(x.shape[:2] + (nk, block_k))
 
+    valid = jnp.arange(Sp).reshape(1, 1, nk, block_k) < S  # padding is never visible
+    if kv_valid is not None:
+        valid = jnp.logical_and(valid, k_side(kv_valid, "kv_valid", False))
     need_pos = causal or self_mode is not None
-    if need_pos:
-        qp = q_side(jnp.arange(T) if q_pos is None else q_pos, "q_pos", -1)
-        kp = k_side(jnp.arange(S) if k_pos is None else k_pos, "k_pos", -2)
-        if causal:
-            vis = jnp.logical_and(vis, kp <= qp)
-        if self_mode == "exclude":
-            vis = jnp.logical_and(vis, kp != qp)
-    if (q_seg is None) != (k_seg is None):
-        raise ValueError("block_sparse_attention: give both q_seg and k_seg, or neither")
-    if q_seg is not None:
-        vis = jnp.logical_and(vis, q_side(q_seg, "q_seg", -1) == k_side(k_seg, "k_seg", -2))
-    if band is not None:
-        left, right = band
-        qi = jnp.arange(Tp).reshape(nq, block_q, 1)
-        kj = (tbl[..., None] * block_k + jnp.arange(block_k)).reshape(tbl.shape[:-1] + (1, r * block_k))
-        vis = jnp.logical_and(vis, jnp.logical_and(kj >= qi - left, kj <= qi + right))
-
-    kg = _gather_blocks(kb, tbl, per_head).reshape(B, H, nq, r * block_k, D)
-    vg = _gather_blocks(vb, tbl, per_head).reshape(B, H, nq, r * block_k, E)
-    logits = jnp.einsum("bhqid,bhqjd->bhqij", qb, kg) * scale
-    if self_mode == "fallback":
-        logits = jnp.where(kp == qp, logits - SELF_PENALTY, logits)
-
-    vis = jnp.broadcast_to(vis, logits.shape)
-    masked = jnp.where(vis, logits, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(masked - m)  # exactly 0 where invisible, no inf*0 in the gradient
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    seen = denom > 0
-    p = e / jnp.where(seen, denom, 1.0)
-    out = jnp.einsum("bhqij,bhqje->bhqie", p, vg).reshape(B, H, Tp, E)[:, :, :T]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
-    return out, lse.reshape(B, H, Tp)[:, :, :T]
+    aux = {
+        "table": jnp.clip(table, 0, nk - 1),
+        "slot_ok": table >= 0,
+        "valid": valid,
+        "q_pos": q_side(jnp.arange(T) if q_pos is None else q_pos, "q_pos", -1) if need_pos else None,
+        "k_pos": k_side(jnp.arange(S) if k_pos is None else k_pos, "k_pos", -2) if need_pos else None,
+        "q_seg": None if q_seg is None else q_side(q_seg, "q_seg", -1),
+        "k_seg": None if k_seg is None else k_side(k_seg, "k_seg", -2),
+    }
+    cfg = _Static(
+        block_q=block_q,
+        block_k=block_k,
+        causal=bool(causal),
+        band=None if band is None else (int(band[0]), int(band[1])),
+        self_mode=self_mode,
+        scale=float(1.0 / math.sqrt(D) if scale is None else scale),
+        per_head=bool(per_head),
+    )
+    out, lse = _attend(qb, kb, vb, aux, cfg)
+    return out.reshape(B, H, Tp, E)[:, :, :T], lse.reshape(B, H, Tp)[:, :, :T]
 
 
 def merge_softmax(
