@@ -452,6 +452,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         info.update(measure.matmul_rate(cfg.matmul_n, budget_s=min(1.0, max(cfg.repeat_budget_s, 0.3))))
         # the ceiling is the best call: on a shared CPU the median is pulled down by other processes
         info["matmul_gflops"] = info["matmul_best_gflops"]
+        info["matmul_best_gflops_start"] = info["matmul_best_gflops"]
         budgets = _Budgets(cfg.max_compile_s)
         budget = {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
                   "memory_budget_bytes": cfg.memory_budget_bytes}
@@ -486,6 +487,10 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
             bar.close()
         if cfg.table2.enabled:
             run_table2(cfg, variants, store, force=force, progress=progress)
+        # measure the ceiling again at the end and keep the better: other processes may have left
+        end = measure.matmul_rate(cfg.matmul_n, budget_s=min(1.0, max(cfg.repeat_budget_s, 0.3)))
+        info["matmul_best_gflops_end"] = end["matmul_best_gflops"]
+        info["matmul_gflops"] = max(info["matmul_gflops"], end["matmul_best_gflops"])
     finally:
         _module_state.cache_clear()
         info["load_avg_end"] = _load_avg()
@@ -649,7 +654,7 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
         f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
         f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
         + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
-           f"{rate['matmul_n']}^3 product; median {2 * rate['matmul_n'] ** 3 / rate['matmul_median_s'] / 1e9:.0f}). "
+           f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
            if rate and rate.get("matmul_gflops") else "")
         + (f"Load average (1, 5, 15 min) at the start of this run: {rate['load_avg_start']}, at the end: "
            f"{rate.get('load_avg_end')}; above the core count, other processes shared the CPU and times are "
@@ -671,6 +676,12 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
         ns = sorted({n for v in by_variant.values() for n in v})
         title = f"{_PASS_TITLE.get(pass_, pass_)}, {'causal' if causal else 'bidirectional'}"
         names = sorted(by_variant, key=_order)
+        group_rows = [r for v in by_variant.values() for r in v.values()]
+        if not any(r.get("status") == "ok" for r in group_rows):
+            reasons = sorted({_reason_kind(r) for r in group_rows})
+            lines += [f"## {title}", "", f"Not measured: all {len(group_rows)} points skipped or failed "
+                      f"({'; '.join(reasons)}); rerun to resume.", ""]
+            continue
         lines += [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
                   "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
         head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
@@ -714,10 +725,31 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
                          last.get("matmul_fraction") if last else None])
         lines += [report.markdown_table(head, body)]
         notes += _notes(title, by_variant, info, ns)
+    load = (rate or {}).get("load_avg_start") or []
+    cores = env.get("cpu_cores") or 0
+    if load and cores and max(load[0], ((rate or {}).get("load_avg_end") or [0])[0]) > cores:
+        notes.insert(0, f"Other processes shared the CPU during this run (load average {load[0]} at the start, "
+                        f"{cores} cores): times are inflated and noisy (few repeats per point), so slopes and "
+                        "crossovers are rough; memory and FLOPs are unaffected. Rerun on an idle machine with "
+                        "`--force` for clean timings.")
+    deadline = [r for r in rows if str(r.get("reason", "")).startswith("sweep budget")]
+    if deadline:
+        notes.append(f"{len(deadline)} of {len(rows)} points were not reached within the sweep's time budget "
+                     "(`sweep_budget_s`); the same command resumes them.")
+    if rate and rate.get("matmul_gflops") and any((r.get("gflops_per_s") or 0) > rate["matmul_gflops"] for r in rows):
+        notes.append("Some matmul fractions exceed 1: the matmul ceiling was measured while other processes "
+                     "shared the CPU (see the load average), so it understates this machine's rate.")
     lines += ["## Notes", ""]
     lines += [f"- {n}" for n in notes] if notes else ["- Every fitted slope is within 0.3 of its claim."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _reason_kind(r: dict) -> str:
+    """The reason of a row that did not run, without its numbers ("sweep budget", "time budget"...)."""
+    if r.get("status") == "error":
+        return "error"
+    return str(r.get("reason", "")).split(":", 1)[0] or str(r.get("status"))
 
 
 def _notes(title: str, by_variant: dict, info: dict, ns: list[int]) -> list[str]:
@@ -737,7 +769,8 @@ def _notes(title: str, by_variant: dict, info: dict, ns: list[int]) -> list[str]
                        "(dispatch, the O(N d) projections and reshapes, the inputs and outputs themselves in "
                        "the memory count) still dominate, so the asymptotic exponent is not reached yet"
                        if which == "time" or claimed > 1 else
-                       "below the claim: fixed-size buffers (parameters, random features) dominate")
+                       "below the claim: buffers of fixed size (block scratch space, parameters, random "
+                       "features) are still a large part of the total")
             else:
                 why = ("above the claim: the implementation does more than its claimed asymptotics at "
                        "these lengths (a pass that grows faster, e.g. a sort, a padded or a dense step), "
@@ -840,6 +873,11 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
     rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
     enriched = {id(r): e for r, e in zip(_table2_current(rows, cfg), table2_rows(rows, cfg))}
     rows = [enriched.get(id(r), r) for r in rows]
+    start, ceiling = (info or {}).get("matmul_best_gflops_start"), (info or {}).get("matmul_gflops")
+    if start and ceiling and ceiling != start:  # rows of this run: against the run's final ceiling
+        for r in rows:
+            if r.get("matmul_gflops") == start and r.get("gflops_per_s"):
+                r.update(matmul_gflops=ceiling, matmul_fraction=r["gflops_per_s"] / ceiling)
     env = report.environment(cfg.preset, **(info or {}))
     report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
     report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
@@ -1077,9 +1115,15 @@ def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
         body.append(row)
     lines.append(report.markdown_table(head, body))
     bad = [r for r in rows if r.get("status") != "ok"]
+    late = [r for r in bad if str(r.get("reason", "")).startswith("sweep budget")]
     if bad:
         lines += ["Not measured:", ""]
-        lines += [f"- `{r['variant']}` at N={r['n']}: {r['status']}: {r.get('reason', '')[:200]}" for r in bad]
+        lines += [f"- `{r['variant']}` at N={r['n']}: {r['status']}: {r.get('reason', '')[:200]}"
+                  for r in bad if r not in late]
+        if late:
+            lines.append(f"- {len(late)} points not reached within the Table 2 time budget (`budget_s`): "
+                         + ", ".join(f"`{r['variant']}` {r['n']}" for r in late[:40])
+                         + (", ..." if len(late) > 40 else "") + "; the same command resumes them.")
         lines.append("")
     return "\n".join(lines)
 
