@@ -15,7 +15,9 @@ below and takes a softmax over the gathered keys:
     out_i = sum_j p_ij v_j,   p_ij = exp(s_ij - lse_i) [j visible],
     lse_i = log sum_{j visible} exp(s_ij)          (-inf when nothing is visible; out_i = 0)
 
-Time and memory are O(T r block_k d): the [T, S] matrix is never formed. ``table`` may be a
+Time is O(T r block_k d); the [T, S] matrix is never formed. Query blocks are processed in
+runs of bounded size (``CHUNK_ELEMENTS``), so beyond the O((T + S) d) inputs, outputs and
+saved statistics, temporary memory is O(max(run budget, block_q r block_k)), not O(T r block_k). ``table`` may be a
 NumPy array (static, e.g. a band) or a JAX array (e.g. BigBird's random blocks read from a
 module variable); entries must be -1 or in [0, num_k_blocks) and list each block at most once
 per row (a repeated block would be counted twice in the softmax).
@@ -192,9 +194,19 @@ def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
     return logits, vis
 
 
-CHUNK_ELEMENTS = 1 << 22
-"""Query blocks are processed in runs whose logits hold about this many floats (16 MiB), one
-run after another (``lax.map``/``lax.scan``), so temporaries do not grow with N."""
+CHUNK_ELEMENTS: int | None = None
+"""Query blocks are processed in runs whose logits hold about this many floats, one run after
+another (``lax.map``/``lax.scan``), so temporaries stop growing with N once N is large.
+None: 2**20 (4 MiB per logits-sized buffer) on CPU, 2**24 on accelerators, where larger runs
+keep the device busy. A run holds at least one query block."""
+
+
+def run_budget() -> int:
+    """The number of logits elements per run (``CHUNK_ELEMENTS`` or the backend's default)."""
+    if CHUNK_ELEMENTS is not None:
+        return CHUNK_ELEMENTS
+    return 1 << 20 if jax.default_backend() == "cpu" else 1 << 24
+
 
 _Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg")  # per-query-block entries of aux
 
@@ -202,7 +214,7 @@ _Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg")  # per-query-block entries of a
 def _blocks_per_run(qb, aux, cfg: _Static) -> int:
     B, H, nq, bq = qb.shape[:4]
     per_block = B * H * bq * aux["table"].shape[-1] * cfg.block_k
-    return max(1, min(nq, CHUNK_ELEMENTS // max(per_block, 1)))
+    return max(1, min(nq, run_budget() // max(per_block, 1)))
 
 
 def _split_runs(qb, aux, run: int):

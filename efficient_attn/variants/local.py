@@ -9,7 +9,8 @@ Query ``i`` sees the keys within distance ``w`` (``window``) of it:
 Computed on the block-sparse engine (ops/block_sparse.py): blocks of ``b = clip(w, 16, 128)``
 tokens (at most T), each query block gathers the ``2 ceil(w / b) + 1`` key blocks that overlap
 its window (``ceil(w / b) + 1`` when causal) and a token-level band mask trims them to N(i).
-Time and memory O(N w d); no N x N matrix. Exact (equal to ``full``) when ``w >= N - 1``.
+Time O(N w d); no N x N matrix. The engine works through query blocks in runs of bounded
+size, so memory is O(N d) plus one run (at least one block: O(w^2)). Exact (equal to ``full``) when ``w >= N - 1``.
 
 Unlike Long Range Arena's "local attention", which reshaped the sequence by stride so that
 a "block" held tokens far apart, the window here is contiguous, the same for every query.
@@ -69,7 +70,7 @@ def sliding_window_attention(q, k, v, window: int, mask: Mask | None):
 class LocalAttention(Attention):
     """Sliding-window attention: each query sees the keys within `window` tokens of it."""
 
-    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N w)", memory="O(N w)")
+    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N w)", memory="O(N + w^2)")
 
     def __call__(
         self,

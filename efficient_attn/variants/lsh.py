@@ -31,7 +31,8 @@ Rounds. Each round r gives out_r and the log normaliser lse_r per query; the rou
 combined as out = sum_r exp(lse_r - logsumexp_r lse_r) out_r, the paper's multi-round
 softmax over the union with each key counted once per round it appears in (as in trax).
 
-Cost: O(h N log N) for hashing and sorting, O(h N m d) for attention; memory O(h N m).
+Cost: O(h N log N) for hashing and sorting, O(h N m d) for attention; memory O(h N d) (the
+engine works through chunks in bounded runs, at least one chunk: O(m^2)).
 Defaults: bucket_size 64, the paper's recommendation (LRA's chunk of 10 is far below it);
 num_hashes 1 as in LRA (the paper reports more rounds help: 8 best, 4 acceptable).
 """

@@ -16,8 +16,10 @@ sparse_transformer -- Child et al., "Generating Long Sequences with Sparse Trans
     "merged head" (section 4.3), not two interleaved heads. With b = 1 these are exactly the
     paper's token patterns (fixed with c = 1); in general "fixed" is the paper's fixed pattern
     with l_tokens = l b and c = b summary tokens, and "strided" is its block-granular version.
-    Cost O(N b (l + N / (b l))) time and memory; ``stride=None`` picks l = ceil(sqrt(N / b)),
-    the paper's choice that balances the two sets: O(N sqrt(N b)). Exact when l >= N / b.
+    Time O(N b (l + N / (b l))); ``stride=None`` picks l = ceil(sqrt(N / b)), the paper's
+    choice that balances the two sets: O(N sqrt(N b)). Memory O(N) for the engine (it works
+    through query blocks in bounded runs) plus the O((N / b)^1.5) integer table. Exact when
+    l >= N / b.
     Defaults: mode "fixed" as LRA used; block_size 16 (the paper used c in {8, 16, 32});
     LRA's "block 50, c 10" is block_size=10, stride=5.
 
@@ -29,6 +31,7 @@ longformer -- Beltagy et al., "Longformer: The Long-Document Transformer", 2020.
     (O(N w)), all queries against the g global keys (O(N g)), merged into one softmax by
     logsumexp weighting; then the g global query rows, each against all N keys (O(g N)),
     replace their rows. Exact when every token is global. No dilation (LRA used none).
+    Memory O(N) beyond one run of query blocks (at least one block: O(w^2)).
     Defaults are LRA's: window 512, no global tokens.
 
 bigbird -- Zaheer et al., "Big Bird: Transformers for Longer Sequences", NeurIPS 2020 (ITC).
@@ -40,7 +43,9 @@ bigbird -- Zaheer et al., "Big Bird: Transformers for Longer Sequences", NeurIPS
     window). The randomness is drawn once from ``rngs`` at construction (per head, as in the
     paper's code) and kept in a non-trainable ``BigBirdRandom`` variable, so the pattern is
     fixed per module; the block ids for a length N are derived from it at call time.
-    Cost O(N b (g + r + 3)) plus O(g b N) for the global rows. Exact when g b >= N.
+    Time O(N b (g + r + 3)) plus O(g b N) for the global rows; memory O(N) beyond one run of
+    query blocks, which holds at least one block (for a global block, b x N logits: O(N b)).
+    Exact when g b >= N.
     Defaults: block 64 and 3 random blocks as in LRA and the paper; 2 global blocks as in
     the paper's BigBird-ITC setting (2 x 64 global tokens).
 """
@@ -132,7 +137,7 @@ class SparseTransformerAttention(Attention):
     """Sparse Transformer: the union of a local and a strided (or fixed/summary) block pattern."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N sqrt(N b))"
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N + (N/b)^1.5)"
     )
 
     def __call__(
@@ -187,7 +192,7 @@ class LongformerConfig:
 class LongformerAttention(Attention):
     """Longformer: a sliding window plus symmetric global attention on chosen positions."""
 
-    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N (w + g))")
+    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N + w^2)")
 
     def __call__(
         self,
@@ -229,11 +234,11 @@ class LongformerAttention(Attention):
             causal=causal, kv_valid=kv_g, k_pos=idx,
         )
         out, _ = merge_softmax(jnp.stack([out, out_g]), jnp.stack([lse, lse_g]))
-        # global queries against every key
-        nk = num_blocks(T, b)
+        # global queries against every key, in blocks of at most b queries
+        bg = min(g, b)
         rows, _ = block_sparse_attention(
-            qh[:, :, idx], kh, vh, np.arange(nk, dtype=np.int32)[None], block_q=g, block_k=b,
-            causal=causal, kv_valid=kv, q_pos=idx,
+            qh[:, :, idx], kh, vh, np.tile(np.arange(nb, dtype=np.int32), (num_blocks(g, bg), 1)),
+            block_q=bg, block_k=b, causal=causal, kv_valid=kv, q_pos=idx,
         )
         return _bhtd(out.at[:, :, idx].set(rows))
 
@@ -319,7 +324,7 @@ class BigBirdAttention(Attention):
     """BigBird (ITC): window of 3 blocks + global blocks + random blocks fixed per module."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N b (g + r + 3))", memory="O(N b (g + r + 3))"
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N b (g + r + 3))", memory="O(N b)"
     )
 
     def __init__(self, config: BigBirdConfig, dims, *, rngs: nnx.Rngs):
@@ -351,7 +356,7 @@ class BigBirdAttention(Attention):
         parts = []
         if g:
             rows, _ = block_sparse_attention(
-                qh[:, :, :gT], kh, vh, np.arange(nb, dtype=np.int32)[None], block_q=gT, block_k=b,
+                qh[:, :, :gT], kh, vh, np.tile(np.arange(nb, dtype=np.int32), (g, 1)), block_q=b, block_k=b,
                 causal=causal, kv_valid=kv,
             )
             parts.append(rows)
