@@ -19,6 +19,11 @@ L + 1 positions) or mean pooling over real tokens, then a Dense -> ReLU -> Dense
 ``CausalLM`` is the same stack under a causal mask with a per-position vocabulary head.
 Defaults are LRA's text-task sizes (4 layers, width 256, 4 heads, MLP 1024); dropout
 defaults to 0 (LRA used 0.1) so that small CPU runs are deterministic and fast.
+
+Masks: the token mask goes to the attention as ``Mask(kv_mask=...)`` (with ``causal=True``
+in the LM), so padded keys never reach a real token. No ``q_mask`` is passed: outputs at
+padded positions are never read (CLS pooling reads position 0, mean pooling gives padding
+weight 0, LM targets there are ignored), so zeroing them would be work without effect.
 """
 
 from __future__ import annotations

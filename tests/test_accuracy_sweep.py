@@ -55,7 +55,7 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     plugin = tmp_path / "plugin.py"
     plugin.write_text(NONCAUSAL_PLUGIN)
     ea.registry.load_plugin(plugin)
-    out = tmp_path / "out"
+    out = tmp_path / "results" / "accuracy" / "tiny"
     logs = []
     rows = acc.run(_tiny_cfg(["full", "_acc_test_bidirectional"]), out, progress=False, log=logs.append)
 
@@ -85,6 +85,15 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     again = acc.run(_tiny_cfg(["full", "_acc_test_bidirectional"]), out, progress=False, log=logs.append)
     assert again == rows
     assert "skip [" in (out / "table.md").read_text()
+
+    # with the cost experiment's rows present, the Pareto plot uses the cost at the task's length
+    cost = [{"variant": "full", "n": n, "pass": p, "causal": c, "status": "ok", "time_median_s": 1e-3 * n,
+             "memory_bytes": 1000 * n} for n in (16, 64) for p in ("fwd", "fwd_bwd") for c in (False, True)]
+    (tmp_path / "results" / "cost" / "tiny").mkdir(parents=True)
+    (tmp_path / "results" / "cost" / "tiny" / "rows.json").write_text(json.dumps({"rows": cost}))
+    acc.write_outputs(out, rows, _tiny_cfg(["full"]))
+    table = (out / "table.md").read_text()
+    assert "cost results missing" not in table and "mqar at N=64" in table
 
 
 def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):

@@ -161,7 +161,7 @@ def _quick() -> AccuracyConfig:
     # (Pathfinder 16 x 16 = 256), 100 steps of batch 16. Scores are far from converged: this
     # preset is a smoke test of the whole pipeline, not a ranking.
     size = ModelSize(num_layers=2, emb_dim=64, num_heads=2, mlp_dim=128)
-    tr = TrainConfig(lr=3e-3, weight_decay=0.01, warmup=10, steps=100, batch_size=16, eval_every=50,
+    tr = TrainConfig(lr=3e-3, weight_decay=0.01, warmup=10, steps=100, batch_size=16, eval_every=25,
                      eval_batch_size=100)
     return AccuracyConfig(
         preset="quick",
