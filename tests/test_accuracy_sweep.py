@@ -45,7 +45,7 @@ NONCAUSAL_PLUGIN = textwrap.dedent(
 
 @pytest.fixture()
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("EFFICIENT_ATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EA_CACHE_DIR", str(tmp_path / "cache"))
     yield tmp_path
     ea.registry.unregister("_acc_test_bidirectional")
 

@@ -14,14 +14,15 @@ its message and retried on the next invocation; neither stops the sweep.
 
 Each finished run is a row of ``results/accuracy/<preset>/rows.jsonl`` (a ``RowStore``):
 a rerun skips it (``--force`` recomputes), and an interrupted run resumes from its last
-orbax checkpoint under the cache directory (``.cache/efficient_attn/runs/``), never in
-results/. Outputs, rebuilt from the store: ``table.md`` (variants x tasks, mean ± std over
-seeds, LRA's published Table 1 beside ours where the task matches), ``rows.csv``,
+orbax checkpoint under the cache directory (``$EA_CACHE_DIR/runs/accuracy/<preset>/``, by
+default ``~/.cache/efficient_attn``), never in results/. Outputs, rebuilt from the store:
+``table.md`` (variants x tasks, mean ± std over seeds, LRA's published Table 1 beside ours
+where the task matches), ``rows.csv``,
 ``rows.json`` (config, environment, curves), ``curves.png`` and ``pareto.png`` (accuracy
 against the time and memory the cost experiment measured at the same length).
 
 Presets: ``quick`` (every variant, every task, lengths 128-256, 2-layer width-64 models,
-one seed, minutes on 2 CPU cores), ``cpu`` (lengths 512-1024, 3 seeds, hours), ``lra``
+one seed, minutes on 2 CPU cores), ``cpu`` (lengths 512-1024, 3 seeds, about a day), ``lra``
 (LRA's published configurations; an accelerator). Tay et al. 2020, "Long Range Arena: A
 Benchmark for Efficient Transformers", arXiv 2011.04006.
 
@@ -35,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -176,18 +176,21 @@ def _quick() -> AccuracyConfig:
 
 
 def _cpu() -> AccuracyConfig:
-    # Hours on 2 cores: lengths 512-1024, 3 seeds, the same small models trained 10x longer.
+    # Hours on 2 cores: about a day for every variant x task x seed by a FLOP-count estimate
+    # (full attention: ~36 GFLOP per step at length 1024, ~12 at 512, at ~45 GFLOP/s):
+    # lengths 512-1024 (Pathfinder at LRA's 32 x 32), 3 seeds, the same small models trained
+    # 10x longer. MQAR at Zoology's (512, 64 pairs) point with a 1024-token vocabulary (Zoology:
+    # 8192) so that the [B, L, V] logits stay within a CPU's memory bandwidth.
     size = ModelSize(num_layers=2, emb_dim=64, num_heads=2, mlp_dim=128)
-    tr = TrainConfig(lr=1e-3, weight_decay=0.01, warmup=200, steps=2000, batch_size=32, eval_every=250,
-                     eval_batch_size=100)
+    tr = TrainConfig(lr=1e-3, weight_decay=0.01, warmup=100, steps=1000, batch_size=16, eval_every=100,
+                     eval_batch_size=50)
     return AccuracyConfig(
         preset="cpu",
         tasks=(
-            TaskSetting("listops", 1024, 20000, 1000, 1000, size, tr),
-            TaskSetting("pathfinder", 1024, 20000, 1000, 1000, dataclasses.replace(size, pool="mean"), tr),
-            TaskSetting("mqar", 512, 20000, 1000, 1000, dataclasses.replace(size, emb_dim=128, num_heads=2),
-                        tr, (("vocab_size", 8192), ("num_pairs", 64))),
-            TaskSetting("bytes_lm", 1024, 20000, 500, 500, size, tr),
+            TaskSetting("listops", 512, 10000, 500, 500, size, tr),
+            TaskSetting("pathfinder", 1024, 10000, 500, 500, dataclasses.replace(size, pool="mean"), tr),
+            TaskSetting("mqar", 512, 10000, 500, 500, size, tr, (("vocab_size", 1024), ("num_pairs", 64))),
+            TaskSetting("bytes_lm", 512, 10000, 500, 500, size, tr),
         ),
         seeds=(0, 1, 2),
     )
@@ -252,7 +255,10 @@ def plan(variant: str, data_causal: bool, data_needs_mask: bool) -> tuple[bool, 
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("EFFICIENT_ATTN_CACHE", ".cache/efficient_attn"))
+    """The project's cache (``$EA_CACHE_DIR``, else ``~/.cache/efficient_attn``), shared with tasks/."""
+    from efficient_attn.tasks.cache import default_dir
+
+    return default_dir()
 
 
 def _baseline(data) -> dict[str, float]:
@@ -292,7 +298,7 @@ def _load_task(setting: TaskSetting, data_seed: int):
 
     return tasks.load(setting.task, seq_len=setting.seq_len, num_train=setting.num_train,
                       num_val=setting.num_val, num_test=setting.num_test, seed=data_seed,
-                      cache_dir=str(_cache_root() / "tasks"), **dict(setting.params))
+                      **dict(setting.params))
 
 
 def _variants(cfg: AccuracyConfig) -> list[str]:
