@@ -1,0 +1,246 @@
+"""reformer: angular LSH, sort by (bucket, position), chunked attention, self-exclusion, 1/sqrt(d).
+
+A NumPy twin (dense [T, T] masks written from the paper's description, small N) checks the
+whole pipeline, several hash rounds and masks included; separate tests check the hashing,
+the sort, self-exclusion, the scale, causal no-leak and memory growth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import efficient_attn as ea
+from efficient_attn.variants.full import full_attention
+from efficient_attn.variants.lsh import LSHRotations, lsh_buckets, num_buckets, sort_by_bucket
+
+H, D = 2, 8
+
+
+def _build(max_len=128, seed=0, **hp):
+    return ea.build("reformer", num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(seed), **hp)
+
+
+def _qkv(T, seed=0, B=2, Dv=D):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (B, T, H, D)), jax.random.normal(ks[1], (B, T, H, D)),
+            jax.random.normal(ks[2], (B, T, H, Dv)))
+
+
+def _run(attn, q, k, v, mask=None):
+    return jax.jit(lambda q, k, v: attn(q, k, v, mask=mask))(q, k, v)
+
+
+def np_buckets(x, R, nb):
+    """Reference angular LSH in NumPy: argmax over [x R ; -x R] (x: [B, H, T, D], R: [H, D, K])."""
+    if nb == 1:
+        return np.zeros(x.shape[:3], int)
+    rot = np.einsum("bhtd,hdk->bhtk", x, R[..., : nb // 2])
+    return np.argmax(np.concatenate([rot, -rot], -1), -1)
+
+
+def naive_reformer(q, v, rotations, m, causal, kv=None):
+    """Dense twin: per round a [T, T] mask in original positions, then logsumexp-weighted rounds."""
+    q, v, R = (np.asarray(a, np.float64) for a in (q, v, rotations))
+    B, T, _, _ = q.shape
+    x, vh = q.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    k = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    logits = np.einsum("bhtd,bhsd->bhts", x, k) / np.sqrt(D)
+    logits = np.where(np.eye(T, dtype=bool), logits - 1e5, logits)  # self only as a last resort
+    nb, m = num_buckets(T, m), min(m, T)
+    outs, lses = [], []
+    for r in range(R.shape[0]):
+        bk = np_buckets(x, R[r], nb)
+        vis = np.zeros((B, H, T, T), bool)
+        for b in range(B):
+            for h in range(H):
+                order = np.lexsort((np.arange(T), bk[b, h]))  # by bucket, then by position
+                s = np.empty(T, int)
+                s[order] = np.arange(T)
+                if causal:
+                    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+                    same = bk[b, h][:, None] == bk[b, h][None, :]
+                    vis[b, h] = same & (j <= i) & (s[:, None] - s[None, :] <= m)
+                else:
+                    ci, cj = (s // m)[:, None], (s // m)[None, :]
+                    vis[b, h] = (cj == ci) | (cj == ci - 1)
+        if kv is not None:
+            vis &= np.asarray(kv)[:, None, None, :]
+        z = np.where(vis, logits, -np.inf)
+        mx = np.max(z, -1, keepdims=True)
+        mx = np.where(np.isfinite(mx), mx, 0.0)
+        e = np.exp(z - mx)
+        den = e.sum(-1, keepdims=True)
+        outs.append(np.einsum("bhts,bhse->bhte", e / np.where(den > 0, den, 1), vh))
+        lses.append(np.where(den[..., 0] > 0, mx[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1)), -np.inf))
+    lses = np.stack(lses)
+    top = np.max(lses, 0)
+    w = np.exp(lses - np.where(np.isfinite(top), top, 0))
+    den = w.sum(0)
+    out = (w[..., None] * np.stack(outs)).sum(0) / np.where(den > 0, den, 1)[..., None]
+    return out.transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("T,m,hashes", [(53, 8, 3), (40, 5, 1), (30, 64, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_the_numpy_twin(T, m, hashes, causal):
+    attn = _build(num_hashes=hashes, bucket_size=m)
+    q, k, v = _qkv(T, seed=T)
+    kv = np.random.default_rng(T).random((2, T)) > 0.2
+    got = _run(attn, q, k, v, ea.Mask(causal=causal, kv_mask=kv))
+    want = naive_reformer(q, v, attn.rotations[...], m, causal, kv)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_hashing_is_argmax_over_rotations_and_antipodal():
+    T, nb = 40, 8
+    x = jax.random.normal(jax.random.key(0), (2, H, T, D))
+    R = jax.random.normal(jax.random.key(1), (3, H, D, 6))
+    got = np.asarray(lsh_buckets(x, R, nb))
+    for r in range(3):
+        np.testing.assert_array_equal(got[r], np_buckets(np.asarray(x), np.asarray(R[r]), nb))
+    np.testing.assert_array_equal(np.asarray(lsh_buckets(-x, R, nb)), (got + nb // 2) % nb)
+    assert got.min() >= 0 and got.max() < nb and len(np.unique(got)) > nb // 2
+
+
+def test_hashing_is_locality_sensitive():
+    """Near vectors share a bucket far more often than random pairs (angular LSH)."""
+    n, nb = 2000, 16
+    R = jax.random.normal(jax.random.key(2), (1, 1, D, nb // 2))
+    x = jax.random.normal(jax.random.key(3), (1, 1, n, D))
+    near = x + 0.05 * jax.random.normal(jax.random.key(4), x.shape)
+    far = jax.random.normal(jax.random.key(5), x.shape)
+    b, bn, bf = (np.asarray(lsh_buckets(a, R, nb))[0, 0, 0] for a in (x, near, far))
+    assert (b == bn).mean() > 0.85 and (b == bf).mean() < 0.2
+
+
+def test_sort_is_by_bucket_then_position():
+    buckets = jax.random.randint(jax.random.key(6), (3, 2, 50), 0, 6)
+    perm = np.asarray(sort_by_bucket(buckets))
+    bk = np.asarray(buckets)
+    for idx in np.ndindex(3, 2):
+        np.testing.assert_array_equal(perm[idx], np.lexsort((np.arange(50), bk[idx])))
+
+
+def test_number_of_buckets():
+    assert num_buckets(64, 64) == 1 and num_buckets(65, 64) == 2
+    assert num_buckets(1000, 10) == 100 and num_buckets(1001, 10) == 102
+
+
+def _probe(attn, q, causal, kv=None):
+    """[B, H, T, T] attention weights: v = identity."""
+    B, T = q.shape[:2]
+    eye = jnp.broadcast_to(jnp.eye(T)[None, :, None, :], (B, T, H, T))
+    w = _run(attn, q, q, eye, ea.Mask(causal=causal, kv_mask=kv))
+    return np.transpose(np.asarray(w), (0, 2, 1, 3))
+
+
+def test_no_self_attention_when_other_keys_are_visible():
+    T, m = 48, 8
+    attn = _build(bucket_size=m, num_hashes=2)
+    q, _, _ = _qkv(T, seed=1)
+    w = _probe(attn, q, causal=False)
+    assert np.all(np.diagonal(w, axis1=-2, axis2=-1) == 0.0)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_causal_self_attention_only_for_the_first_token_of_a_bucket():
+    """Causal: a token sees earlier tokens of its own bucket; the first of a bucket sees only itself."""
+    T, m = 48, 6
+    attn = _build(bucket_size=m, num_hashes=1)
+    q, _, _ = _qkv(T, seed=2)
+    w = _probe(attn, q, causal=True)
+    bk = np.asarray(lsh_buckets(q.transpose(0, 2, 1, 3), attn.rotations[...], num_buckets(T, m)))[0]
+    first = np.zeros_like(bk, bool)
+    for idx in np.ndindex(*bk.shape[:2]):
+        _, at = np.unique(bk[idx], return_index=True)
+        first[idx][at] = True
+    np.testing.assert_allclose(np.diagonal(w, axis1=-2, axis2=-1), first.astype(float), atol=1e-6)
+    assert np.all(np.triu(w, 1) == 0.0)
+
+
+def test_self_is_a_fallback_under_kv_mask():
+    """When every other key in reach is masked, a query attends to itself (if it is a real key)."""
+    T = 10
+    attn = _build(bucket_size=16)  # one chunk: every token in reach of every other
+    q, _, _ = _qkv(T, seed=3, B=1)
+    kv = np.zeros((1, T), bool)
+    kv[0, 4] = True
+    w = _probe(attn, q, causal=False, kv=kv)
+    assert np.all(w[0, :, 4, 4] == 1.0)  # token 4: only itself
+    np.testing.assert_allclose(w[0, :, np.r_[0:4, 5:T], 4], 1.0, rtol=1e-6)  # everyone else: token 4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_chunk_is_full_attention_with_normalised_keys_divided_by_sqrt_d(causal):
+    """bucket_size >= T: one bucket, one chunk. Then reformer = softmax(q k^T / sqrt(d)) with
+    k = q / |q| and the diagonal removed (kept for the first token under causal)."""
+    T = 29
+    attn = _build(bucket_size=32, num_hashes=2)
+    q, k, v = _qkv(T, seed=4)
+    kn = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = (j < i) | ((i == 0) & (j == 0)) if causal else (i != j)
+    want = full_attention(q, kn, v, ea.Mask(dense=jnp.asarray(allowed)[None, None]))
+    np.testing.assert_allclose(_run(attn, q, k, v, ea.Mask(causal=causal)), want, atol=2e-5, rtol=2e-5)
+    wrong_scale = full_attention(q * D, kn, v, ea.Mask(dense=jnp.asarray(allowed)[None, None]))  # LRA's * sqrt(d)
+    assert not np.allclose(_run(attn, q, k, v, ea.Mask(causal=causal)), wrong_scale, atol=1e-3)
+
+
+def test_causal_no_leak_across_buckets_and_chunks():
+    """Changing the future (its queries move tokens between buckets) changes no earlier output."""
+    T, cut = 64, 30
+    attn = _build(bucket_size=4, num_hashes=3)
+    q, k, v = _qkv(T, seed=5)
+    q2, k2, v2 = _qkv(T, seed=6)
+    fut = (jnp.arange(T) >= cut)[None, :, None, None]
+    kv = np.random.default_rng(5).random((2, T)) > 0.2
+    mask = ea.Mask(causal=True, kv_mask=kv)
+    base = _run(attn, q, k, v, mask)
+    changed = _run(attn, jnp.where(fut, q2, q), jnp.where(fut, k2, k), jnp.where(fut, v2, v), mask)
+    np.testing.assert_allclose(changed[:, :cut], base[:, :cut], atol=1e-6)
+    assert not np.allclose(changed[:, cut:], base[:, cut:])
+
+
+def test_k_is_not_used_and_cross_attention_is_refused():
+    attn = _build()
+    q, k, v = _qkv(20)
+    np.testing.assert_array_equal(_run(attn, q, k, v), _run(attn, q, -3.0 * k + 1.0, v))
+    with pytest.raises(ValueError, match="cross"):
+        attn(q, jnp.zeros((2, 25, H, D)), jnp.zeros((2, 25, H, D)))
+
+
+def test_rotations_fixed_per_module_and_not_trained():
+    a, b, c = _build(), _build(), _build(seed=1)
+    np.testing.assert_array_equal(a.rotations[...], b.rotations[...])
+    assert not np.array_equal(np.asarray(a.rotations[...]), np.asarray(c.rotations[...]))
+    assert len(jax.tree.leaves(nnx.state(a, nnx.Param))) == 0
+    assert len(jax.tree.leaves(nnx.state(a, LSHRotations))) == 1
+    q, k, v = _qkv(100)
+    np.testing.assert_array_equal(_run(a, q, k, v), _run(a, q, k, v))
+
+
+@pytest.mark.parametrize("hp,field", [({"num_hashes": 0}, "num_hashes"), ({"bucket_size": 0}, "bucket_size"),
+                                      ({"bucket_size": 8.0}, "bucket_size")])
+def test_config_validation(hp, field):
+    with pytest.raises(ValueError, match=field):
+        _build(**hp)
+
+
+def compiled_bytes(n, backward, *, max_len, H=2, D=32):
+    attn = ea.build("reformer", num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(attn)
+    f = lambda q, k, v: nnx.merge(graphdef, state)(q, k, v)
+    fn = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)) if backward else f
+    spec = jax.ShapeDtypeStruct((1, n, H, D), jnp.float32)
+    ma = jax.jit(fn).lower(spec, spec, spec).compile().memory_analysis()
+    return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+def test_memory_grows_less_than_5x_from_n_to_4n(backward):
+    small, large = compiled_bytes(1024, backward, max_len=4096), compiled_bytes(4096, backward, max_len=4096)
+    assert large / small < 5.0, f"reformer: memory grew {large / small:.2f}x from N=1024 to 4096"
