@@ -31,8 +31,9 @@ Stabilisation that does not bias the normalised output: the log-features l = W x
     and the engine rescales all keys by exp(scale_j - M) with M the largest scale among the
     keys visible to the query (see ``ops.linear_attention``): a common factor, so it cancels
     too, and causal outputs stay independent of later keys.
-No constant is added to the features (the original code adds 1e-6, a small bias); a query
-whose features all underflow gets den = 0 and hence a zero output, never NaN.
+No constant is added to the features (the original code adds 1e-6, a small bias). After the
+shifts the largest query feature and the largest visible key feature are exactly 1; a query
+whose every product phi(q) . phi(k) still underflows gets den = 0, hence zeros, never NaN.
 
 ``redraw`` (LRA: redrawn): True draws a fresh W on every call from the ``nnx.Rngs`` stream
 kept by the module (seeded at construction from the ``rngs`` passed in); each draw advances

@@ -7,13 +7,14 @@ values are projected along the LENGTH axis to k rows by learned E, F in R^{max_l
     out = softmax(Q K'^T / sqrt(d)) V'           time O(N k d), memory O(N k + N d)
 
 E and F are ``nnx.Param``, sized from ``Dims.max_len`` and sliced to the first S rows for a
-shorter input (the paper fixes n; slicing is what LRA's code does). One E and one F are
-shared by all heads of the layer (the paper's "headwise sharing", and LRA's code), separate
-for keys and values (not the paper's key-value sharing). ``rank`` k = 32, the upper end of
+shorter input (the paper fixes n = max_len). One E and one F are shared by all heads of the
+layer (the paper's "headwise sharing"), separate for keys and values (not the paper's
+key-value sharing): 2 max_len k parameters per layer. ``rank`` k = 32, the upper end of
 the 16-32 LRA used: the error falls with k, and at N >= 1K the N k d cost of k = 32 is still
 a small fraction of N^2 d. ``init``:
-  * "gaussian" (default): i.i.d. N(0, 1/max_len), the LeCun-normal init of the dense layer
-    over the length axis in LRA's code (the paper's JL argument uses random projections);
+  * "gaussian" (default): i.i.d. N(0, 1/max_len), a LeCun-normal init over the length axis
+    (fan-in max_len), so a projected key has the scale of one key (the paper's JL argument
+    uses random Gaussian projections; its code and LRA's learn a dense layer);
   * "pool": mean pooling over k contiguous segments of [0, max_len) (the paper's "general
     projections": pooling with kernel = stride = n/k). With max_len == N and k == N it is the
     identity (linformer == full), and on inputs that are constant over those segments it is
@@ -43,13 +44,18 @@ whole batch), then ``pinv_iterations`` times (paper: 6)
 
 In the eigenbasis of A Z_0 the residual r = 1 - sigma^2 / (||A||_1 ||A||_inf) maps to
 0.75 r^3 + 0.25 r^4: fast for well-conditioned A, slow for directions with small singular
-values (a near-uniform attention matrix), where more iterations are needed.
+values (a near-uniform attention matrix), where more iterations are needed. In float32 a
+direction with sigma ~ 0 sits at the unstable fixed point r = 1 (1 + e maps to 1 + 3.25 e):
+dozens of iterations on a nearly singular A amplify rounding there (measured: 30 iterations
+on a 20 x 20 softmax matrix with sigma_min = 1e-6 blew up); the paper's 6 bound the growth
+to ~1e3 ulp.
 Segments: landmark i averages the tokens whose rank among the REAL tokens of the row, t, has
 floor(t m / L) == i, L = the row's number of real tokens: m contiguous segments of
-floor(L/m) or ceil(L/m) real tokens when m does not divide L (no padding to a multiple of
-m, as the released code requires). With m >= L every real token is its own landmark
-(m > L leaves landmarks empty), so with m >= N the result equals softmax attention up to
-the pinv iteration error (A(Q~, K~) is then A(Q, K) itself).
+floor(L/m) or ceil(L/m) real tokens when m does not divide L (the released code requires
+m to divide N). With m >= L every real token is its own landmark (m > L leaves landmarks
+empty), so with m >= N the result equals softmax attention up to the pinv iteration error
+(A(Q~, K~) is then A(Q, K) itself; a query that is not a landmark, e.g. a padded one, is
+exact only once the pseudo-inverse has converged in every direction).
 Masks: key landmarks average only keys with kv_mask True, query landmarks only queries with
 q_mask True (if given; otherwise, for self-attention shapes T == S, the kv_mask, since
 padding is shared; otherwise all queries). Empty landmarks are removed from every softmax
@@ -58,8 +64,8 @@ pinv iteration keeps those rows and columns at zero. Masked keys are removed fro
 softmax of A(Q~, K). A row with no real key thus gets zeros. Causal masking is refused (the
 paper is bidirectional: every landmark mixes past and future). The paper's optional depthwise
 convolution skip on V (the released code's conv_kernel_size) is not part of the attention
-kernel and is not included. ``num_landmarks`` = 64, the paper's default (the authors ran
-LRA with 32 to 256).
+kernel and is not included. ``num_landmarks`` = 64, as in the paper's main experiments (the
+authors' LRA configurations sweep 32 to 256).
 """
 
 from __future__ import annotations
