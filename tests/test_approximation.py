@@ -103,3 +103,19 @@ def test_main_accepts_variants_and_out(tmp_path, monkeypatch):
     assert {r["variant"] for r in rows} == {"full"}
     with pytest.raises(KeyError, match="unknown attention variant"):
         ap.main(["--preset", "quick", "--variants", "nonexistent_variant", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shared_qk_reference_matches_reformer_with_one_bucket(causal):
+    """With N <= bucket_size Reformer is exact shared-QK attention: the sweep's reference for it."""
+    if "reformer" not in ea.list_variants():
+        pytest.skip("reformer is not registered")
+    import jax
+
+    q = jax.random.normal(jax.random.key(0), (1, 24, 2, 8)) * 2
+    v = jax.random.normal(jax.random.key(1), (1, 24, 2, 8))
+    mask = ea.Mask(causal=causal)
+    k, full_mask = ap._shared_qk(q, mask)
+    want = ea.build("full", num_heads=2, head_dim=8, max_len=24)(q, k, v, mask=full_mask)
+    got = ea.build("reformer", num_heads=2, head_dim=8, max_len=24, bucket_size=32)(q, k, v, mask=mask)
+    assert float(abs(got - want).max()) < 1e-4

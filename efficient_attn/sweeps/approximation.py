@@ -57,6 +57,7 @@ from flax import nnx
 
 from efficient_attn import patterns, report
 from efficient_attn.core import Mask, check_config, check_positive_int
+from efficient_attn.ops.masks import dense_visibility
 from efficient_attn.registry import build, get_spec, list_variants, load_plugin
 
 __all__ = ["BUDGETS", "TrainedInput", "ApproxConfig", "PRESETS", "plan_units", "run", "write_outputs", "main"]
@@ -89,6 +90,10 @@ PATTERN_SETTINGS: dict[str, dict[str, int]] = {
     "sinkhorn": {"block_size": 8},
 }
 LEARNED = {"linformer", "synthesizer", "sinkhorn"}  # untrained here: rows measure an initialisation
+# Variants whose keys are their normalised queries (the k they are given is unused): they are
+# compared with full attention on those same keys, self excluded unless alone -- the function
+# they approximate -- since against full on an independent k their error is ~1 at any budget.
+SHARED_QK = {"reformer"}
 SCALE_NAMES = {0.25: "flat", 1.0: "moderate", 4.0: "peaked"}
 
 
@@ -135,6 +140,7 @@ class ApproxConfig:
     variants: tuple[str, ...] | None = None
     pattern_len: int = 64
     trained: TrainedInput | None = TrainedInput()
+    fast_compile: bool = False  # XLA optimisation level 0: many small probes compile 2-3x faster
 
     def __post_init__(self):
         for f in ("seq_len", "num_heads", "head_dim", "batch", "pattern_len"):
@@ -149,7 +155,7 @@ class ApproxConfig:
 PRESETS: dict[str, Callable[[], ApproxConfig]] = {
     # about a minute on 2 idle cores: N = 128, 3 budget points, bidirectional only, and a
     # model trained 150 steps (a third of the time goes to training it)
-    "quick": lambda: ApproxConfig(preset="quick", seq_len=128, budget_points=3,
+    "quick": lambda: ApproxConfig(preset="quick", seq_len=128, budget_points=3, fast_compile=True,
                                   trained=TrainedInput(num_train=1000, steps=150)),
     # tens of minutes on 2 cores: N = 1024, every budget value, causal too
     "cpu": lambda: ApproxConfig(preset="cpu", seq_len=1024, causal=(False, True),
@@ -221,10 +227,10 @@ def _unit_key(cfg: ApproxConfig, u: dict) -> str:
 
 # ----------------------------------------------------------------------------- measuring
 
-def _probe(module, q, k, v, mask):
+def _probe(module, q, k, v, mask, fast_compile: bool = False):
     """(implied weights [B, H, T, S], output on v [B, T, H, D]) from one jitted call."""
     qq, kk, vv, mm, C = patterns.probe_batch(q, k, mask, extra_v=v)
-    out = patterns.call(module, qq, kk, vv, mm)
+    out = patterns.call(module, qq, kk, vv, mm, fast_compile=fast_compile)
     a, o = patterns.split_probe(out, q.shape[0], k.shape[1], C, has_extra=True)
     return np.asarray(a), np.asarray(o, np.float32)
 
@@ -322,6 +328,18 @@ def _mean_std(xs: list) -> tuple[float | None, float | None]:
     return float(np.mean(vals)), float(np.std(vals))
 
 
+def _shared_qk(q, mask: Mask | None):
+    """Keys k_j = q_j / ||q_j|| and the mask for full attention that excludes self unless alone."""
+    k = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-6)
+    B, T = q.shape[:2]
+    m = mask or Mask()
+    vis = dense_visibility(Mask(causal=m.causal, kv_mask=m.kv_mask), B, T, T)
+    vis = jnp.ones((B, 1, T, T), bool) if vis is None else vis
+    not_self = ~jnp.eye(T, dtype=bool)[None, None]
+    alone = ~jnp.any(vis & not_self, axis=-1, keepdims=True)
+    return k, Mask(causal=m.causal, kv_mask=m.kv_mask, q_mask=m.q_mask, dense=not_self | alone)
+
+
 def _measure_unit(cfg: ApproxConfig, u: dict, full_cache: dict, trained: dict | None) -> dict:
     per_seed = []
     for seed in cfg.seeds:
@@ -338,12 +356,17 @@ def _measure_unit(cfg: ApproxConfig, u: dict, full_cache: dict, trained: dict | 
             q, k, v, mask = trained["q"], trained["k"], trained["v"], trained["mask"]
             q_valid = np.asarray(mask.kv_mask)
             ref_key = ("trained",)
+        full_mask = mask
+        if u["variant"] in SHARED_QK:
+            k, full_mask = _shared_qk(q, mask)
+            ref_key += ("shared-qk",)
         if ref_key not in full_cache:
-            full_cache[ref_key] = _probe(build("full", num_heads=H, head_dim=D, max_len=n), q, k, v, mask)
+            full_cache[ref_key] = _probe(build("full", num_heads=H, head_dim=D, max_len=n), q, k, v, full_mask,
+                                         cfg.fast_compile)
         a_full, o_full = full_cache[ref_key]
         hp = {u["hyperparameter"]: u["value"]} if u["hyperparameter"] else {}
         module = build(u["variant"], num_heads=H, head_dim=D, max_len=n, rngs=nnx.Rngs(seed), **hp)
-        a, o = _probe(module, q, k, v, mask)
+        a, o = _probe(module, q, k, v, mask, cfg.fast_compile)
         per_seed.append(_metrics(a, o, a_full, o_full, v, q_valid))
     row = {k: u[k] for k in ("input", "variant", "hyperparameter", "value", "causal", "q_scale")}
     row["seq_len"] = int(q.shape[1])
@@ -384,15 +407,18 @@ def _pattern_panels(cfg: ApproxConfig, variants: Sequence[str], cache_path: Path
                 try:
                     module = build(variant, num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=n,
                                    **_pattern_setting(variant))
-                    a, _ = _probe(module, q, k, v, Mask(causal=mode == "causal"))
+                    a, _ = _probe(module, q, k, v, Mask(causal=mode == "causal"), cfg.fast_compile)
                     cached[key] = a[0, 0]
                 except Exception as err:  # noqa: BLE001  (a picture must not stop the sweep)
                     log(f"  patterns: {variant} {mode} failed: {type(err).__name__}: {err}")
                     panels[variant][mode] = f"error: {type(err).__name__}"
                     continue
             panels[variant][mode] = cached[key]
-        if _pattern_setting(variant):
-            panels[variant]["label"] = setting
+        label = ",".join(f"{a}={b}" for a, b in _pattern_setting(variant).items())
+        if variant in SHARED_QK:
+            label = ", ".join(x for x in (label, "shared QK") if x)
+        if label:
+            panels[variant]["label"] = label
     tmp = cache_path.with_name(f".{cache_path.stem}.tmp.npz")
     np.savez_compressed(tmp, **cached)
     tmp.replace(cache_path)
@@ -432,7 +458,9 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, log=print) -
     if cfg.trained is not None and (out / "trained_qkv.npz").exists():
         with np.load(out / "trained_qkv.npz") as z:
             extra = {"test_accuracy": float(z["test_accuracy"]), "majority": float(z["majority"])}
+    t1 = time.perf_counter()
     panels = _pattern_panels(cfg, variants, out / "patterns.npz", force, log)
+    log(f"  patterns.png: {len(panels)} variants ({time.perf_counter() - t1:.0f} s)")
     write_outputs(cfg, rows, skipped, panels, out, extra)
     return rows
 
@@ -511,6 +539,14 @@ def markdown(cfg: ApproxConfig, rows: list[dict], skipped: list[dict], extra: di
                  + (f"above 1e-3 for {', '.join(bad)}: their implied weights do not reproduce their output "
                     "(not linear in V, or randomness that differs across the batch)." if bad
                     else "below 1e-3 for every row: each variant's output is A V with the A drawn in patterns.png."))
+    shared = [v for v in present if v in SHARED_QK]
+    if shared:
+        lines.append(f"- Shared-QK variants ({', '.join(shared)}) ignore k (their keys are the normalised queries): "
+                     "they are compared with full attention on those keys, self excluded unless alone, the function "
+                     "they approximate. Their pictures in patterns.png use their own keys too.")
+    lines.append("- Relative error: with flat attention (small q scale) full's output is close to the mean of V, "
+                 "whose norm is small, so relative errors are large; an error above 1 means the output is farther "
+                 "from full's than zero is. Values of ~1e-7 are exact up to rounding (the budget covers every key).")
     lines.append("- KL smoothing: the variant's weights are mixed with 1e-6 of the uniform distribution over visible "
                  "keys, so a key full attends to and the variant never sees costs about 13.8 nats per unit of weight.")
     for s in skipped:
@@ -524,46 +560,66 @@ def markdown(cfg: ApproxConfig, rows: list[dict], skipped: list[dict], extra: di
     return "\n".join(lines) + "\n"
 
 
-def _plot_budgets(cfg: ApproxConfig, rows: list[dict], path: Path) -> None:
+def _plot_budgets(cfg: ApproxConfig, rows: list[dict], path: Path, per_row: int = 5) -> None:
+    """A grid with two panels per budgeted variant (relative error over KL), one line per
+    input; values below 1e-7 (exact up to rounding) are drawn at 1e-7."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
 
     ok = [r for r in rows if r and r.get("status") == "ok" and r.get("hyperparameter")]
     variants = sorted({r["variant"] for r in ok})
-    if not variants:
-        variants = []
-    cols = max(len(variants), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.6), squeeze=False)
+    cols = max(min(len(variants), per_row), 1)
+    grid_rows = max(-(-len(variants) // cols), 1)
+    fig, axes = plt.subplots(2 * grid_rows, cols, figsize=(3.3 * cols, 2.6 * 2 * grid_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series = [(f"q scale {s}", lambda r, s=s: r["input"] == "gauss" and r["q_scale"] == s and not r["causal"],
+               colors[i % len(colors)], "-") for i, s in enumerate(cfg.q_scales)]
+    series += [(f"q scale {s}, causal", lambda r, s=s: r["input"] == "gauss" and r["q_scale"] == s and r["causal"],
+                colors[i % len(colors)], ":") for i, s in enumerate(cfg.q_scales)]
+    series.append(("trained model", lambda r: r["input"] == "trained", "black", "--"))
     for j, variant in enumerate(variants):
         sub = [r for r in ok if r["variant"] == variant]
         values = sorted({r["value"] for r in sub})
         x_of = {v: i for i, v in enumerate(values)}
-        for metric, ax in (("rel_err", axes[0, j]), ("kl", axes[1, j])):
-            series = [(f"q scale {s}", lambda r, s=s: r["input"] == "gauss" and r["q_scale"] == s and not r["causal"],
-                       colors[i % len(colors)], "-") for i, s in enumerate(cfg.q_scales)]
-            series += [(f"q scale {s}, causal", lambda r, s=s: r["input"] == "gauss" and r["q_scale"] == s and r["causal"],
-                        colors[i % len(colors)], ":") for i, s in enumerate(cfg.q_scales)]
-            series.append(("trained model", lambda r: r["input"] == "trained", "black", "--"))
+        g, c = divmod(j, cols)
+        for metric, ax in (("rel_err", axes[2 * g, c]), ("kl", axes[2 * g + 1, c])):
+            ax.axis("on")
             for label, pick, color, style in series:
-                pts = sorted((x_of[r["value"]], r[metric], r.get(metric + "_std") or 0.0) for r in sub
+                pts = sorted((x_of[r["value"]], max(r[metric], 1e-7), r.get(metric + "_std") or 0.0) for r in sub
                              if pick(r) and r[metric] is not None)
                 if pts:
                     xs, ys, es = zip(*pts)
                     ax.errorbar(xs, ys, yerr=es, color=color, linestyle=style, marker="o", ms=3, label=label)
             ax.set_xticks(range(len(values)))
             ax.set_xticklabels([str(v) for v in values], fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
             ax.set_xlabel(sub[0]["hyperparameter"], fontsize=8)
-            if ax.has_data() and all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
+            if ax.has_data():
                 ax.set_yscale("log")
+                lo, hi = ax.get_ylim()
+                if hi / lo > 20:  # several decades: a few labelled powers of ten
+                    ax.yaxis.set_major_locator(LogLocator(numticks=5))
+                    ax.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.text(0.5, 0.5, "weights are not a distribution:\nno KL", ha="center", va="center",
+                        fontsize=7, transform=ax.transAxes)
             ax.set_title(f"{variant}: {'relative error' if metric == 'rel_err' else 'row KL (nats)'}", fontsize=9)
-    if variants:
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=7)
-    fig.suptitle(f"Error against full attention as the budget grows (N={cfg.seq_len}, {cfg.preset})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    fig.suptitle(f"Error against full attention as the budget grows (N={cfg.seq_len}, preset {cfg.preset}; "
+                 f"mean ± std over {len(cfg.seeds)} seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
