@@ -16,9 +16,9 @@ below and takes a softmax over the gathered keys:
     lse_i = log sum_{j visible} exp(s_ij)          (-inf when nothing is visible; out_i = 0)
 
 Time is O(T r block_k d); the [T, S] matrix is never formed. Query blocks are processed in
-runs of bounded size (``CHUNK_ELEMENTS``), so beyond the O((T + S) d) inputs, outputs and
-saved statistics, temporary memory is O(max(run budget, block_q r block_k)), not O(T r block_k). ``table`` may be a
-NumPy array (static, e.g. a band) or a JAX array (e.g. BigBird's random blocks read from a
+runs of bounded size (``CHUNK_ELEMENTS``, one run after another), so beyond the O((T + S) d)
+inputs, outputs and saved statistics, temporary memory is O(max(run budget, block_q r
+block_k)) rather than O(T r block_k). ``table`` may be a NumPy array (static, e.g. a band) or a JAX array (e.g. BigBird's random blocks read from a
 module variable); entries must be -1 or in [0, num_k_blocks) and list each block at most once
 per row (a repeated block would be counted twice in the softmax).
 
