@@ -32,7 +32,7 @@ def pure(module):
     graphdef, state = nnx.split(module)
 
     def f(q, k, v, mask=None):
-        return nnx.merge(graphdef, state)(q, k, v, mask=mask)
+        return nnx.merge(graphdef, state, copy=True)(q, k, v, mask=mask)
 
     return f
 
