@@ -263,7 +263,9 @@ def draw_patterns(
                         transform=ax.transAxes, wrap=True)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / n_rows) if title else None)
+    height = 2.5 * n_rows  # fixed margins (tight_layout is slow on large grids)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - (1.1 if title else 0.5) / height, bottom=0.1 / height,
+                        hspace=0.45, wspace=0.15)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import jax.numpy as jnp
 import pytest
 
 import efficient_attn as ea
@@ -119,3 +120,15 @@ def test_shared_qk_reference_matches_reformer_with_one_bucket(causal):
     want = ea.build("full", num_heads=2, head_dim=8, max_len=24)(q, k, v, mask=full_mask)
     got = ea.build("reformer", num_heads=2, head_dim=8, max_len=24, bucket_size=32)(q, k, v, mask=mask)
     assert float(abs(got - want).max()) < 1e-4
+
+
+def test_probe_in_groups_equals_one_call(monkeypatch):
+    import jax
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 20, 1, 8)) for i in range(3))
+    mask = ea.Mask(causal=True, kv_mask=jnp.arange(20)[None, :] < jnp.array([[20], [13]]))
+    full = ea.build("full", num_heads=1, head_dim=8, max_len=20)
+    a1, o1 = ap._probe(full, q, k, v, mask)
+    monkeypatch.setattr(ap, "PROBE_SCORES", 3 * 20 * 20)  # 3 sequences per call: 8 -> 3 groups, last padded
+    a3, o3 = ap._probe(full, q, k, v, mask)
+    assert abs(a1 - a3).max() < 1e-6 and abs(o1 - o3).max() < 1e-6

@@ -227,10 +227,36 @@ def _unit_key(cfg: ApproxConfig, u: dict) -> str:
 
 # ----------------------------------------------------------------------------- measuring
 
+PROBE_SCORES = 2**27  # at most this many (batch x head x query x key) entries per call (512 MiB in f32)
+
+
 def _probe(module, q, k, v, mask, fast_compile: bool = False):
-    """(implied weights [B, H, T, S], output on v [B, T, H, D]) from one jitted call."""
+    """(implied weights [B, H, T, S], output on v [B, T, H, D]) from the probing batch.
+
+    The batch goes through in groups of equal size (the last one padded), each small enough
+    that a quadratic variant's scores stay under ``PROBE_SCORES`` entries. The module's state
+    is passed unchanged to every group, so randomness drawn per call (Performer's redraw) is
+    the same in all of them.
+    """
     qq, kk, vv, mm, C = patterns.probe_batch(q, k, mask, extra_v=v)
-    out = patterns.call(module, qq, kk, vv, mm, fast_compile=fast_compile)
+    total = qq.shape[0]
+    group = max(1, min(total, PROBE_SCORES // (q.shape[2] * q.shape[1] * k.shape[1])))
+    n_groups = -(-total // group)
+    pad = n_groups * group - total
+
+    def rows(x, start):
+        if x is None or x.shape[0] != total:  # None, or a dense mask broadcast over the batch
+            return x
+        x = jnp.concatenate([x, x[:pad]]) if pad else x
+        return x[start : start + group]
+
+    outs = []
+    for g in range(n_groups):
+        s = g * group
+        m = None if mm is None else Mask(causal=mm.causal, kv_mask=rows(mm.kv_mask, s), q_mask=rows(mm.q_mask, s),
+                                         dense=rows(mm.dense, s))
+        outs.append(patterns.call(module, rows(qq, s), rows(kk, s), rows(vv, s), m, fast_compile=fast_compile))
+    out = jnp.concatenate(outs)[:total]
     a, o = patterns.split_probe(out, q.shape[0], k.shape[1], C, has_extra=True)
     return np.asarray(a), np.asarray(o, np.float32)
 
@@ -543,7 +569,8 @@ def markdown(cfg: ApproxConfig, rows: list[dict], skipped: list[dict], extra: di
     if shared:
         lines.append(f"- Shared-QK variants ({', '.join(shared)}) ignore k (their keys are the normalised queries): "
                      "they are compared with full attention on those keys, self excluded unless alone, the function "
-                     "they approximate. Their pictures in patterns.png use their own keys too.")
+                     "they approximate. In patterns.png they are drawn on the pictures' q (their keys being those q), "
+                     "beside full on independent k.")
     lines.append("- Relative error: with flat attention (small q scale) full's output is close to the mean of V, "
                  "whose norm is small, so relative errors are large; an error above 1 means the output is farther "
                  "from full's than zero is. Values of ~1e-7 are exact up to rounding (the budget covers every key).")
@@ -600,9 +627,9 @@ def _plot_budgets(cfg: ApproxConfig, rows: list[dict], path: Path, per_row: int 
             ax.tick_params(axis="y", labelsize=7)
             ax.set_xlabel(sub[0]["hyperparameter"], fontsize=8)
             if ax.has_data():
-                ax.set_yscale("log")
-                lo, hi = ax.get_ylim()
-                if hi / lo > 20:  # several decades: a few labelled powers of ten
+                ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+                if max(ys) / min(ys) > 20:  # several decades: log scale, a few labelled powers of ten
+                    ax.set_yscale("log")
                     ax.yaxis.set_major_locator(LogLocator(numticks=5))
                     ax.yaxis.set_minor_formatter(NullFormatter())
             else:
@@ -619,7 +646,9 @@ def _plot_budgets(cfg: ApproxConfig, rows: list[dict], path: Path, per_row: int 
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
     fig.suptitle(f"Error against full attention as the budget grows (N={cfg.seq_len}, preset {cfg.preset}; "
                  f"mean ± std over {len(cfg.seeds)} seeds)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    # fixed margins: tight_layout measured several seconds on this grid
+    height = 2.6 * 2 * grid_rows
+    fig.subplots_adjust(left=0.06, right=0.98, top=1 - 0.6 / height, bottom=0.9 / height, hspace=0.55, wspace=0.3)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
