@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
