@@ -11,6 +11,7 @@ from flax import nnx
 import efficient_attn as ea
 from efficient_attn.variants.full import full_attention
 from efficient_attn.variants.kernel import favor_log_features, orthogonal_gaussian
+from jaxpr_tools import max_intermediate_elems
 
 B, H, D = 2, 2, 16
 KINDS = ("linear", "performer", "cosformer")
@@ -249,24 +250,6 @@ def test_cosformer_reweighting_prefers_nearby_keys():
 # ------------------------------------------------------------------- cost: memory and shapes
 
 
-def _max_intermediate_elems(fn, *args):
-    """Largest array produced anywhere in the jaxpr of fn (sub-jaxprs included)."""
-    biggest = 0
-
-    def walk(jaxpr):
-        nonlocal biggest
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                shape = getattr(var.aval, "shape", ())
-                biggest = max(biggest, int(np.prod(shape)) if shape else 1)
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else (p,):
-                    inner = getattr(sub, "jaxpr", None)
-                    if inner is not None:
-                        walk(getattr(inner, "jaxpr", inner))
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return biggest
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -281,7 +264,7 @@ def test_no_quadratic_intermediate_forward_or_backward(name):
         def loss(q, k, v):
             return jnp.sum(nnx.merge(graphdef, state, copy=True)(q, k, v, mask=ea.Mask(causal=causal)))
 
-        biggest = _max_intermediate_elems(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
+        biggest = max_intermediate_elems(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
         assert biggest < n * n // 4, (name, causal, biggest)
 
 

@@ -9,6 +9,7 @@ from flax import nnx
 import efficient_attn as ea
 from efficient_attn.variants.full import full_attention
 from efficient_attn.variants.lowrank import iterative_pinv, landmark_weights, pooling_projection
+from jaxpr_tools import max_intermediate_elems
 
 B, H, D = 2, 2, 16
 
@@ -218,24 +219,6 @@ def test_nystromformer_masked_keys_are_out_of_landmarks_and_softmaxes():
 # ------------------------------------------------------------------- cost: memory and shapes
 
 
-def _max_intermediate_elems(fn, *args):
-    """Largest array produced anywhere in the jaxpr of fn (sub-jaxprs included)."""
-    biggest = 0
-
-    def walk(jaxpr):
-        nonlocal biggest
-        for eqn in jaxpr.eqns:
-            for var in eqn.outvars:
-                shape = getattr(var.aval, "shape", ())
-                biggest = max(biggest, int(np.prod(shape)) if shape else 1)
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else (p,):
-                    inner = getattr(sub, "jaxpr", None)
-                    if inner is not None:
-                        walk(getattr(inner, "jaxpr", inner))
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return biggest
 
 
 @pytest.mark.parametrize("name", ["linformer", "nystromformer"])
@@ -250,7 +233,7 @@ def test_no_quadratic_intermediate_forward_or_backward(name):
     def loss(q, k, v):
         return jnp.sum(nnx.merge(graphdef, state, copy=True)(q, k, v, mask=mask))
 
-    biggest = _max_intermediate_elems(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
+    biggest = max_intermediate_elems(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
     assert biggest < n * n // 4, biggest
 
 

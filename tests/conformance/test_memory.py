@@ -41,3 +41,18 @@ def test_subquadratic_memory_growth(variant, backward):
     large = _compiled_bytes(variant, N_LARGE, backward)
     growth = large / small
     assert growth < 5.0, f"{variant} claims {c.memory} but memory grew {growth:.1f}x from N={N_SMALL} to {N_LARGE}"
+
+
+def test_no_dense_n_by_n_intermediate(variant):
+    """A subquadratic variant never builds an N x N array, forward or backward (read off the jaxpr)."""
+    from jaxpr_tools import max_intermediate_elems
+
+    c = caps(variant)
+    if not _claims_subquadratic(c.memory):
+        pytest.skip(f"{variant} claims memory {c.memory}")
+    n = 2048
+    module = ea.build(variant, num_heads=1, head_dim=D, max_len=n, rngs=nnx.Rngs(0))
+    f = pure(module)
+    x = jax.ShapeDtypeStruct((1, n, 1, D), jnp.float32)
+    biggest = max_intermediate_elems(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)), x, x, x)
+    assert biggest < n * n, f"{variant}: an intermediate of {biggest} elements >= N^2 = {n * n} at N={n}"
