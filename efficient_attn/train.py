@@ -10,8 +10,10 @@
   (so LRA's base rate 0.05 peaks at 0.05 / sqrt(1000) ~ 1.6e-3).
 - Data order is a pure function of (seed, step): example ``g = step * batch + i`` is
   position ``g mod n`` of the permutation drawn for epoch ``g // n`` from ``seed``. Dropout
-  keys are ``fold_in(key(seed), step)``. Hence a run killed and resumed from its last
-  checkpoint ends with the same parameters and metrics as an uninterrupted one.
+  keys are ``fold_in(key(seed), step)``. The model's non-Param state (e.g. the RNG stream
+  from which Performer redraws its features on every call) is threaded through the step
+  and checkpointed. Hence a run killed and resumed from its last checkpoint ends with the
+  same parameters and metrics as an uninterrupted one.
 - Validation every ``eval_every`` steps and at the end; each validation appends a JSON line
   to ``metrics_path`` and saves an orbax checkpoint (params, optimizer state, best params,
   history) under ``workdir``. The reported test score is that of the best-validation params.
@@ -253,6 +255,11 @@ def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _is_key(x) -> bool:
+    """A typed PRNG key array (RNG streams in a module's state): saved as its raw key data."""
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 class _Checkpoints:
     """Orbax checkpoints of (params, opt_state, best_params) + a JSON record, newest kept."""
 
@@ -273,14 +280,20 @@ class _Checkpoints:
 
     def save(self, step: int, state: dict, record: dict) -> None:
         a = self.ocp.args
+        state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
         self.manager.save(step, args=a.Composite(state=a.StandardSave(state), record=a.JsonSave(record)), force=True)
         self.manager.wait_until_finished()
 
     def restore(self, step: int, like: dict) -> tuple[dict, dict]:
         a = self.ocp.args
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        plain = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, like)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), plain)
         out = self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract), record=a.JsonRestore()))
-        return out["state"], out["record"]
+        state = jax.tree.map(
+            lambda d, x: jax.random.wrap_key_data(d, impl=jax.random.key_impl(x)) if _is_key(x) else d,
+            out["state"], like,
+        )
+        return state, out["record"]
 
     def close(self) -> None:
         self.manager.close()
@@ -330,54 +343,59 @@ def train(
     dropout = float(getattr(getattr(model, "cfg", None), "dropout", 0.0) or 0.0)
     base_key = jax.random.key(cfg.seed)
 
-    def forward(p, tokens, mask, key):
-        m = nnx.merge(graphdef, p, rest)
-        return m(tokens, mask if use_mask else None, dropout_key=key)
+    def forward(p, r, tokens, mask, key):
+        """Logits and the model's non-Param state after the call (e.g. an advanced RNG stream)."""
+        # fresh Variables created in this trace, so that a call may update them (RNG streams)
+        m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, r))
+        logits = m(tokens, mask if use_mask else None, dropout_key=key)
+        return logits, nnx.split(m, nnx.Param, ...)[2]
 
-    def train_step(p, o, step, tokens, mask, targets, weights):
+    def train_step(p, r, o, step, tokens, mask, targets, weights):
         key = jax.random.fold_in(base_key, step) if dropout > 0 else None
 
         def loss_fn(p_):
-            loss_sum, _, count = _losses(forward(p_, tokens, mask, key), targets, weights, kind)
-            return loss_sum / jnp.maximum(count, 1.0)
+            logits, r_new = forward(p_, r, tokens, mask, key)
+            loss_sum, _, count = _losses(logits, targets, weights, kind)
+            return loss_sum / jnp.maximum(count, 1.0), r_new
 
-        loss, grads = jax.value_and_grad(loss_fn)(p)
+        (loss, r), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
         updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
+        return optax.apply_updates(p, updates), r, o, loss
 
-    def eval_step(p, tokens, mask, targets, weights):
-        return _losses(forward(p, tokens, mask, None), targets, weights, kind)
+    def eval_step(p, r, tokens, mask, targets, weights):
+        return _losses(forward(p, r, tokens, mask, None)[0], targets, weights, kind)
 
     L = int(np.asarray(data.train.inputs).shape[1])
     ex_train = sharder.put_batch(*_gather(data.train, np.arange(min(cfg.batch_size, len(data.train))), kind, cfg.batch_size))
     ex_eval = sharder.put_batch(*_gather(data.val, np.arange(min(cfg.eval_batch, len(data.val))), kind, cfg.eval_batch))
     t0 = time.perf_counter()
     rep = sharder.replicated
-    lowered_step = jax.jit(train_step, out_shardings=(rep, rep, rep)).lower(params, opt_state, jnp.int32(0), *ex_train)
-    lowered_eval = jax.jit(eval_step, out_shardings=rep).lower(params, *ex_eval)
+    lowered_step = jax.jit(train_step, out_shardings=(rep, rep, rep, rep)).lower(
+        params, rest, opt_state, jnp.int32(0), *ex_train)
+    lowered_eval = jax.jit(eval_step, out_shardings=rep).lower(params, rest, *ex_eval)
     # XLA compiles outside the GIL: the two programs compile side by side (about 25% less wall time)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         step_f, eval_f = pool.submit(lowered_step.compile), pool.submit(lowered_eval.compile)
         step_c, eval_c = step_f.result(), eval_f.result()
     compile_s = time.perf_counter() - t0
 
-    def evaluate(p, split: Split) -> tuple[float, float, float]:
+    def evaluate(p, r, split: Split) -> tuple[float, float, float]:
         n = len(split)
         sums = np.zeros(3)
         for start in range(0, n, cfg.eval_batch):
             idx = np.arange(start, min(n, start + cfg.eval_batch))
-            out = eval_c(p, *sharder.put_batch(*_gather(split, idx, kind, cfg.eval_batch)))
+            out = eval_c(p, r, *sharder.put_batch(*_gather(split, idx, kind, cfg.eval_batch)))
             sums += np.array([float(x) for x in out])
         return _metric_value(metric, *sums)
 
     ckpt = _Checkpoints(workdir) if workdir is not None else None
     start = 0
-    best_params, best_val, best_step = params, None, 0
+    best_params, best_rest, best_val, best_step = params, rest, None, 0
     history: list[dict] = []
     prior_wall = 0.0
     if ckpt is not None and ckpt.latest() is not None:
         start = int(ckpt.latest())
-        like = {"params": params, "opt_state": opt_state, "best_params": params}
+        like = {"params": params, "rest": rest, "opt_state": opt_state, "best_params": params, "best_rest": rest}
         state, record = ckpt.restore(start, like)
         if record.get("config") != _config_json(cfg):
             ckpt.close()
@@ -386,6 +404,7 @@ def train(
                 f"({record.get('config')}); delete that directory or train with the same config"
             )
         params, opt_state, best_params = state["params"], state["opt_state"], state["best_params"]
+        rest, best_rest = state["rest"], state["best_rest"]
         best_val, best_step = record["best_val"], record["best_step"]
         history = list(record["history"])
         prior_wall = float(record["wall_s"])
@@ -409,7 +428,7 @@ def train(
             idx = batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)
             batch = sharder.put_batch(*_gather(data.train, idx, kind, cfg.batch_size))
             ts = time.perf_counter()
-            params, opt_state, loss = step_c(params, opt_state, jnp.int32(step), *batch)
+            params, rest, opt_state, loss = step_c(params, rest, opt_state, jnp.int32(step), *batch)
             loss = float(loss)
             train_time += time.perf_counter() - ts
             trained_tokens += cfg.batch_size * L
@@ -419,9 +438,9 @@ def train(
             if done % 10 == 0 or done == end:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{trained_tokens / max(train_time, 1e-9):.0f}")
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                val, val_loss, val_acc = evaluate(params, data.val)
+                val, val_loss, val_acc = evaluate(params, rest, data.val)
                 if _better(metric, val, best_val):
-                    best_params, best_val, best_step = params, val, done
+                    best_params, best_rest, best_val, best_step = params, rest, val, done
                 history.append({
                     "step": done,
                     "train_loss": float(np.mean(window)),
@@ -434,7 +453,8 @@ def train(
                 write_metrics()
                 if ckpt is not None:
                     wall = prior_wall + time.perf_counter() - t_call
-                    ckpt.save(done, {"params": params, "opt_state": opt_state, "best_params": best_params},
+                    ckpt.save(done, {"params": params, "rest": rest, "opt_state": opt_state,
+                                     "best_params": best_params, "best_rest": best_rest},
                               {"config": _config_json(cfg), "best_val": best_val, "best_step": best_step,
                                "history": history, "wall_s": wall})
     finally:
@@ -442,9 +462,9 @@ def train(
         if ckpt is not None:
             ckpt.close()
     wall_s = prior_wall + time.perf_counter() - t_call
-    test_value, test_loss, test_acc = evaluate(best_params, data.test)
+    test_value, test_loss, test_acc = evaluate(best_params, best_rest, data.test)
     write_metrics()
-    best_model = nnx.merge(graphdef, best_params, rest)
+    best_model = nnx.merge(graphdef, best_params, best_rest)
     return TrainResult(
         metric=metric,
         test=test_value,

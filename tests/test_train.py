@@ -3,10 +3,16 @@
 import json
 import math
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+import efficient_attn as ea
+from efficient_attn.variants.full import full_attention
 
 from efficient_attn.nn import CausalLM, Classifier, EncoderConfig, LMConfig
 from efficient_attn.tasks.base import IGNORE, Split, TaskData
@@ -32,9 +38,36 @@ def toy_classify(pad=False):
                     _cls_split(64, 2, pad))
 
 
-def toy_model(seed=0):
-    cfg = EncoderConfig(vocab_size=8, max_len=L, num_classes=2, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
+def toy_model(seed=0, attention="full"):
+    cfg = EncoderConfig(vocab_size=8, max_len=L, num_classes=2, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32,
+                        attention=attention)
     return Classifier(cfg, rngs=nnx.Rngs(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class _RedrawConfig:
+    pass
+
+
+@pytest.fixture(scope="module")
+def redraw_variant():
+    """A variant that draws fresh randomness on every call from an RNG stream in its state
+    (as Performer's redrawn features do): the stream must advance across training steps."""
+
+    @ea.register("_test_redraw", config=_RedrawConfig)
+    class Redraw(ea.Attention):
+        capabilities = ea.Capabilities(causal=True, cross=True, kv_mask=True)
+
+        def __init__(self, config, dims, *, rngs):
+            super().__init__(config, dims, rngs=rngs)
+            self.rngs = nnx.Rngs(rngs.params())
+
+        def __call__(self, q, k, v, *, mask=None):
+            scale = jax.random.uniform(self.rngs.default(), (), minval=0.5, maxval=1.5)
+            return full_attention(q * scale, k, v, mask)
+
+    yield "_test_redraw"
+    ea.registry.unregister("_test_redraw")
 
 
 FAST = dict(lr=3e-3, warmup=5, batch_size=16, eval_every=10)
@@ -81,16 +114,18 @@ def test_schedules():
         TrainConfig(warmup=100, steps=50)
 
 
-def test_kill_and_resume_gives_identical_result(tmp_path):
+@pytest.mark.parametrize("attention", ["full", "redraw"])
+def test_kill_and_resume_gives_identical_result(tmp_path, attention, redraw_variant):
+    attention = redraw_variant if attention == "redraw" else attention
     cfg = TrainConfig(steps=40, **FAST)
     data = toy_classify(pad=True)
-    straight = train(toy_model(), data, cfg, workdir=tmp_path / "a", progress=False)
+    straight = train(toy_model(attention=attention), data, cfg, workdir=tmp_path / "a", progress=False)
     # "killed" after 25 steps: the last checkpoint on disk is step 20 ...
-    train(toy_model(), data, cfg, workdir=tmp_path / "b", metrics_path=tmp_path / "b.jsonl",
+    train(toy_model(attention=attention), data, cfg, workdir=tmp_path / "b", metrics_path=tmp_path / "b.jsonl",
           progress=False, stop_after=25)
     # ... and a fresh process (fresh model init with another seed: it must be overwritten) resumes
-    resumed = train(toy_model(seed=7), data, cfg, workdir=tmp_path / "b", metrics_path=tmp_path / "b.jsonl",
-                    progress=False)
+    resumed = train(toy_model(seed=7, attention=attention), data, cfg, workdir=tmp_path / "b",
+                    metrics_path=tmp_path / "b.jsonl", progress=False)
     assert resumed.resumed_from == 20 and straight.resumed_from == 0
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -104,7 +139,17 @@ def test_kill_and_resume_gives_identical_result(tmp_path):
     assert [json.loads(s)["step"] for s in lines] == [10, 20, 30, 40]
     # a checkpoint written under another config is refused, not silently mixed in
     with pytest.raises(ValueError, match="different TrainConfig"):
-        train(toy_model(), data, TrainConfig(steps=50, **FAST), workdir=tmp_path / "b", progress=False)
+        train(toy_model(attention=attention), data, TrainConfig(steps=50, **FAST), workdir=tmp_path / "b",
+              progress=False)
+
+
+def test_module_rng_state_advances_across_steps(redraw_variant):
+    model = toy_model(attention=redraw_variant)
+    count0 = int(model.trunk.blocks[0].attn.core.rngs.default.count[...])
+    res = train(model, toy_classify(), TrainConfig(steps=12, **FAST), progress=False)
+    count = int(res.model.trunk.blocks[0].attn.core.rngs.default.count[...])
+    # one draw per training step (the best checkpoint is step 10 or 12); evaluation draws do not advance it
+    assert count - count0 == res.best_step, (count0, count, res.best_step)
 
 
 def test_compiles_once_regardless_of_steps_and_evals():
