@@ -310,6 +310,7 @@ def train(
     progress: bool | None = None,
     desc: str | None = None,
     stop_after: int | None = None,
+    checkpoint_interval_s: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` (a ``Classifier`` or ``CausalLM``) on ``data`` and test its best-val params.
 
@@ -318,6 +319,8 @@ def train(
     allowed when ``needs_kv_mask(data)`` is False, i.e. no padding can be seen).
     ``progress``: tqdm bar (default: only when stderr is a terminal). ``stop_after``: end
     after that many steps without a final evaluation, as a killed run would (for tests).
+    ``checkpoint_interval_s``: save at an evaluation only when this long has passed since the
+    last save (0 = at every evaluation); short runs then skip the cost of saving.
     """
     if data.kind not in ("classify", "token"):
         raise ValueError(f"task {data.name!r}: unknown kind {data.kind!r} (expected 'classify' or 'token')")
@@ -388,7 +391,9 @@ def train(
             sums += np.array([float(x) for x in out])
         return _metric_value(metric, *sums)
 
-    ckpt = _Checkpoints(workdir) if workdir is not None else None
+    ckpt = None
+    if workdir is not None and Path(workdir).is_dir() and any(p.name.isdigit() for p in Path(workdir).iterdir()):
+        ckpt = _Checkpoints(workdir)  # finished step directories only (not orbax's temporary ones)
     start = 0
     best_params, best_rest, best_val, best_step = params, rest, None, 0
     history: list[dict] = []
@@ -421,7 +426,7 @@ def train(
     train_time = 0.0
     trained_tokens = 0
     window: list[jax.Array] = []
-    t_call = time.perf_counter()
+    t_call = last_save = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     try:
         for step in range(start, end):
@@ -451,8 +456,11 @@ def train(
                 })
                 window = []
                 write_metrics()
-                if ckpt is not None:
-                    wall = prior_wall + time.perf_counter() - t_call
+                now = time.perf_counter()
+                if workdir is not None and now - last_save >= checkpoint_interval_s:
+                    last_save = now
+                    ckpt = ckpt or _Checkpoints(workdir)
+                    wall = prior_wall + now - t_call
                     ckpt.save(done, {"params": params, "rest": rest, "opt_state": opt_state,
                                      "best_params": best_params, "best_rest": best_rest},
                               {"config": _config_json(cfg), "best_val": best_val, "best_step": best_step,

@@ -74,8 +74,9 @@ FAST = dict(lr=3e-3, warmup=5, batch_size=16, eval_every=10)
 
 
 def test_loss_decreases_and_beats_chance(tmp_path):
-    res = train(toy_model(), toy_classify(pad=True), TrainConfig(steps=100, **FAST),
-                metrics_path=tmp_path / "m.jsonl", progress=False)
+    res = train(toy_model(), toy_classify(pad=True), TrainConfig(steps=100, **FAST), workdir=tmp_path / "ck",
+                metrics_path=tmp_path / "m.jsonl", progress=False, checkpoint_interval_s=1e9)
+    assert not (tmp_path / "ck").exists()  # a run shorter than the checkpoint interval never saves
     losses = [h["train_loss"] for h in res.history]
     assert losses[-1] < losses[0] - 0.05, losses
     assert res.best_val > 0.6 and res.metric == "accuracy"
