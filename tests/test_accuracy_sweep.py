@@ -93,7 +93,7 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     (tmp_path / "results" / "cost" / "tiny" / "rows.json").write_text(json.dumps({"rows": cost}))
     acc.write_outputs(out, rows, _tiny_cfg(["full"]))
     table = (out / "table.md").read_text()
-    assert "cost results missing" not in table and "mqar at N=64" in table
+    assert "cost results missing" not in table and "mqar at N=64 fwd_bwd" in table
 
 
 def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):

@@ -635,13 +635,15 @@ def _load_cost(cost_dir: Path) -> list[dict] | None:
 
 
 def _cost_at(cost: list[dict], variant: str, n: int, causal: bool) -> dict | None:
-    """The fwd_bwd cost row of ``variant`` at the smallest measured N >= n (else the largest)."""
-    cands = [r for r in cost if r.get("variant") == variant and r.get("pass") == "fwd_bwd"
-             and bool(r.get("causal")) == causal]
-    if not cands:
-        return None
-    above = [r for r in cands if r["n"] >= n]
-    return min(above, key=lambda r: r["n"]) if above else max(cands, key=lambda r: r["n"])
+    """The cost row of ``variant`` at the smallest measured N >= n (else the largest): the
+    training pass (fwd_bwd) where measured, else the forward pass."""
+    for pass_ in ("fwd_bwd", "fwd"):
+        cands = [r for r in cost if r.get("variant") == variant and r.get("pass") == pass_
+                 and bool(r.get("causal")) == causal]
+        if cands:
+            above = [r for r in cands if r["n"] >= n]
+            return min(above, key=lambda r: r["n"]) if above else max(cands, key=lambda r: r["n"])
+    return None
 
 
 def plot_pareto(rows: Sequence[dict], cfg: AccuracyConfig, cost: list[dict] | None, path: Path) -> str:
@@ -650,6 +652,7 @@ def plot_pareto(rows: Sequence[dict], cfg: AccuracyConfig, cost: list[dict] | No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     by = _collect(rows, cfg)
     tasks = [s for s in cfg.tasks if any(t == s.task for _, t in by)]
@@ -664,7 +667,7 @@ def plot_pareto(rows: Sequence[dict], cfg: AccuracyConfig, cost: list[dict] | No
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 7), squeeze=False)
     used_n = {}
     for j, s in enumerate(tasks):
-        for i, (field, label, scale) in enumerate((("time_median_s", "fwd+bwd time (ms)", 1e3),
+        for i, (field, label, scale) in enumerate((("time_median_s", "attention time (ms)", 1e3),
                                                    ("memory_bytes", "compiled memory (MiB)", 1 / 2**20))):
             ax = axes[i][j]
             pts = []
@@ -677,7 +680,7 @@ def plot_pareto(rows: Sequence[dict], cfg: AccuracyConfig, cost: list[dict] | No
                 c = _cost_at(cost, v, attn_len, bool(ok[0]["causal"]))
                 if c is None or c.get(field) is None:
                     continue
-                used_n[s.task] = c["n"]
+                used_n.setdefault(s.task, set()).add((c["n"], c["pass"]))
                 bpb = ok[0]["metric"] == "bits_per_byte"
                 y = float(np.mean([r["test"] for r in ok])) * (1.0 if bpb else 100.0)
                 pts.append((c[field] * scale, y, v, bpb))
@@ -693,17 +696,22 @@ def plot_pareto(rows: Sequence[dict], cfg: AccuracyConfig, cost: list[dict] | No
                         best = y
                 ax.plot(*zip(*front), "k--", lw=0.8, alpha=0.6)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(label)
             metric = "bits/byte (lower better)" if pts and pts[0][3] else "test accuracy %"
             ax.set_ylabel(metric)
-            ax.set_title(f"{TASK_TITLES.get(s.task, s.task)} (cost at N={used_n.get(s.task, '?')})", fontsize=9)
+            at = ", ".join(f"N={n} {p}" for n, p in sorted(used_n.get(s.task, ()))) or "no cost rows"
+            ax.set_title(f"{TASK_TITLES.get(s.task, s.task)} (cost: {at})", fontsize=8)
     fig.suptitle(f"accuracy vs attention cost ({cfg.preset}); dashed: Pareto front", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return ("accuracy against the cost experiment's fwd+bwd time and compiled memory of the attention at the "
-            "smallest measured N >= the task's attention length: "
-            + ", ".join(f"{k} at N={v}" for k, v in used_n.items()))
+    if not used_n:
+        return "the cost experiment has no finished rows for these variants yet"
+    return ("accuracy against the cost experiment's time and compiled memory of the attention (fwd_bwd where "
+            "measured, else fwd) at the smallest measured N >= the task's attention length: "
+            + "; ".join(f"{k} at " + ", ".join(f"N={n} {p}" for n, p in sorted(v)) for k, v in used_n.items()))
 
 
 def plot_curves(rows: Sequence[dict], cfg: AccuracyConfig, path: Path) -> None:
