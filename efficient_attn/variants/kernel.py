@@ -151,6 +151,25 @@ class LinearAttention(Attention):
 # ------------------------------------------------------------------------------- performer
 
 
+def _gram_schmidt_columns(g: Float[Array, "D D"]) -> Float[Array, "D D"]:
+    """Q of g = Q R with diag(R) > 0 (Haar-distributed for Gaussian g), by Gram-Schmidt twice.
+
+    Written with matmuls rather than ``jnp.linalg.qr``: LAPACK's QR called inside a jitted,
+    vmapped training step on the CPU was seen to deadlock (Performer with redraw).
+    """
+    dim = g.shape[0]
+    idx = jnp.arange(dim)
+
+    def body(j, q):
+        v = lax.dynamic_index_in_dim(g, j, axis=1, keepdims=False)
+        basis = jnp.where((idx < j)[None, :], q, 0.0)
+        v = v - basis @ (basis.T @ v)
+        v = v - basis @ (basis.T @ v)  # re-orthogonalise: float32 loses orthogonality once
+        return lax.dynamic_update_index_in_dim(q, v / jnp.linalg.norm(v), j, axis=1)
+
+    return lax.fori_loop(0, dim, body, jnp.zeros_like(g))
+
+
 def orthogonal_gaussian(key: jax.Array, num_features: int, dim: int) -> Float[Array, "M D"]:
     """[m, d] rows w_i, each marginally N(0, I_d), exactly orthogonal within blocks of d rows."""
     blocks = -(-num_features // dim)
@@ -158,9 +177,8 @@ def orthogonal_gaussian(key: jax.Array, num_features: int, dim: int) -> Float[Ar
 
     def block(k):
         g = jax.random.normal(k, (dim, dim), jnp.float32)
-        qm, r = jnp.linalg.qr(g)
-        qm = qm * jnp.sign(jnp.diag(r))[None, :]  # sign fix: Haar-distributed orthogonal matrix
-        return qm.T  # orthonormal rows
+        return _gram_schmidt_columns(g).T  # orthonormal rows
+
 
     dirs = jax.vmap(block)(jax.random.split(k_dirs, blocks)).reshape(blocks * dim, dim)[:num_features]
     norms = jnp.linalg.norm(jax.random.normal(k_norms, (num_features, dim), jnp.float32), axis=1)
