@@ -310,6 +310,21 @@ def _base_row(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> d
     }
 
 
+
+def _record_memory(row: dict, compiled, budget_bytes: int, what: str) -> bool:
+    """Put the compiled program's memory into ``row``; mark it skipped (True) when over budget."""
+    mem = measure.compiled_memory(compiled)
+    if mem is None:
+        return False
+    row.update(memory_bytes=mem.total_bytes, temp_bytes=mem.temp_bytes, argument_bytes=mem.argument_bytes,
+               output_bytes=mem.output_bytes, xla_peak_bytes=mem.xla_peak_bytes)
+    if mem.total_bytes <= budget_bytes:
+        return False
+    row.update(status="skipped", reason=(
+        f"memory budget: {what} needs {mem.total_bytes / MiB:.0f} MiB > "
+        f"memory_budget_bytes={budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
+    return True
+
 def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, *,
                   matmul_gflops: float | None = None,
                   predicted_s: tuple[float, float] | None = None, from_n: int | None = None) -> dict[str, Any]:
@@ -325,15 +340,8 @@ def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, 
         fn, args = _point_function(name, pass_, causal, n, cfg)
         compiled, compile_s, jaxpr = measure.trace_and_compile(fn, *args)
         row["compile_s"] = compile_s
-        mem = measure.compiled_memory(compiled)
-        if mem is not None:
-            row.update(memory_bytes=mem.total_bytes, temp_bytes=mem.temp_bytes, argument_bytes=mem.argument_bytes,
-                       output_bytes=mem.output_bytes, xla_peak_bytes=mem.xla_peak_bytes)
-            if mem.total_bytes > cfg.memory_budget_bytes:
-                row.update(status="skipped", reason=(
-                    f"memory budget: compiled program needs {mem.total_bytes / MiB:.0f} MiB > "
-                    f"memory_budget_bytes={cfg.memory_budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
-                return row
+        if _record_memory(row, compiled, cfg.memory_budget_bytes, "compiled program"):
+            return row
         row.update(measure.count_flops(fn, args, compiled, jaxpr=jaxpr))
         del jaxpr
         timing = measure.time_compiled(compiled, *args, warmup=cfg.warmup, min_repeats=cfg.min_repeats,
@@ -982,15 +990,8 @@ def measure_train_step(name: str, n: int, cfg: CostConfig, *, predicted_s: tuple
         fn, args = _train_step_function(name, n, cfg)
         compiled, compile_s = measure.compile_function(fn, *args)
         row["compile_s"] = compile_s
-        mem = measure.compiled_memory(compiled)
-        if mem is not None:
-            row.update(memory_bytes=mem.total_bytes, temp_bytes=mem.temp_bytes, argument_bytes=mem.argument_bytes,
-                       output_bytes=mem.output_bytes, xla_peak_bytes=mem.xla_peak_bytes)
-            if mem.total_bytes > t.memory_budget_bytes:
-                row.update(status="skipped", reason=(
-                    f"memory budget: compiled step needs {mem.total_bytes / MiB:.0f} MiB > "
-                    f"memory_budget_bytes={t.memory_budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
-                return row
+        if _record_memory(row, compiled, t.memory_budget_bytes, "compiled step"):
+            return row
         timing = measure.time_compiled(compiled, *args, warmup=t.warmup, min_repeats=t.min_repeats,
                                        max_repeats=t.max_repeats, budget_s=t.step_budget_s, compile_s=compile_s)
         row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
