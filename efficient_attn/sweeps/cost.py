@@ -310,7 +310,6 @@ def _base_row(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> d
     }
 
 
-
 def _record_memory(row: dict, compiled, budget_bytes: int, what: str) -> bool:
     """Put the compiled program's memory into ``row``; mark it skipped (True) when over budget."""
     mem = measure.compiled_memory(compiled)
@@ -324,6 +323,7 @@ def _record_memory(row: dict, compiled, budget_bytes: int, what: str) -> bool:
         f"memory budget: {what} needs {mem.total_bytes / MiB:.0f} MiB > "
         f"memory_budget_bytes={budget_bytes / MiB:.0f} MiB (memory_analysis, not run)"))
     return True
+
 
 def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, *,
                   matmul_gflops: float | None = None,
