@@ -5,8 +5,9 @@ from the same seed; in the second, every block's attention is ``nnx.MultiHeadAtt
 its default ``attention_fn`` (``nnx.dot_product_attention``) and the key padding given as its
 boolean mask. Measured: training tokens per second (forward + backward + AdamW, jitted,
 warmed up, median of repeats inside ``block_until_ready``; compile time apart) and forward
-tokens per second, at length 1024 by default. Any gap is the cost of the registry path
-(validation, the [B,H,T,S] einsum of ``full``) against Flax's own.
+tokens per second, at length 1024 by default. Three models: ``full`` as the models run it
+(``fast_exact=True``: the exact path on the blockwise kernel), ``full`` on the einsum
+reference (``fast_exact=False``), and Flax's. Writes ``results/exact/encoder.json``.
 
     python experiments/bench_encoder.py [--length 1024 --batch 4 --repeats 5]
 """
@@ -14,9 +15,11 @@ tokens per second, at length 1024 by default. Any gap is the cost of the registr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,7 @@ import optax
 from flax import nnx
 
 import efficient_attn as ea
+from efficient_attn import report
 from efficient_attn.nn import Classifier, EncoderConfig
 
 
@@ -95,20 +99,27 @@ def main(argv=None) -> int:
     p.add_argument("--emb", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results/exact/encoder.json"))
     args = p.parse_args(argv)
     cfg = EncoderConfig(vocab_size=256, max_len=args.length, num_classes=10, num_layers=args.layers,
                         emb_dim=args.emb, num_heads=args.heads, mlp_dim=2 * args.emb, pool="cls")
-    ours = measure(build(cfg, False), args.batch, args.length, args.repeats)
-    flax_ = measure(build(cfg, True), args.batch, args.length, args.repeats)
+    models = {
+        "flax_nnx_mha": build(cfg, True),
+        "full": build(cfg, False),
+        "full_einsum": build(dataclasses.replace(cfg, fast_exact=False), False),
+    }
+    res = {name: measure(m, args.batch, args.length, args.repeats) for name, m in models.items()}
+    flax_ = res["flax_nnx_mha"]
     result = {
-        "config": vars(args),
-        "device": jax.devices()[0].device_kind,
-        "full": ours,
-        "flax_nnx_mha": flax_,
-        "train_ratio_full_over_flax": ours["train_tokens_per_s"] / flax_["train_tokens_per_s"],
-        "fwd_ratio_full_over_flax": ours["fwd_tokens_per_s"] / flax_["fwd_tokens_per_s"],
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": report.environment("bench_encoder"),
+        **res,
+        "train_ratio_full_over_flax": res["full"]["train_tokens_per_s"] / flax_["train_tokens_per_s"],
+        "fwd_ratio_full_over_flax": res["full"]["fwd_tokens_per_s"] / flax_["fwd_tokens_per_s"],
+        "train_ratio_full_einsum_over_flax": res["full_einsum"]["train_tokens_per_s"] / flax_["train_tokens_per_s"],
     }
     print(json.dumps(result, indent=2))
+    report.write_json(args.out, result)
     return 0
 
 

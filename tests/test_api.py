@@ -29,7 +29,7 @@ def test_spec_fields():
     spec = ea.get_spec("blockwise")
     assert spec.name == "blockwise"
     assert spec.capabilities.exact and spec.capabilities.memory == "O(N)"
-    assert spec.defaults() == {"block_size": 512}
+    assert spec.defaults() == {"block_size": 1024, "backward_query_block": 256}
     assert spec.citation and spec.summary
     assert "full" in ea.list_variants() and ea.list_variants() == sorted(ea.list_variants())
 
@@ -40,7 +40,7 @@ def test_unknown_variant_suggests_close_names():
 
 
 def test_unknown_hyperparameter_lists_valid_ones():
-    with pytest.raises(TypeError, match=r"block_size=512"):
+    with pytest.raises(TypeError, match=r"block_size=1024"):
         ea.build("blockwise", num_heads=2, head_dim=4, max_len=8, block_sise=64)
 
 

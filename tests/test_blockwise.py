@@ -52,6 +52,31 @@ def test_forward_and_backward_match_full(T, S, causal, kv, bs):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,causal,block,bwd_block", [(37, True, 24, 16), (37, True, 16, 24), (50, False, 16, 7),
+                                                      (64, True, 32, 8)])
+def test_mixed_blockings_match_full(T, causal, block, bwd_block):
+    """Forward and backward blocks of different, non-dividing sizes; causal tiles straddle the diagonal."""
+    q, k, v, w, m = _data(T, T, True)
+    mask = ea.Mask(causal=causal, kv_mask=m)
+
+    def ours(q, k, v):
+        return jnp.sum(blockwise_attention(q, k, v, causal=causal, kv_mask=m, block_size=block,
+                                           backward_query_block=bwd_block) * w)
+
+    def ref(q, k, v):
+        return jnp.sum(full_attention(q, k, v, mask) * w)
+
+    for g_ours, g_ref in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,block,expected", [(4096, 1024, 1024), (1100, 1024, 552), (37, 1024, 37),
+                                                   (37, 16, 16), (300, 256, 152), (5, 4, 3)])
+def test_balanced_block(length, block, expected):
+    from efficient_attn.ops.online_softmax import balanced_block
+    assert balanced_block(length, block) == expected
+
+
 def test_fully_masked_rows_have_zero_output_and_gradient():
     q, k, v, w, _ = _data(16, 16, False)
     m = jnp.zeros((2, 16), bool).at[0].set(True)
@@ -85,9 +110,10 @@ def test_causal_skips_blocks_above_diagonal():
     bs, T = 16, 64
     q, k, v, w, _ = _data(T, T, False)
     poisoned = v.at[:, bs:].set(jnp.nan)  # every key block after the first
-    out = blockwise_attention(q, k, poisoned, causal=True, block_size=bs)
+    out = blockwise_attention(q, k, poisoned, causal=True, block_size=bs, backward_query_block=bs)
     ref = full_attention(q, k, v, ea.Mask(causal=True))
     np.testing.assert_allclose(out[:, :bs], ref[:, :bs], rtol=1e-5, atol=1e-6)
-    g = jax.grad(lambda q, k: jnp.sum(blockwise_attention(q, k, poisoned, causal=True, block_size=bs)[:, :bs]), (0, 1))
+    g = jax.grad(lambda q, k: jnp.sum(
+        blockwise_attention(q, k, poisoned, causal=True, block_size=bs, backward_query_block=bs)[:, :bs]), (0, 1))
     dq, dk = g(q, k)
     assert np.all(np.isfinite(np.asarray(dq[:, :bs])))

@@ -938,14 +938,16 @@ def _train_step_function(name: str, n: int, cfg: CostConfig):
     The model is ``nn.Classifier`` (LRA's encoder) with mean pooling, so that the attention
     sees exactly ``n`` positions (CLS pooling would make it n + 1, which block-based variants
     pad); no padding mask, since every variant must run and random bytes fill every position
-    (the cost does not depend on the bytes). The optimiser is ``train.make_optimizer`` with
+    (the cost does not depend on the bytes). ``fast_exact=False``: the ``full`` row is the
+    quadratic einsum Transformer, as in LRA's table, not the blockwise kernel. The optimiser is ``train.make_optimizer`` with
     LRA's text settings (lr 0.05 with rsqrt decay, weight decay 0.1, warm-up 8000).
     """
     from efficient_attn import nn, train
 
     t = cfg.table2
     ecfg = nn.EncoderConfig(vocab_size=TEXT_VOCAB, max_len=n, num_classes=TEXT_CLASSES, num_layers=t.num_layers,
-                            emb_dim=t.emb_dim, num_heads=t.num_heads, mlp_dim=t.mlp_dim, pool="mean", attention=name)
+                            emb_dim=t.emb_dim, num_heads=t.num_heads, mlp_dim=t.mlp_dim, pool="mean", attention=name,
+                            fast_exact=False)
     model = nn.Classifier(ecfg, rngs=nnx.Rngs(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = train.make_optimizer(train.TrainConfig(lr=0.05, weight_decay=0.1, warmup=8000, steps=20000,

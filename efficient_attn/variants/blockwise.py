@@ -20,15 +20,20 @@ from efficient_attn.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class BlockwiseConfig:
-    """block_size: rows of queries and keys per block (clipped to the sequence length).
+    """block_size: query and key rows per forward block and key rows per backward block;
+    backward_query_block: query rows per backward block. Both are clipped to the sequence
+    length and balanced (``ops.online_softmax.balanced_block``).
 
-    512 measured fastest on a 2-core CPU at N = 4096 (see experiments/bench_exact.py).
+    1024 / 256 measured fastest on a 2-core CPU at N = 4096 (see experiments/bench_exact.py
+    and the engine's docstring).
     """
 
-    block_size: int = 512
+    block_size: int = 1024
+    backward_query_block: int = 256
 
     def __post_init__(self):
         check_positive_int("blockwise", "block_size", self.block_size)
+        check_positive_int("blockwise", "backward_query_block", self.backward_query_block)
 
 
 @register(
@@ -54,5 +59,6 @@ class BlockwiseAttention(Attention):
     ) -> Float[Array, "B T H Dv"]:
         mask = mask or Mask()
         return blockwise_attention(
-            q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, block_size=self.config.block_size
+            q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, block_size=self.config.block_size,
+            backward_query_block=self.config.backward_query_block,
         )
