@@ -118,23 +118,39 @@ def _forward(q, k, v, valid, num_heads: int, causal: bool, block: int):
         q_i, k_h, v_h = qb[bh, i], kb[bh], vb[bh]
         valid_h = None if valid is None else valid[bh // num_heads]
 
-        def step(j, carry, diagonal):
+        def update(carry, q_rows, k_cols, v_cols, rows0, cols0, valid_cols, diagonal):
+            """One online-softmax step of the rows ``q_rows`` over the keys ``k_cols``."""
             m, l, acc = carry
-            s = jnp.dot(q_i, k_h[j].T, preferred_element_type=jnp.float32)
-            vis = _visible(i * bq, j * bk, bq, bk, None if valid_h is None else valid_h[j], diagonal,
-                           transposed=False)
+            s = jnp.dot(q_rows, k_cols.T, preferred_element_type=jnp.float32)
+            vis = _visible(rows0, cols0, q_rows.shape[0], k_cols.shape[0], valid_cols, diagonal, transposed=False)
             if vis is not None:
                 s = jnp.where(vis, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[:, None])
             corr = jnp.exp(m - m_new)
             l = l * corr + jnp.sum(p, axis=-1)
-            acc = acc * corr[:, None] + jnp.dot(p, v_h[j], preferred_element_type=jnp.float32)
+            acc = acc * corr[:, None] + jnp.dot(p, v_cols, preferred_element_type=jnp.float32)
             return m_new, l, acc
+
+        def step(j, carry, diagonal):
+            return update(carry, q_i, k_h[j], v_h[j], i * bq, j * bk, None if valid_h is None else valid_h[j],
+                          diagonal)
 
         carry = (jnp.full((bq,), _NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32),
                  jnp.zeros((bq, Dv), jnp.float32))
-        if causal:
+        if causal and bq == bk and bq % 16 == 0:
+            # square blocks (self-attention): key blocks j < i wholly visible, unmasked; the
+            # diagonal tile in two row halves, so its invisible top-right quarter is never
+            # computed (the top half sees only the first half of the keys).
+            carry = lax.fori_loop(0, i, functools.partial(step, diagonal=False), carry)
+            h = bq // 2
+            top = tuple(c[:h] for c in carry)
+            bottom = tuple(c[h:] for c in carry)
+            vi = None if valid_h is None else valid_h[i]
+            top = update(top, q_i[:h], k_h[i][:h], v_h[i][:h], i * bq, i * bk, None if vi is None else vi[:h], True)
+            bottom = update(bottom, q_i[h:], k_h[i], v_h[i], i * bq + h, i * bk, vi, True)
+            m, l, acc = (jnp.concatenate([a, b]) for a, b in zip(top, bottom))
+        elif causal:
             # key blocks wholly at or before this block's first query: no mask; then the
             # blocks that straddle the diagonal (masked); later blocks are never visited.
             first_q, last_q = i * bq, (i + 1) * bq - 1
