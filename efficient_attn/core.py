@@ -36,6 +36,8 @@ class Capabilities:
     kv_mask:     supports ``Mask(kv_mask=...)`` (padding of keys).
     dense_mask:  supports ``Mask(dense=...)``, an arbitrary ``[B, H, T, S]`` boolean mask.
     exact:       equals softmax attention ("full") up to floating point.
+    shared_qk:   keys are the (normalised) queries and ``k`` is ignored, as in Reformer; a
+                 comparison against "full" must then give "full" those keys too.
     time/memory: big-O cost in the sequence length N (strings, for tables).
     """
 
@@ -44,6 +46,7 @@ class Capabilities:
     kv_mask: bool = False
     dense_mask: bool = False
     exact: bool = False
+    shared_qk: bool = False
     time: str = "O(N^2)"
     memory: str = "O(N^2)"
 

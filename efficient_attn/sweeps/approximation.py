@@ -90,10 +90,15 @@ PATTERN_SETTINGS: dict[str, dict[str, int]] = {
     "sinkhorn": {"block_size": 8},
 }
 LEARNED = {"linformer", "synthesizer", "sinkhorn"}  # untrained here: rows measure an initialisation
-# Variants whose keys are their normalised queries (the k they are given is unused): they are
-# compared with full attention on those same keys, self excluded unless alone -- the function
-# they approximate -- since against full on an independent k their error is ~1 at any budget.
-SHARED_QK = {"reformer"}
+
+
+def _is_shared_qk(variant: str) -> bool:
+    """Variants whose keys are their normalised queries (``Capabilities.shared_qk``; the k they
+    are given is unused) are compared with full attention on those same keys, self excluded
+    unless alone -- the function they approximate -- since against full on an independent k
+    their error is ~1 at any budget."""
+    return get_spec(variant).capabilities.shared_qk
+
 SCALE_NAMES = {0.25: "flat", 1.0: "moderate", 4.0: "peaked"}
 
 
@@ -287,7 +292,7 @@ def _capture_trained(cfg: ApproxConfig, log=print) -> dict:
     result = train(model, data, tc, progress=False)
     model = result.model
     block = model.trunk.blocks[t.layer]
-    original = block.attn.core
+    original, fast = block.attn.core, block.attn.fast_core
     seen: dict = {}
 
     class _Recorder:  # sits in place of the core for one forward pass, then is removed
@@ -299,10 +304,10 @@ def _capture_trained(cfg: ApproxConfig, log=print) -> dict:
     inputs, masks = np.asarray(data.test.inputs), np.asarray(data.test.mask)
     pick = np.argsort(-masks.sum(1), kind="stable")[: cfg.batch]
     try:
-        block.attn.core = _Recorder()
+        block.attn.core, block.attn.fast_core = _Recorder(), None  # the fast exact path off: record here
         model(jnp.asarray(inputs[pick]), jnp.asarray(masks[pick]))
     finally:
-        block.attn.core = original
+        block.attn.core, block.attn.fast_core = original, fast
     log(f"  trained full Classifier on {t.task} (N={data.seq_len}, {t.steps} steps): test accuracy "
         f"{result.test:.3f} in {time.perf_counter() - t0:.0f} s")
     return {"q": seen["q"], "k": seen["k"], "v": seen["v"], "mask": seen["mask"],
@@ -383,7 +388,7 @@ def _measure_unit(cfg: ApproxConfig, u: dict, full_cache: dict, trained: dict | 
             q_valid = np.asarray(mask.kv_mask)
             ref_key = ("trained",)
         full_mask = mask
-        if u["variant"] in SHARED_QK:
+        if _is_shared_qk(u["variant"]):
             k, full_mask = _shared_qk(q, mask)
             ref_key += ("shared-qk",)
         if ref_key not in full_cache:
@@ -441,7 +446,7 @@ def _pattern_panels(cfg: ApproxConfig, variants: Sequence[str], cache_path: Path
                     continue
             panels[variant][mode] = cached[key]
         label = ",".join(f"{a}={b}" for a, b in _pattern_setting(variant).items())
-        if variant in SHARED_QK:
+        if _is_shared_qk(variant):
             label = ", ".join(x for x in (label, "shared QK") if x)
         if label:
             panels[variant]["label"] = label
@@ -565,7 +570,7 @@ def markdown(cfg: ApproxConfig, rows: list[dict], skipped: list[dict], extra: di
                  + (f"above 1e-3 for {', '.join(bad)}: their implied weights do not reproduce their output "
                     "(not linear in V, or randomness that differs across the batch)." if bad
                     else "below 1e-3 for every row: each variant's output is A V with the A drawn in patterns.png."))
-    shared = [v for v in present if v in SHARED_QK]
+    shared = [v for v in present if _is_shared_qk(v)]
     if shared:
         lines.append(f"- Shared-QK variants ({', '.join(shared)}) ignore k (their keys are the normalised queries): "
                      "they are compared with full attention on those keys, self excluded unless alone, the function "

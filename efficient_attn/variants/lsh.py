@@ -136,7 +136,8 @@ def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask | None):
 class ReformerAttention(Attention):
     """Reformer LSH attention: shared QK, sort by hash bucket, attend within chunks."""
 
-    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N log N)", memory="O(N)")
+    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, shared_qk=True,
+                                time="O(N log N)", memory="O(N)")
 
     def __init__(self, config: ReformerConfig, dims, *, rngs: nnx.Rngs):
         super().__init__(config, dims, rngs=rngs)
