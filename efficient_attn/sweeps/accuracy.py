@@ -21,7 +21,7 @@ where the task matches), ``rows.csv``,
 ``rows.json`` (config, environment, curves), ``curves.png`` and ``pareto.png`` (accuracy
 against the time and memory the cost experiment measured at the same length).
 
-Presets: ``quick`` (every variant, every task, lengths 128-256, 2-layer width-64 models,
+Presets: ``quick`` (every variant, every task, lengths 128-256, 1-layer width-64 models,
 one seed, minutes on 2 CPU cores), ``cpu`` (lengths 512-1024, 3 seeds, about a day), ``lra``
 (LRA's published configurations; an accelerator). Tay et al. 2020, "Long Range Arena: A
 Benchmark for Efficient Transformers", arXiv 2011.04006.
@@ -160,10 +160,11 @@ class AccuracyConfig:
 
 
 def _quick() -> AccuracyConfig:
-    # Every variant x every task within minutes on 2 cores: 2-layer width-64 models, length 128
+    # Every variant x every task within minutes on 2 cores: 1-layer width-64 models (compiling
+    # the training step is most of a run; one layer compiles in ~60% of two's time), length 128
     # (Pathfinder 16 x 16 = 256, at half the batch), 60 steps. Scores are far from converged:
     # this preset is a smoke test of the whole pipeline, not a ranking.
-    size = ModelSize(num_layers=2, emb_dim=64, num_heads=2, mlp_dim=128)
+    size = ModelSize(num_layers=1, emb_dim=64, num_heads=2, mlp_dim=128)
     tr = TrainConfig(lr=3e-3, weight_decay=0.01, warmup=6, steps=60, batch_size=16, eval_every=20,
                      eval_batch_size=100)
     return AccuracyConfig(

@@ -172,10 +172,10 @@ PRESETS: dict[str, CostConfig] = {
         max_call_s=3.0,
         max_compile_s=15.0,
         memory_budget_bytes=3 * GiB,
-        sweep_budget_s=150.0,
+        sweep_budget_s=125.0,
         table2=Table2Config(lengths=(1024, 4096), batch=1, num_layers=1, emb_dim=64, num_heads=2,
                             mlp_dim=128, min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=5.0,
-                            memory_budget_bytes=3 * GiB, budget_s=60.0),
+                            memory_budget_bytes=3 * GiB, budget_s=40.0),
     ),
     # CPU, hours: N up to 65536 or until a budget; more repeats; Table 2 at half LRA's width.
     "cpu": CostConfig(
