@@ -183,18 +183,22 @@ def _quick() -> AccuracyConfig:
 def _cpu() -> AccuracyConfig:
     # Hours on 2 cores: about a day for every variant x task x seed by a FLOP-count estimate
     # (full attention: ~36 GFLOP per step at length 1024, ~12 at 512, at ~45 GFLOP/s):
-    # lengths 512-1024 (Pathfinder at LRA's 32 x 32), 3 seeds, the same small models trained
-    # 10x longer. MQAR at Zoology's (512, 64 pairs) point with a 1024-token vocabulary (Zoology:
-    # 8192) so that the [B, L, V] logits stay within a CPU's memory bandwidth.
+    # lengths 512-1024 (Pathfinder at LRA's 32 x 32), 3 seeds, the quick preset's 2-layer
+    # width-64 models and learning rate, trained ~17x longer. MQAR at Zoology's (512, 64 pairs)
+    # point with a 1024-token vocabulary (Zoology: 8192) so that the [B, L, V] logits stay
+    # within a CPU's memory bandwidth, batch 32 and 3000 steps: MQAR is learnt by a sudden
+    # transition after a plateau (at length 128 with 8 pairs, full attention sat at 1/P
+    # accuracy for ~1100 steps of batch 32, then reached 100% by step 1400).
     size = ModelSize(num_layers=2, emb_dim=64, num_heads=2, mlp_dim=128)
-    tr = TrainConfig(lr=1e-3, weight_decay=0.01, warmup=100, steps=1000, batch_size=16, eval_every=100,
+    tr = TrainConfig(lr=3e-3, weight_decay=0.01, warmup=100, steps=1000, batch_size=16, eval_every=100,
                      eval_batch_size=50)
+    mqar_tr = dataclasses.replace(tr, steps=3000, batch_size=32, warmup=300, eval_every=250)
     return AccuracyConfig(
         preset="cpu",
         tasks=(
             TaskSetting("listops", 512, 10000, 500, 500, size, tr),
             TaskSetting("pathfinder", 1024, 10000, 500, 500, dataclasses.replace(size, pool="mean"), tr),
-            TaskSetting("mqar", 512, 10000, 500, 500, size, tr, (("vocab_size", 1024), ("num_pairs", 64))),
+            TaskSetting("mqar", 512, 10000, 500, 500, size, mqar_tr, (("vocab_size", 1024), ("num_pairs", 64))),
             TaskSetting("bytes_lm", 512, 10000, 500, 500, size, tr),
         ),
         seeds=(0, 1, 2),
@@ -596,14 +600,14 @@ def _sanity_notes(by, cfg: AccuracyConfig) -> list[str]:
         if rs:
             acc = float(np.mean([r["test"] for r in rs]))
             out.append(f"- full attention solves MQAR (Zoology: attention solves it at every length): "
-                       f"{100 * acc:.1f}% -> {verdict(acc >= 0.9)} (threshold 90%)")
+                       f"{100 * acc:.1f}% -> {verdict(acc >= 0.99)} (threshold 99%)")
     if "listops" in tasks:
         rs = full_rows("listops")
         if rs:
             acc = float(np.mean([r["test"] for r in rs]))
             maj = rs[0]["baseline"]["majority"]
-            out.append(f"- full beats the majority class on ListOps ({100 * maj:.1f}% on this test split): "
-                       f"{100 * acc:.1f}% -> {verdict(acc > maj)}")
+            out.append(f"- full beats the majority class on ListOps ({100 * maj:.1f}% on this test split) by a "
+                       f"wide margin (10 points or more): {100 * acc:.1f}% -> {verdict(acc >= maj + 0.10)}")
     if "pathfinder" in tasks:
         rs = full_rows("pathfinder")
         if rs:
@@ -618,6 +622,8 @@ def _sanity_notes(by, cfg: AccuracyConfig) -> list[str]:
             uni = rs[0]["baseline"]["unigram_bits"]
             out.append(f"- bits per byte far below 8 (uniform) and below the unigram entropy of the test bytes "
                        f"({uni:.2f}): full gets {bpb:.3f} -> {verdict(bpb < min(8.0, uni))}")
+    out.append("- `full` trains on the blockwise kernel (`nn` models' `fast_exact=True`: the same function, "
+               "tested equal forward and backward), so its row and `blockwise`'s agree to float32 rounding.")
     out.append("")
     return out
 

@@ -514,12 +514,20 @@ def _load_avg() -> list[float] | None:
         return None
 
 
-class _NoBar:
-    def set_postfix_str(self, *a, **k):
-        pass
+class _LineProgress:
+    """The progress bar's stand-in for log files: one flushed line per point, no carriage returns."""
 
-    def update(self, *a):
-        pass
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.postfix = total, desc, 0, ""
+        self.t0 = time.perf_counter()
+
+    def set_postfix_str(self, text: str, *a, **k):
+        self.postfix = text
+
+    def update(self, k: int = 1):
+        self.done += k
+        print(f"{self.desc} [{self.done}/{self.total}] {self.postfix} ({time.perf_counter() - self.t0:.0f} s)",
+              flush=True)
 
     def close(self):
         pass
@@ -527,7 +535,7 @@ class _NoBar:
 
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
-        return _NoBar()
+        return _LineProgress(total, desc)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="pt", file=sys.stderr, dynamic_ncols=True)
