@@ -77,6 +77,12 @@ def test_balanced_block(length, block, expected):
     assert balanced_block(length, block) == expected
 
 
+def test_causal_cross_lengths_refused():
+    q, k, v, _, _ = _data(48, 32, False)
+    with pytest.raises(ValueError, match="T == S"):
+        blockwise_attention(q, k, v, causal=True, block_size=16)
+
+
 def test_fully_masked_rows_have_zero_output_and_gradient():
     q, k, v, w, _ = _data(16, 16, False)
     m = jnp.zeros((2, 16), bool).at[0].set(True)

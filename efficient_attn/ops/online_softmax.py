@@ -276,6 +276,9 @@ def blockwise_attention(
     B, T, H, D = q.shape
     S = k.shape[1]
     Dv = v.shape[-1]
+    if causal and T != S:
+        raise ValueError(f"blockwise_attention: causal masking needs T == S (self-attention), got T={T}, S={S}; "
+                         "pass causal=False for cross attention")
     scale = 1.0 / jnp.sqrt(jnp.float32(D))
 
     def head_major(x):  # [B, L, H, E] -> [B*H, L, E], float32
