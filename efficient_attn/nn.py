@@ -17,7 +17,9 @@ analog) sets ``fast_exact=False`` so that its ``full`` row is the quadratic Tran
 
 ``Classifier`` is the Long Range Arena encoder (Tay et al. 2020, "Long Range Arena: A
 Benchmark for Efficient Transformers", arXiv 2011.04006; configs in the LRA repository):
-token + learned position embeddings, pre-LayerNorm blocks
+token + position embeddings (``position="learned"``, the default: a trained table;
+``"sinusoidal"``: the fixed sin/cos table of Vaswani et al. 2017, which LRA's model code uses
+when ``learn_pos_emb=False``), pre-LayerNorm blocks
 
     x = x + Attn(LN(x));   x = x + MLP(LN(x))      MLP = Dense -> GELU -> Dense
 
@@ -154,6 +156,7 @@ class EncoderConfig:
     attention_kwargs: tuple = ()
     dropout: float = 0.0
     fast_exact: bool = True  # "full" runs on the blockwise kernel (see the module docstring)
+    position: str = "learned"  # or "sinusoidal" (see the module docstring)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -169,6 +172,8 @@ class EncoderConfig:
         check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in self.attention_kwargs),
                      f"attention_kwargs must be a tuple of (name, value) pairs, got {self.attention_kwargs!r}")
         check_config(name, isinstance(self.fast_exact, bool), f"fast_exact must be True or False, got {self.fast_exact!r}")
+        check_config(name, self.position in POSITIONS,
+                     f"position must be one of {POSITIONS}, got {self.position!r}")
         get_spec(self.attention)  # unknown variant: fail now, with the registered names
 
     @property
@@ -192,6 +197,7 @@ class LMConfig:
     attention_kwargs: tuple = ()
     dropout: float = 0.0
     fast_exact: bool = True  # "full" runs on the blockwise kernel (see the module docstring)
+    position: str = "learned"  # or "sinusoidal" (see the module docstring)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -208,6 +214,8 @@ class LMConfig:
         check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in self.attention_kwargs),
                      f"attention_kwargs must be a tuple of (name, value) pairs, got {self.attention_kwargs!r}")
         check_config(name, isinstance(self.fast_exact, bool), f"fast_exact must be True or False, got {self.fast_exact!r}")
+        check_config(name, self.position in POSITIONS,
+                     f"position must be one of {POSITIONS}, got {self.position!r}")
         spec = get_spec(self.attention)
         check_config(name, spec.capabilities.causal,
                      f"variant {self.attention!r} cannot do causal masking, which a causal LM needs")
@@ -215,6 +223,22 @@ class LMConfig:
     @property
     def attention_len(self) -> int:
         return self.max_len
+
+
+POSITIONS = ("sinusoidal", "learned")
+
+
+def sinusoidal_table(length: int, features: int) -> Float[Array, "L F"]:
+    """Fixed position table (Vaswani et al. 2017, sec. 3.5; LRA's ``sinusoidal_init``):
+
+        PE[p, 2i] = sin(p / 10000^(2i/F)),   PE[p, 2i+1] = cos(p / 10000^(2i/F))
+
+    (an odd ``features`` F keeps only the sine of the last pair)."""
+    pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+    freq = jnp.exp(-jnp.log(10000.0) * jnp.arange(0, features, 2, dtype=jnp.float32) / features)
+    table = jnp.zeros((length, features), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(pos * freq))
+    return table.at[:, 1::2].set(jnp.cos(pos * freq)[:, : features // 2])
 
 
 def _dropout(x, rate: float, key):
@@ -254,13 +278,19 @@ class _Trunk(nnx.Module):
     def __init__(self, cfg: EncoderConfig | LMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.tok = nnx.Embed(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
-        self.pos = nnx.Embed(cfg.attention_len, cfg.emb_dim, rngs=rngs)
+        if cfg.position == "learned":
+            self.pos = nnx.Embed(cfg.attention_len, cfg.emb_dim, rngs=rngs)
+        else:  # a constant, not a parameter: the optimiser never sees it
+            self.pos_table = nnx.Variable(sinusoidal_table(cfg.attention_len, cfg.emb_dim))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.ln_f = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
 
     def run(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None) -> Float[Array, "B T F"]:
         T = x.shape[1]
-        x = x + self.pos(jnp.arange(T))[None]
+        if self.cfg.position == "learned":
+            x = x + self.pos(jnp.arange(T))[None]
+        else:
+            x = x + self.pos_table[...][:T][None]
         keys = [None] * (len(self.blocks) + 1)
         if dropout_key is not None:
             keys = list(jax.random.split(dropout_key, len(self.blocks) + 1))

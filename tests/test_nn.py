@@ -181,3 +181,30 @@ def test_fast_exact_path_falls_back_to_einsum_for_a_dense_mask():
     dense = jnp.tril(jnp.ones((6, 6), bool))[None, None]
     got = mha(x, mask=ea.Mask(dense=dense))  # blockwise cannot take a dense mask: the einsum core runs
     np.testing.assert_allclose(got, mha(x, mask=ea.Mask(causal=True)), rtol=1e-5, atol=1e-5)
+
+
+def test_position_embeddings_sinusoidal_table_and_learned_option():
+    """The fixed table is Vaswani et al.'s formula, is not a trained parameter, and the
+    model reads it (moving a token changes the logits); ``"learned"`` trains a table;
+    an unknown kind is refused."""
+    from efficient_attn.nn import sinusoidal_table
+
+    table = np.asarray(sinusoidal_table(7, 6))
+    p, i = 5, 1  # column 2i = sin(p / 10000^(2i/F)), 2i + 1 = cos(...)
+    np.testing.assert_allclose(table[p, 2 * i], np.sin(p / 10000 ** (2 * i / 6)), rtol=1e-5)
+    np.testing.assert_allclose(table[p, 2 * i + 1], np.cos(p / 10000 ** (2 * i / 6)), rtol=1e-5)
+    assert np.asarray(sinusoidal_table(3, 5)).shape == (3, 5)
+
+    fixed = Classifier(_small_enc(pool="mean", position="sinusoidal"), rngs=nnx.Rngs(0))
+    learned = Classifier(_small_enc(pool="mean", position="learned"), rngs=nnx.Rngs(0))
+    n_fixed = sum(x.size for x in jax.tree.leaves(nnx.state(fixed, nnx.Param)))
+    n_learned = sum(x.size for x in jax.tree.leaves(nnx.state(learned, nnx.Param)))
+    assert n_learned - n_fixed == 16 * 16  # the [max_len, emb_dim] table is trained only when learned
+    tokens = np.zeros((1, 16), np.int32)
+    tokens[0, 3] = 5
+    moved = np.zeros((1, 16), np.int32)
+    moved[0, 9] = 5
+    a, b = fixed(jnp.asarray(tokens)), fixed(jnp.asarray(moved))  # mean pooling: order only via positions
+    assert not np.allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    with pytest.raises(ValueError, match="position"):
+        _small_enc(position="rotary")
