@@ -368,7 +368,13 @@ class CausalLM(nnx.Module):
         mask: Bool[Array, "B L"] | None = None,
         *,
         dropout_key=None,
-    ) -> Float[Array, "B L V"]:
+        positions: Int[Array, "B K"] | None = None,
+    ) -> Float[Array, "B L V"] | Float[Array, "B K V"]:
+        """Next-token logits at every position, or only at ``positions`` (per row): a task
+        scored at a few positions per sequence (MQAR: P of L) then pays the vocabulary head
+        and its softmax there only, not at all L."""
         _check_tokens(tokens, mask, self.cfg.max_len, "CausalLM")
         h = self.trunk.run(self.trunk.tok(tokens), Mask(causal=True, kv_mask=mask), dropout_key)
+        if positions is not None:
+            h = jnp.take_along_axis(h, positions[..., None].astype(jnp.int32), axis=1)
         return self.head(h)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import sys
@@ -224,8 +225,22 @@ class _Sharder:
         return jax.device_put(tree, self.replicated)
 
 
-def _gather(split: Split, idx: np.ndarray, kind: str, rows: int):
-    """The rows ``idx`` of ``split``, padded to ``rows`` with zero-weight rows."""
+def scored_positions(data: TaskData) -> int | None:
+    """For a token task scored at few positions per row (at most half of them, as MQAR's P of
+    L): the most scored positions any row has, K. Training then computes the vocabulary head
+    at K gathered positions per row instead of all L (same loss, same gradients: the other
+    positions carry zero weight). None for classification and densely scored tasks."""
+    if data.kind != "token":
+        return None
+    k = max(int((np.asarray(s.targets) != IGNORE).sum(axis=1).max(initial=0)) for s in (data.train, data.val, data.test))
+    L = int(np.asarray(data.train.targets).shape[1])
+    return max(k, 1) if k <= L // 2 else None
+
+
+def _gather(split: Split, idx: np.ndarray, kind: str, rows: int, scored: int | None = None):
+    """The rows ``idx`` of ``split``, padded to ``rows`` with zero-weight rows. With ``scored``
+    = K, the targets are cut to each row's first K scored positions (the rest IGNORE) and those
+    positions come as a fifth array ``[rows, K]``."""
     pad = rows - len(idx)
     take = np.concatenate([idx, np.zeros(pad, idx.dtype)]) if pad else idx
     tokens = np.asarray(split.inputs)[take].astype(np.int32)
@@ -234,7 +249,10 @@ def _gather(split: Split, idx: np.ndarray, kind: str, rows: int):
     weights = np.ones(rows, np.float32)
     if pad:
         weights[len(idx):] = 0.0
-    return tokens, mask, targets, weights
+    if scored is None:
+        return tokens, mask, targets, weights
+    positions = np.argsort(targets == IGNORE, axis=1, kind="stable")[:, :scored].astype(np.int32)
+    return tokens, mask, np.take_along_axis(targets, positions, axis=1), weights, positions
 
 
 def _metric_value(metric: str, loss_sum: float, correct: float, count: float) -> tuple[float, float, float]:
@@ -346,18 +364,21 @@ def train(
     dropout = float(getattr(getattr(model, "cfg", None), "dropout", 0.0) or 0.0)
     base_key = jax.random.key(cfg.seed)
 
-    def forward(p, r, tokens, mask, key):
+    scored = scored_positions(data) if "positions" in inspect.signature(type(model).__call__).parameters else None
+
+    def forward(p, r, tokens, mask, key, positions=None):
         """Logits and the model's non-Param state after the call (e.g. an advanced RNG stream)."""
         # fresh Variables created in this trace, so that a call may update them (RNG streams)
         m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, r))
-        logits = m(tokens, mask if use_mask else None, dropout_key=key)
+        extra = {} if positions is None else {"positions": positions}
+        logits = m(tokens, mask if use_mask else None, dropout_key=key, **extra)
         return logits, nnx.split(m, nnx.Param, ...)[2]
 
-    def train_step(p, r, o, step, tokens, mask, targets, weights):
+    def train_step(p, r, o, step, tokens, mask, targets, weights, positions=None):
         key = jax.random.fold_in(base_key, step) if dropout > 0 else None
 
         def loss_fn(p_):
-            logits, r_new = forward(p_, r, tokens, mask, key)
+            logits, r_new = forward(p_, r, tokens, mask, key, positions)
             loss_sum, _, count = _losses(logits, targets, weights, kind)
             return loss_sum / jnp.maximum(count, 1.0), r_new
 
@@ -365,12 +386,12 @@ def train(
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), r, o, loss
 
-    def eval_step(p, r, tokens, mask, targets, weights):
-        return _losses(forward(p, r, tokens, mask, None)[0], targets, weights, kind)
+    def eval_step(p, r, tokens, mask, targets, weights, positions=None):
+        return _losses(forward(p, r, tokens, mask, None, positions)[0], targets, weights, kind)
 
     L = int(np.asarray(data.train.inputs).shape[1])
-    ex_train = sharder.put_batch(*_gather(data.train, np.arange(min(cfg.batch_size, len(data.train))), kind, cfg.batch_size))
-    ex_eval = sharder.put_batch(*_gather(data.val, np.arange(min(cfg.eval_batch, len(data.val))), kind, cfg.eval_batch))
+    ex_train = sharder.put_batch(*_gather(data.train, np.arange(min(cfg.batch_size, len(data.train))), kind, cfg.batch_size, scored))
+    ex_eval = sharder.put_batch(*_gather(data.val, np.arange(min(cfg.eval_batch, len(data.val))), kind, cfg.eval_batch, scored))
     t0 = time.perf_counter()
     rep = sharder.replicated
     lowered_step = jax.jit(train_step, out_shardings=(rep, rep, rep, rep)).lower(
@@ -387,7 +408,7 @@ def train(
         sums = np.zeros(3)
         for start in range(0, n, cfg.eval_batch):
             idx = np.arange(start, min(n, start + cfg.eval_batch))
-            out = eval_c(p, r, *sharder.put_batch(*_gather(split, idx, kind, cfg.eval_batch)))
+            out = eval_c(p, r, *sharder.put_batch(*_gather(split, idx, kind, cfg.eval_batch, scored)))
             sums += np.array([float(x) for x in out])
         return _metric_value(metric, *sums)
 
@@ -431,7 +452,7 @@ def train(
     try:
         for step in range(start, end):
             idx = batch_indices(len(data.train), cfg.batch_size, step, cfg.seed)
-            batch = sharder.put_batch(*_gather(data.train, idx, kind, cfg.batch_size))
+            batch = sharder.put_batch(*_gather(data.train, idx, kind, cfg.batch_size, scored))
             ts = time.perf_counter()
             params, rest, opt_state, loss = step_c(params, rest, opt_state, jnp.int32(step), *batch)
             loss = float(loss)

@@ -313,6 +313,33 @@ def test_mqar_requires_4p_le_seq_len():
     assert ((data.train.targets != IGNORE).sum(1) == 16).all()
 
 
+def test_mqar_training_mixture_of_pair_counts():
+    """train_num_pairs: training rows mix those pair counts (equal shares, each row a valid
+    MQAR row with its own P); validation and test rows keep num_pairs; the default path is
+    unchanged by the option's existence (same rows as without it)."""
+    L, V = 64, 64
+    data = tasks.generate("mqar", seq_len=L, num_train=30, num_val=6, num_test=6, seed=3, vocab_size=V,
+                          num_pairs=8, train_num_pairs=(2, 4, 8))
+    counts = (data.train.targets != IGNORE).sum(1)
+    assert sorted(np.unique(counts, return_counts=True)[1].tolist()) == [10, 10, 10]
+    assert set(counts.tolist()) == {2, 4, 8} and len(set(counts[:6].tolist())) > 1  # shuffled
+    for x, y in zip(data.train.inputs, data.train.targets):
+        q = np.nonzero(y != IGNORE)[0]
+        P = len(q)
+        lookup = dict(zip(x[0 : 2 * P : 2].tolist(), x[1 : 2 * P : 2].tolist()))
+        assert all(y[i] == lookup[int(x[i])] for i in q)
+    for split in (data.val, data.test):
+        assert ((split.targets != IGNORE).sum(1) == 8).all()
+    plain = tasks.generate("mqar", seq_len=L, num_train=30, num_val=6, num_test=6, seed=3, vocab_size=V, num_pairs=8)
+    again = tasks.generate("mqar", seq_len=L, num_train=30, num_val=6, num_test=6, seed=3, vocab_size=V,
+                           num_pairs=8, train_num_pairs=())
+    np.testing.assert_array_equal(plain.train.inputs, again.train.inputs)
+    with pytest.raises(ValueError, match="train_num_pairs"):
+        tasks.generate("mqar", seq_len=L, num_train=4, num_val=0, num_test=0, num_pairs=8, train_num_pairs=(32,))
+    with pytest.raises(ValueError, match="train_num_pairs"):
+        tasks.generate("mqar", seq_len=L, num_train=4, num_val=0, num_test=0, num_pairs=8, train_num_pairs=(0,))
+
+
 def test_mqar_power_law_favours_short_gaps():
     def mean_gap(a):
         d = tasks.generate("mqar", seq_len=256, num_train=300, num_val=0, num_test=0, num_pairs=8, power_a=a)

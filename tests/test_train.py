@@ -207,3 +207,31 @@ def test_mask_refusal_when_padding_would_be_seen():
     assert needs_kv_mask(data) and not needs_kv_mask(toy_classify())
     with pytest.raises(ValueError, match="padding"):
         train(toy_model(), data, TrainConfig(steps=10, **FAST), use_mask=False, progress=False)
+
+
+def test_sparse_scored_positions_path_equals_dense_head(monkeypatch):
+    """A token task scored at few positions per row trains the head only there
+    (``scored_positions``); the loss trajectory and the test result equal the dense-head run's,
+    and ``CausalLM(positions=...)`` equals the full logits gathered at those positions."""
+    import efficient_attn.train as train_mod
+
+    data = TaskData("toy_lm", "token", True, 6, 6, L, _lm_split(128, 0), _lm_split(32, 1), _lm_split(32, 2))
+    assert train_mod.scored_positions(data) == L // 2
+    cfg = LMConfig(vocab_size=6, max_len=L, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(data.val.inputs[:4])
+    pos = jnp.asarray(np.tile(np.array([[1, 5, 15]], np.int32), (4, 1)))
+    np.testing.assert_allclose(model(tokens, positions=pos), np.take_along_axis(
+        np.asarray(model(tokens)), np.asarray(pos)[..., None], axis=1), rtol=1e-6, atol=1e-6)
+
+    tc = TrainConfig(steps=20, **FAST)
+    sparse = train(CausalLM(cfg, rngs=nnx.Rngs(0)), data, tc, use_mask=False, progress=False)
+    monkeypatch.setattr(train_mod, "scored_positions", lambda d: None)
+    dense = train(CausalLM(cfg, rngs=nnx.Rngs(0)), data, tc, use_mask=False, progress=False)
+    for a, b in zip(sparse.history, dense.history):
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-4)
+        assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4)
+    assert math.isclose(sparse.test_loss, dense.test_loss, rel_tol=1e-4)
+    dense_task = TaskData("d", "token", True, 6, 6, L, *(Split(s.inputs, np.where(s.targets == IGNORE, 0, s.targets),
+                                                            s.mask) for s in (data.train, data.val, data.test)))
+    assert train_mod.scored_positions(dense_task) is None  # every position scored: no gathering

@@ -21,6 +21,10 @@ declared ``causal=True`` because it is posed as language modelling, as in Zoolog
 accuracy experiment compares causal models on it. (Were the answer appended after each query,
 a bidirectional model would read it; this generator never does that.)
 
+Training mixture: ``train_num_pairs`` = (4, 8, ..., 64) makes the training split a shuffled
+mixture of those pair counts at the same length (Zoology trains on several MQAR
+configurations at once); validation and test keep ``num_pairs``.
+
 Defaults: V = 8192 and a = 0.01 are Zoology's; P = 8 is Zoology's config default (its
 Figure 2 sweep uses (L, P) in {(64, 4), (128, 8), (256, 16), (512, 64)}).
 ``vocab_size`` = ``num_classes`` = V. Cost O(N L) time, numpy-vectorised.
@@ -47,6 +51,7 @@ class MQARConfig:
     vocab_size: int = 8192
     num_pairs: int = 8
     power_a: float = 0.01
+    train_num_pairs: tuple = ()  # () = train on num_pairs; else a mixture of these pair counts
 
     def __post_init__(self):
         check_positive_int(NAME, "vocab_size", self.vocab_size, minimum=4)
@@ -61,6 +66,14 @@ class MQARConfig:
             self.num_pairs <= self.vocab_size // 2 - 1,
             f"num_pairs={self.num_pairs} distinct keys need vocab_size//2 - 1 >= num_pairs "
             f"(keys come from [1, vocab_size/2)); raise vocab_size to at least {2 * self.num_pairs + 2}",
+        )
+        if isinstance(self.train_num_pairs, list):  # accept a list, store a hashable tuple
+            object.__setattr__(self, "train_num_pairs", tuple(self.train_num_pairs))
+        check_config(
+            NAME,
+            isinstance(self.train_num_pairs, tuple)
+            and all(isinstance(p, int) and 0 < p <= self.vocab_size // 2 - 1 for p in self.train_num_pairs),
+            f"train_num_pairs must be a tuple of pair counts in [1, vocab_size//2 - 1], got {self.train_num_pairs!r}",
         )
 
 
@@ -99,23 +112,23 @@ def _distinct_uniform(gen: np.random.Generator, n: int, m: int, k: int) -> np.nd
         out[bad] = gen.integers(0, m, size=(bad.size, k))
 
 
-def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int) -> TaskData:
-    """Zoology's MQAR: P pairs, then each key queried once at a power-law distance."""
-    P, V, L = cfg.num_pairs, cfg.vocab_size, seq_len
+def _check_fits(P: int, L: int, field: str = "num_pairs") -> None:
     check_config(
         NAME,
         4 * P <= L,
-        f"need 4 * num_pairs <= seq_len (P pairs take 2P tokens, P queries need P of the "
-        f"(L - 2P)//2 query slots), got num_pairs={P}, seq_len={L}; use num_pairs <= {L // 4}",
+        f"need 4 * {field} <= seq_len (P pairs take 2P tokens, P queries need P of the "
+        f"(L - 2P)//2 query slots), got {field}={P}, seq_len={L}; use values <= {L // 4}",
     )
-    n = num_train + num_val + num_test
-    gen = rng(NAME, seed)
+
+
+def _sequences(gen: np.random.Generator, n: int, P: int, V: int, L: int, power_a: float):
+    """``n`` MQAR rows with ``P`` pairs: (inputs, targets), each ``[n, L]`` int64."""
     half = V // 2
     keys = 1 + _distinct_uniform(gen, n, half - 1, P)  # distinct, uniform in [1, V/2)
     values = half + _distinct_uniform(gen, n, V - half, P)  # distinct, uniform in [V/2, V)
     space = (L - 2 * P) // 2
     g = np.arange(1, space + 1, dtype=np.float64)
-    log_p = np.log(cfg.power_a) + (cfg.power_a - 1.0) * np.log(g)
+    log_p = np.log(power_a) + (power_a - 1.0) * np.log(g)
     gaps = _choose_rows(gen, n, log_p, P)  # distinct slots in [0, space)
 
     inputs = gen.integers(0, V, size=(n, L), dtype=np.int64)  # random non-query tokens
@@ -125,7 +138,30 @@ def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num
     np.put_along_axis(inputs, query_pos, keys, axis=1)
     targets = np.full((n, L), IGNORE, dtype=np.int64)
     np.put_along_axis(targets, query_pos, values, axis=1)
-    mask = np.ones((n, L), dtype=bool)
+    return inputs, targets
+
+
+def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int) -> TaskData:
+    """Zoology's MQAR: P pairs, then each key queried once at a power-law distance.
+
+    With ``cfg.train_num_pairs`` the training rows are a mixture (equal shares, shuffled) of
+    those pair counts at the same length, as Zoology trains on several MQAR configurations at
+    once; validation and test rows always have ``num_pairs``."""
+    P, V, L = cfg.num_pairs, cfg.vocab_size, seq_len
+    _check_fits(P, L)
+    for p in cfg.train_num_pairs:
+        _check_fits(p, L, "train_num_pairs")
+    gen = rng(NAME, seed)
+    if not cfg.train_num_pairs:
+        inputs, targets = _sequences(gen, num_train + num_val + num_test, P, V, L, cfg.power_a)
+    else:
+        ev_in, ev_tg = _sequences(gen, num_val + num_test, P, V, L, cfg.power_a)
+        shares = np.array_split(np.arange(num_train), len(cfg.train_num_pairs))
+        parts = [_sequences(gen, len(idx), p, V, L, cfg.power_a) for p, idx in zip(cfg.train_num_pairs, shares)]
+        order = gen.permutation(num_train)
+        inputs = np.concatenate([np.concatenate([a for a, _ in parts])[order], ev_in])
+        targets = np.concatenate([np.concatenate([t for _, t in parts])[order], ev_tg])
+    mask = np.ones((inputs.shape[0], L), dtype=bool)
 
     train, val, test = three_splits(inputs, targets, mask, num_train, num_val)
     params = dataclasses.asdict(cfg)
