@@ -165,6 +165,7 @@ def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num
 
     train, val, test = three_splits(inputs, targets, mask, num_train, num_val)
     params = dataclasses.asdict(cfg)
+    params["train_num_pairs"] = list(cfg.train_num_pairs)  # as JSON (the cache) gives it back
     return TaskData(
         name=NAME,
         kind="token",
