@@ -186,3 +186,15 @@ def environment(preset: str | None = None, **extra: Any) -> dict[str, Any]:
     }
     env.update(extra)
     return env
+
+
+def legend_entries(axes: Iterable[Any]) -> tuple[list[Any], list[str]]:
+    """The legend handles and labels of several matplotlib axes, each label once (first seen
+    wins), for one figure-level legend over subplots that share their series."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels

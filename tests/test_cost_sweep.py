@@ -10,7 +10,7 @@ import pytest
 import efficient_attn as ea
 from efficient_attn import measure, report
 from efficient_attn.registry import unregister
-from efficient_attn.sweeps import cost
+from efficient_attn.sweeps import cost, cost_report
 
 TINY = dict(
     lengths=(64, 128),
@@ -196,7 +196,7 @@ def test_analysis_slopes_ratios_and_crossover_on_synthetic_rows():
     rows = [row("full", n, 1e-6 * n**2, 100 * n**2, "O(N^2)") for n in ns]
     rows += [row("blockwise", n, 2e-6 * n**2, 1000 * n, "O(N^2)") for n in ns]
     rows += [row("lin", n, 1e-3 * n, 5000 * n, "O(N)") for n in ns]  # faster than full from 1024 on
-    got = cost.analyse(rows)[("fwd", False)]
+    got = cost_report.analyse(rows)[("fwd", False)]
     assert got["full"]["time_fit"].slope == pytest.approx(2.0)
     assert got["lin"]["time_fit"].slope == pytest.approx(1.0)
     assert got["lin"]["time_claimed"] == 1.0
@@ -204,7 +204,7 @@ def test_analysis_slopes_ratios_and_crossover_on_synthetic_rows():
     assert got["lin"]["cross_time_blockwise"].n == 512  # 1e-3 n < 2e-6 n^2 once n > 500
     assert got["lin"]["cross_memory_full"].n == 256  # 5000 n < 100 n^2 once n > 50
     assert got["lin"]["cross_memory_blockwise"].n is None  # always 5x blockwise's memory
-    md = cost.cost_markdown(rows, cfg, None, {"device": "cpu"})
+    md = cost_report.cost_markdown(rows, cfg, None, {"device": "cpu"})
     assert "| lin | O(N) |" in md and "none <= 2048" in md
 
 

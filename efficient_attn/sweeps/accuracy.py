@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -190,7 +190,9 @@ def _cpu() -> AccuracyConfig:
     # transition after a plateau (at length 128 with 8 pairs, full attention sat at 1/P
     # accuracy for ~1100 steps of batch 32, then reached 100% by step 1400). At (512, 64) it
     # stayed on the plateau for 3000 steps (1.2%), and so did a run trained on Zoology's mixture
-    # of pair counts (train_num_pairs=(4, 8, 16, 32, 64), 20000 examples: 0.8% at step 2750).
+    # of pair counts (train_num_pairs=(4, 8, 16, 32, 64), 20000 examples: 0.8% at step 2750), and
+    # an 8000-step run (1.3% at step 5000, stopped there: validation loss rising since step 2500
+    # while training loss fell, i.e. the 10000 training sequences were being memorised).
     size = ModelSize(num_layers=2, emb_dim=64, num_heads=2, mlp_dim=128)
     tr = TrainConfig(lr=3e-3, weight_decay=0.01, warmup=100, steps=1000, batch_size=16, eval_every=100,
                      eval_batch_size=50)

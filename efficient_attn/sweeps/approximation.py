@@ -44,11 +44,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -641,12 +640,7 @@ def _plot_budgets(cfg: ApproxConfig, rows: list[dict], path: Path, per_row: int 
                 ax.text(0.5, 0.5, "weights are not a distribution:\nno KL", ha="center", va="center",
                         fontsize=7, transform=ax.transAxes)
             ax.set_title(f"{variant}: {'relative error' if metric == 'rel_err' else 'row KL (nats)'}", fontsize=9)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+    handles, labels = report.legend_entries(axes.flat)
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
     fig.suptitle(f"Error against full attention as the budget grows (N={cfg.seq_len}, preset {cfg.preset}; "

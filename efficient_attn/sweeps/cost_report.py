@@ -1,0 +1,490 @@
+"""The cost experiment's outputs, rebuilt from its stored rows: analysis, tables, plots.
+
+``analyse`` fits log-log slopes of time and memory against N (all points and the three
+longest) beside the slopes the capabilities claim, and finds the crossover length of every
+variant against each baseline (``full``, ``blockwise``); ``cost_markdown`` writes table.md
+(time, memory, speed-up and memory ratios against both baselines, crossovers, fraction of
+the measured matmul rate, notes that explain each slope that disagrees with its claim);
+``plot`` draws time.png and memory.png (log-log, baselines dashed); ``table2_markdown``
+writes the LRA Table 2 analog beside the published table (Tay et al. 2020, "Long Range
+Arena", arXiv 2011.04006). ``write_outputs`` does all of it. Nothing here measures: the
+sweep (``sweeps/cost.py``) stores rows, this module only reads them, so a table can be
+rebuilt from rows.json at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from efficient_attn import measure, report
+
+if TYPE_CHECKING:
+    from efficient_attn.sweeps.cost import CostConfig
+
+__all__ = ["analyse", "cost_markdown", "plot", "table2_rows", "table2_markdown", "write_outputs"]
+
+PASSES = ("fwd", "fwd_bwd")
+BASELINES = ("full", "blockwise")
+MiB = 1024**2
+
+
+def _current(rows: Sequence[dict], cfg: CostConfig, kind: str = "cost") -> list[dict]:
+    dims = (cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
+    return [r for r in rows if r.get("kind", "cost") == kind
+            and (r.get("batch"), r.get("heads"), r.get("head_dim"), r.get("dtype")) == dims]
+
+
+def _series(rows: Sequence[dict]) -> dict[tuple[str, bool], dict[str, dict[int, dict]]]:
+    """(pass, causal) -> variant -> n -> row."""
+    out: dict[tuple[str, bool], dict[str, dict[int, dict]]] = {}
+    for r in rows:
+        out.setdefault((r["pass"], bool(r["causal"])), {}).setdefault(r["variant"], {})[int(r["n"])] = r
+    return out
+
+
+def _ok(r: dict | None, field: str) -> float | None:
+    if r is None or r.get("status") != "ok":
+        return None
+    v = r.get(field)
+    return float(v) if v is not None and v > 0 else None
+
+
+def analyse(rows: Sequence[dict]) -> dict[tuple[str, bool], dict[str, dict[str, Any]]]:
+    """Per (pass, causal) and variant: slopes (all points and the 3 longest), claimed slopes, crossovers."""
+    result: dict[tuple[str, bool], dict[str, dict[str, Any]]] = {}
+    for group, by_variant in _series(rows).items():
+        res = result.setdefault(group, {})
+        for name, by_n in by_variant.items():
+            ns = sorted(by_n)
+            info: dict[str, Any] = {"ns": ns}
+            for field, which in (("time_median_s", "time"), ("memory_bytes", "memory")):
+                pts = [(n, _ok(by_n[n], field)) for n in ns if _ok(by_n[n], field)]
+                info[f"{which}_fit"] = measure.fit_loglog([p[0] for p in pts], [p[1] for p in pts])
+                info[f"{which}_tail_fit"] = measure.fit_loglog([p[0] for p in pts[-3:]], [p[1] for p in pts[-3:]])
+                claim = by_n[ns[0]].get(f"claimed_{which}")
+                try:
+                    c = measure.parse_big_o(claim)
+                    mid = math.sqrt(pts[0][0] * pts[-1][0]) if pts else ns[0]
+                    info[f"{which}_claimed"] = c.slope_at(mid)
+                except (ValueError, TypeError):
+                    info[f"{which}_claimed"] = None
+                info[f"{which}_claim_text"] = claim
+            for base in BASELINES:
+                b = by_variant.get(base)
+                if b is None or base == name:
+                    continue
+                common = [n for n in ns if n in b]
+                vt = [_ok(by_n[n], "time_median_s") for n in common]
+                bt = [_ok(b[n], "time_median_s") for n in common]
+                vm = [_ok(by_n[n], "memory_bytes") for n in common]
+                bm = [_ok(b[n], "memory_bytes") for n in common]
+                info[f"cross_time_{base}"] = measure.crossover(common, vt, bt)
+                info[f"cross_memory_{base}"] = measure.crossover(common, vm, bm)
+                info[f"cross_both_{base}"] = measure.crossover(common, vt, bt, variant_extra=vm, baseline_extra=bm)
+                # lengths where the baseline could not run (over budget) but the variant could
+                info[f"beyond_{base}"] = [n for n in ns if _ok(by_n[n], "time_median_s") and n in b
+                                          and b[n].get("status") == "skipped"
+                                          and not str(b[n].get("reason", "")).startswith("sweep budget")]
+            res[name] = info
+    return result
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _order(v: str) -> tuple:
+    """Baselines first (full, blockwise), then the rest alphabetically."""
+    return (BASELINES.index(v) if v in BASELINES else len(BASELINES), v)
+
+
+def _ms(x):
+    return None if x is None else 1e3 * x
+
+
+def _mib(x):
+    return None if x is None else x / MiB
+
+
+def _cell(r: dict | None, field: str, scale) -> Any:
+    if r is None:
+        return None
+    if r.get("status") == "ok":
+        return scale(r.get(field))
+    if r.get("status") == "skipped":
+        if field == "memory_bytes" and r.get("memory_bytes"):
+            return f"({scale(r['memory_bytes']):.0f}, not run)"
+        return "skip"
+    return "error"
+
+
+def _ratio_cell(r: dict | None, by_base: dict[str, dict[int, dict]], n: int, field: str, invert: bool) -> str:
+    parts = []
+    for base in BASELINES:
+        b = by_base.get(base, {}).get(n)
+        v, bv = _ok(r, field), _ok(b, field)
+        if v is None or bv is None:
+            parts.append("-")
+        else:
+            parts.append(f"{(bv / v if invert else v / bv):.2g}")
+    return " / ".join(parts)
+
+
+def _fmt_cross(c: measure.Crossover | None) -> str:
+    if c is None or not c.ns:
+        return "-"
+    if c.n is None:
+        return f"none <= {c.ns[-1]}"
+    if c.from_start:
+        return f"<= {c.n}"
+    return f"{c.n} (~{c.n_interp:.0f})"
+
+
+def _fmt_slope(fit: measure.Fit | None) -> str:
+    return "-" if fit is None else f"{fit.slope:.2f}"
+
+
+_PASS_TITLE = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
+
+
+def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None, env: dict) -> str:
+    rows = _current(rows, cfg)
+    groups = _series(rows)
+    analysis = analyse(rows)
+    lines = [f"# Cost scaling: preset `{cfg.preset}`", ""]
+    lines.append(
+        f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
+        f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
+        + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
+           f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
+           if rate and rate.get("matmul_gflops") else "")
+        + (f"Load average (1, 5, 15 min) at the start of this run: {rate['load_avg_start']}, at the end: "
+           f"{rate.get('load_avg_end')}; above the core count, other processes shared the CPU and times are "
+           "inflated. " if rate and rate.get("load_avg_start") else "")
+    )
+    lines.append("")
+    lines.append(
+        "Time: median of timed calls after a warm-up, each inside `jax.block_until_ready`; compile "
+        "time is apart (`compile_s` in rows.csv). Memory: `compiled.memory_analysis()` argument + "
+        "output + temporary bytes of one call (`temp_bytes` alone in rows.csv). `fwd_bwd` is the "
+        "gradient of <out, g> with respect to q, k, v and the variant's parameters. `skip`: over a "
+        "budget (reason in rows.csv); `(M, not run)`: compiled memory M MiB over the memory budget."
+    )
+    lines.append("")
+    notes: list[str] = []
+    for (pass_, causal) in sorted(groups, key=lambda g: (PASSES.index(g[0]) if g[0] in PASSES else 9, g[1])):
+        by_variant = groups[(pass_, causal)]
+        info = analysis[(pass_, causal)]
+        ns = sorted({n for v in by_variant.values() for n in v})
+        title = f"{_PASS_TITLE.get(pass_, pass_)}, {'causal' if causal else 'bidirectional'}"
+        names = sorted(by_variant, key=_order)
+        group_rows = [r for v in by_variant.values() for r in v.values()]
+        if not any(r.get("status") == "ok" for r in group_rows):
+            reasons = sorted({_reason_kind(r) for r in group_rows})
+            lines += [f"## {title}", "", f"Not measured: all {len(group_rows)} points skipped or failed "
+                      f"({'; '.join(reasons)}); rerun to resume.", ""]
+            continue
+        lines += [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
+                  "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
+        head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
+        body = []
+        for v in names:
+            i = info[v]
+            body.append([v, i["time_claim_text"]] + [_cell(by_variant[v].get(n), "time_median_s", _ms) for n in ns]
+                        + [_fmt_slope(i["time_fit"]), _fmt_slope(i["time_tail_fit"]), i["time_claimed"]])
+        lines += [report.markdown_table(head, body)]
+        lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
+        head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
+        body = []
+        for v in names:
+            i = info[v]
+            body.append([v, i["memory_claim_text"]] + [_cell(by_variant[v].get(n), "memory_bytes", _mib) for n in ns]
+                        + [_fmt_slope(i["memory_fit"]), _fmt_slope(i["memory_tail_fit"]), i["memory_claimed"]])
+        lines += [report.markdown_table(head, body)]
+        lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
+                  "memory), each as `vs full / vs blockwise`.", ""]
+        head = ["variant"] + [f"speed-up N={n}" for n in ns] + [f"memory N={n}" for n in ns]
+        body = []
+        for v in names:
+            body.append([v] + [_ratio_cell(by_variant[v].get(n), by_variant, n, "time_median_s", True) for n in ns]
+                        + [_ratio_cell(by_variant[v].get(n), by_variant, n, "memory_bytes", False) for n in ns])
+        lines += [report.markdown_table(head, body)]
+        lines += ["Crossover N: the smallest measured N from which the variant is better than the baseline "
+                  "at every longer measured N (`~`: interpolated in log-log between the last losing and the "
+                  "first winning length; `<= N`: better from the first length; `none <= N`: not better at "
+                  "the longest length both measured). `both` = faster and less memory. Matmul fraction: "
+                  "FLOPs / time at the longest measured N, over this run's matmul rate.", ""]
+        head = ["variant", "time vs full", "memory vs full", "both vs full", "time vs blockwise",
+                "memory vs blockwise", "both vs blockwise", "FLOPs source", "matmul fraction"]
+        body = []
+        for v in names:
+            i = info[v]
+            last = next((by_variant[v][n] for n in reversed(ns) if _ok(by_variant[v].get(n), "time_median_s")), None)
+            body.append([v, _fmt_cross(i.get("cross_time_full")), _fmt_cross(i.get("cross_memory_full")),
+                         _fmt_cross(i.get("cross_both_full")), _fmt_cross(i.get("cross_time_blockwise")),
+                         _fmt_cross(i.get("cross_memory_blockwise")), _fmt_cross(i.get("cross_both_blockwise")),
+                         last.get("flops_source") if last else None,
+                         last.get("matmul_fraction") if last else None])
+        lines += [report.markdown_table(head, body)]
+        notes += _notes(title, by_variant, info, ns)
+    load = (rate or {}).get("load_avg_start") or []
+    cores = env.get("cpu_cores") or 0
+    if load and cores and max(load[0], ((rate or {}).get("load_avg_end") or [0])[0]) > cores:
+        notes.insert(0, f"Other processes shared the CPU during this run (load average {load[0]} at the start, "
+                        f"{cores} cores): times are inflated and noisy (few repeats per point), so slopes and "
+                        "crossovers are rough; memory and FLOPs are unaffected. Rerun on an idle machine with "
+                        "`--force` for clean timings.")
+    deadline = [r for r in rows if str(r.get("reason", "")).startswith("sweep budget")]
+    if deadline:
+        notes.append(f"{len(deadline)} of {len(rows)} points were not reached within the sweep's time budget "
+                     "(`sweep_budget_s`); the same command resumes them.")
+    if rate and rate.get("matmul_gflops") and any((r.get("gflops_per_s") or 0) > rate["matmul_gflops"] for r in rows):
+        notes.append("Some matmul fractions exceed 1: the matmul ceiling was measured while other processes "
+                     "shared the CPU (see the load average), so it understates this machine's rate.")
+    lines += ["## Notes", ""]
+    lines += [f"- {n}" for n in notes] if notes else ["- Every fitted slope is within 0.3 of its claim."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _reason_kind(r: dict) -> str:
+    """The reason of a row that did not run, without its numbers ("sweep budget", "time budget"...)."""
+    if r.get("status") == "error":
+        return "error"
+    return str(r.get("reason", "")).split(":", 1)[0] or str(r.get("status"))
+
+
+def _notes(title: str, by_variant: dict, info: dict, ns: list[int]) -> list[str]:
+    out = []
+    for v in sorted(info):
+        i = info[v]
+        for which in ("time", "memory"):
+            fit, tail, claimed = i[f"{which}_fit"], i[f"{which}_tail_fit"], i[f"{which}_claimed"]
+            if fit is None or claimed is None:
+                continue
+            slope = tail.slope if tail is not None else fit.slope
+            d = slope - claimed
+            if abs(d) <= 0.3:
+                continue
+            if d < 0:
+                why = ("below the claim: at these lengths costs that do not grow like the claimed term "
+                       "(dispatch, the O(N d) projections and reshapes, the inputs and outputs themselves in "
+                       "the memory count) still dominate, so the asymptotic exponent is not reached yet"
+                       if which == "time" or claimed > 1 else
+                       "below the claim: buffers of fixed size (block scratch space, parameters, random "
+                       "features) are still a large part of the total")
+            else:
+                why = ("above the claim: the implementation does more than its claimed asymptotics at "
+                       "these lengths (a pass that grows faster, e.g. a sort, a padded or a dense step), "
+                       "or the working set has left the CPU caches")
+            out.append(f"{title}, `{v}` {which}: slope {slope:.2f} over the longest lengths "
+                       f"(all lengths: {fit.slope:.2f}) against the claimed {claimed:.2f} "
+                       f"({i[f'{which}_claim_text']}); {why}.")
+        for base in BASELINES:
+            beyond = i.get(f"beyond_{base}")
+            if beyond:
+                out.append(f"{title}, `{v}`: ran at N={', '.join(map(str, beyond))} where `{base}` was over budget; "
+                           "crossovers use only lengths both measured.")
+        loops = [n for n, r in sorted(by_variant[v].items()) if r.get("flops_source") == "jaxpr_lower_bound"]
+        if loops:
+            out.append(f"{title}, `{v}`: FLOPs are a lower bound (a while loop with a data-dependent trip count "
+                       "was counted once), so its matmul fraction is understated.")
+        bad = [(n, r["status"], r.get("reason", "")) for n, r in sorted(by_variant[v].items())
+               if r.get("status") == "error"]
+        for n, _, reason in bad[:2]:
+            out.append(f"{title}, `{v}` failed at N={n}: {reason[:200]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot(rows: Sequence[dict], cfg: CostConfig, field: str, path: Path, ylabel: str, scale: float) -> None:
+    """Log-log curves of ``field`` against N, one line per variant (baselines dashed), a panel per
+    pass (rows) and masking (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    groups = _series(_current(rows, cfg))
+    if not groups:
+        return
+    passes = [p for p in PASSES if any(g[0] == p for g in groups)]
+    maskings = [c for c in (False, True) if any(g[1] == c for g in groups)]
+    fig, axes = plt.subplots(len(passes), len(maskings), figsize=(5.0 * len(maskings) + 2.2, 4.0 * len(passes)),
+                             squeeze=False)
+    names = sorted({v for g in groups.values() for v in g}, key=_order)
+    cmap = plt.get_cmap("tab20")
+    others = [v for v in names if v not in BASELINES]
+    colors = {"full": "black", "blockwise": "tab:red"}
+    colors.update({v: cmap(i % 20) for i, v in enumerate(others)})
+    for i, pass_ in enumerate(passes):
+        for j, causal in enumerate(maskings):
+            ax = axes[i][j]
+            ax.set_title(f"{_PASS_TITLE.get(pass_, pass_)}, {'causal' if causal else 'bidirectional'}", fontsize=10)
+            for v in names:
+                by_n = groups.get((pass_, causal), {}).get(v, {})
+                pts = [(n, _ok(by_n[n], field)) for n in sorted(by_n) if _ok(by_n[n], field)]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                base = v in BASELINES
+                ax.plot(xs, [y / scale for y in ys], marker="o", markersize=3, color=colors[v], label=v,
+                        linestyle="--" if base else "-", linewidth=2.0 if base else 1.2, zorder=3 if base else 2)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = report.legend_entries(axes.flat)
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+CSV_COLUMNS = [
+    "kind", "variant", "n", "pass", "causal", "status", "reason", "time_median_s", "time_spread", "time_spread_kind",
+    "time_min_s", "time_max_s", "repeats", "compile_s", "memory_bytes", "temp_bytes", "argument_bytes",
+    "output_bytes", "xla_peak_bytes", "device_peak_bytes", "flops", "flops_source", "flops_xla", "flops_jaxpr",
+    "gflops_per_s", "matmul_gflops", "matmul_fraction", "steps_per_s", "speedup_vs_full", "memory_vs_full",
+    "claimed_time", "claimed_memory", "family", "exact", "batch", "heads", "head_dim", "dtype",
+    "num_layers", "emb_dim", "mlp_dim", "max_call_s", "max_compile_s", "memory_budget_bytes",
+]
+
+
+def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: dict[str, Any] | None) -> None:
+    """rows.csv, rows.json, table.md, time.png, memory.png (and table2.md) from the stored rows.
+
+    ``info``: this run's matmul rate and load averages, added to the environment stamp.
+    """
+    out = Path(out)
+    rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
+    enriched = {id(r): e for r, e in zip(_table2_current(rows, cfg), table2_rows(rows, cfg))}
+    rows = [enriched.get(id(r), r) for r in rows]
+    start, ceiling = (info or {}).get("matmul_best_gflops_start"), (info or {}).get("matmul_gflops")
+    if start and ceiling and ceiling != start:  # rows of this run: against the run's final ceiling
+        for r in rows:
+            if r.get("matmul_gflops") == start and r.get("gflops_per_s"):
+                r.update(matmul_gflops=ceiling, matmul_fraction=r["gflops_per_s"] / ceiling)
+    env = report.environment(cfg.preset, **(info or {}))
+    report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
+    report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
+    report.write_atomic(out / "table.md", cost_markdown(rows, cfg, info, env))
+    plot(rows, cfg, "time_median_s", out / "time.png", "time per call (s)", 1.0)
+    plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB)
+    if _table2_current(rows, cfg):
+        report.write_atomic(out / "table2.md", table2_markdown(rows, cfg, env))
+
+
+# ----------------------------------------------------------------------------- LRA Table 2 analog
+
+# Tay et al. 2020, Long Range Arena, Table 2: steps/s and peak memory (GB) on byte-level text,
+# 4x4 TPU v3, batch 32, at lengths 1K, 2K, 3K, 4K; keyed by the name of the variant here.
+PUBLISHED_TABLE2: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
+    "full": ("Transformer", (8.1, 4.9, 2.3, 1.4), (0.85, 2.65, 5.51, 9.48)),
+    "local": ("Local", (9.2, 8.4, 7.4, 7.4), (0.42, 0.76, 1.06, 1.37)),
+    "linformer": ("Linformer", (9.3, 9.1, 8.5, 7.7), (0.37, 0.55, 0.99, 0.99)),
+    "reformer": ("Reformer", (4.4, 2.2, 1.5, 1.1), (0.48, 0.99, 1.53, 2.28)),
+    "sinkhorn": ("Sinkhorn", (9.1, 7.9, 6.6, 5.3), (0.47, 0.83, 1.13, 1.48)),
+    "synthesizer": ("Synthesizer", (8.7, 5.7, 6.6, 1.9), (0.65, 1.98, 4.09, 6.99)),
+    "bigbird": ("BigBird", (7.4, 3.9, 2.7, 1.5), (0.77, 1.49, 2.18, 2.88)),
+    "linear": ("Linear Trans.", (9.1, 9.3, 8.6, 7.8), (0.37, 0.57, 0.80, 1.03)),
+    "performer": ("Performer", (9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
+}
+PUBLISHED_LENGTHS = (1024, 2048, 3072, 4096)
+
+
+def _table2_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    t = cfg.table2
+    dims = (t.batch, t.num_layers, t.emb_dim, t.num_heads, t.mlp_dim)
+    return [r for r in rows if r.get("kind") == "table2"
+            and (r.get("batch"), r.get("num_layers"), r.get("emb_dim"), r.get("heads"), r.get("mlp_dim")) == dims]
+
+
+def table2_rows(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    """The Table 2 rows of ``cfg``'s model with ``speedup_vs_full`` and ``memory_vs_full`` filled in."""
+    rows = [dict(r) for r in _table2_current(rows, cfg)]
+    full = {r["n"]: r for r in rows if r["variant"] == "full"}
+    for r in rows:
+        f = full.get(r["n"])
+        v, fv = _ok(r, "steps_per_s"), _ok(f, "steps_per_s")
+        r["speedup_vs_full"] = v / fv if v and fv else None
+        m, fm = _ok(r, "memory_bytes"), _ok(f, "memory_bytes")
+        r["memory_vs_full"] = m / fm if m and fm else None
+    return rows
+
+
+def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
+    t = cfg.table2
+    rows = table2_rows(rows, cfg)
+    by = {(r["variant"], r["n"]): r for r in rows}
+    names = sorted({r["variant"] for r in rows}, key=_order)
+    ns = sorted({r["n"] for r in rows})
+    lines = [
+        f"# LRA Table 2 analog: training speed and memory, byte-level text (preset `{cfg.preset}`)", "",
+        f"One optimiser step (forward, backward, AdamW update) of the LRA text classifier scaled down to "
+        f"{t.num_layers} layer(s), width {t.emb_dim}, {t.num_heads} heads, MLP {t.mlp_dim}, batch {t.batch}, "
+        f"mean pooling, float32, on {env.get('device')} ({env.get('cpu')}). Steps/s = 1 / median step time "
+        "(compile excluded), with the speed-up against `full` in parentheses; memory = compiled "
+        "(`memory_analysis`) arguments + outputs + temporaries of the step in MiB, with the ratio to `full`.",
+        "",
+        "The LRA columns are the published Table 2 (Tay et al. 2020, 4x4 TPU v3, batch 32, width 256, "
+        "4 layers; steps/s with speed-up, peak memory in GB). Compare the ratios, not the absolute "
+        "numbers: the hardware, model size and batch differ.", "",
+    ]
+
+    def cell(value, ratio, fmt):
+        if value is None:
+            return None
+        return f"{fmt(value)} ({ratio:.2f}x)" if ratio is not None else fmt(value)
+
+    def ours(v, n, field, ratio_field, fmt):
+        r = by.get((v, n))
+        if r is None:
+            return None
+        if r.get("status") != "ok":
+            return r.get("status")
+        return cell(r.get(field), r.get(ratio_field), fmt)
+
+    pub_ns = [n for n in PUBLISHED_LENGTHS]
+    head = (["variant"] + [f"steps/s {n // 1024}K" if n % 1024 == 0 else f"steps/s {n}" for n in ns]
+            + [f"MiB {n // 1024}K" if n % 1024 == 0 else f"MiB {n}" for n in ns]
+            + ["LRA model"] + [f"LRA steps/s {n // 1024}K" for n in pub_ns] + [f"LRA GB {n // 1024}K" for n in pub_ns])
+    body = []
+    base = PUBLISHED_TABLE2["full"]
+    for v in names:
+        pub = PUBLISHED_TABLE2.get(v)
+        row = [v]
+        row += [ours(v, n, "steps_per_s", "speedup_vs_full", lambda x: f"{x:.3g}") for n in ns]
+        row += [ours(v, n, "memory_bytes", "memory_vs_full", lambda x: f"{x / MiB:.0f}") for n in ns]
+        if pub:
+            row += [pub[0]]
+            row += [f"{s:g} ({s / b:.1f}x)" for s, b in zip(pub[1], base[1])]
+            row += [f"{m:g} ({m / b:.2f}x)" for m, b in zip(pub[2], base[2])]
+        else:
+            row += ["-"] + [None] * (2 * len(pub_ns))
+        body.append(row)
+    lines.append(report.markdown_table(head, body))
+    bad = [r for r in rows if r.get("status") != "ok"]
+    late = [r for r in bad if str(r.get("reason", "")).startswith("sweep budget")]
+    if bad:
+        lines += ["Not measured:", ""]
+        lines += [f"- `{r['variant']}` at N={r['n']}: {r['status']}: {r.get('reason', '')[:200]}"
+                  for r in bad if r not in late]
+        if late:
+            lines.append(f"- {len(late)} points not reached within the Table 2 time budget (`budget_s`): "
+                         + ", ".join(f"`{r['variant']}` {r['n']}" for r in late[:40])
+                         + (", ..." if len(late) > 40 else "") + "; the same command resumes them.")
+        lines.append("")
+    return "\n".join(lines)
