@@ -135,6 +135,29 @@ class MultiHeadAttention(nnx.Module):
         return self.out(core(q, k, v, mask=mask))
 
 
+POSITIONS = ("sinusoidal", "learned")
+
+
+def _check_model_config(cfg: EncoderConfig | LMConfig) -> None:
+    """The checks both model configs share (sizes, dropout, attention and its kwargs, fast
+    path, positions); a dict of ``attention_kwargs`` is stored as sorted (name, value) pairs
+    so that the frozen config stays hashable."""
+    name = type(cfg).__name__
+    for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
+        check_positive_int(name, field, getattr(cfg, field))
+    check_config(name, cfg.emb_dim % cfg.num_heads == 0,
+                 f"emb_dim={cfg.emb_dim} must be divisible by num_heads={cfg.num_heads}")
+    check_config(name, isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0,
+                 f"dropout must be in [0, 1), got {cfg.dropout!r}")
+    if isinstance(cfg.attention_kwargs, dict):
+        object.__setattr__(cfg, "attention_kwargs", tuple(sorted(cfg.attention_kwargs.items())))
+    check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in cfg.attention_kwargs),
+                 f"attention_kwargs must be a tuple of (name, value) pairs, got {cfg.attention_kwargs!r}")
+    check_config(name, isinstance(cfg.fast_exact, bool), f"fast_exact must be True or False, got {cfg.fast_exact!r}")
+    check_config(name, cfg.position in POSITIONS, f"position must be one of {POSITIONS}, got {cfg.position!r}")
+    get_spec(cfg.attention)  # unknown variant: fail now, with the registered names
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Sizes of the LRA encoder classifier (defaults: LRA's text task).
@@ -159,22 +182,8 @@ class EncoderConfig:
     position: str = "learned"  # or "sinusoidal" (see the module docstring)
 
     def __post_init__(self):
-        name = type(self).__name__
-        for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
-            check_positive_int(name, field, getattr(self, field))
-        check_config(name, self.emb_dim % self.num_heads == 0,
-                     f"emb_dim={self.emb_dim} must be divisible by num_heads={self.num_heads}")
-        check_config(name, self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        check_config(name, isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-                     f"dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.attention_kwargs, dict):  # accept a dict, store hashable pairs
-            object.__setattr__(self, "attention_kwargs", tuple(sorted(self.attention_kwargs.items())))
-        check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in self.attention_kwargs),
-                     f"attention_kwargs must be a tuple of (name, value) pairs, got {self.attention_kwargs!r}")
-        check_config(name, isinstance(self.fast_exact, bool), f"fast_exact must be True or False, got {self.fast_exact!r}")
-        check_config(name, self.position in POSITIONS,
-                     f"position must be one of {POSITIONS}, got {self.position!r}")
-        get_spec(self.attention)  # unknown variant: fail now, with the registered names
+        _check_model_config(self)
+        check_config(type(self).__name__, self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}")
 
     @property
     def attention_len(self) -> int:
@@ -200,32 +209,15 @@ class LMConfig:
     position: str = "learned"  # or "sinusoidal" (see the module docstring)
 
     def __post_init__(self):
-        name = type(self).__name__
         if self.num_classes is None:
             object.__setattr__(self, "num_classes", self.vocab_size)
-        for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
-            check_positive_int(name, field, getattr(self, field))
-        check_config(name, self.emb_dim % self.num_heads == 0,
-                     f"emb_dim={self.emb_dim} must be divisible by num_heads={self.num_heads}")
-        check_config(name, isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-                     f"dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.attention_kwargs, dict):
-            object.__setattr__(self, "attention_kwargs", tuple(sorted(self.attention_kwargs.items())))
-        check_config(name, all(isinstance(p, tuple) and len(p) == 2 for p in self.attention_kwargs),
-                     f"attention_kwargs must be a tuple of (name, value) pairs, got {self.attention_kwargs!r}")
-        check_config(name, isinstance(self.fast_exact, bool), f"fast_exact must be True or False, got {self.fast_exact!r}")
-        check_config(name, self.position in POSITIONS,
-                     f"position must be one of {POSITIONS}, got {self.position!r}")
-        spec = get_spec(self.attention)
-        check_config(name, spec.capabilities.causal,
+        _check_model_config(self)
+        check_config(type(self).__name__, get_spec(self.attention).capabilities.causal,
                      f"variant {self.attention!r} cannot do causal masking, which a causal LM needs")
 
     @property
     def attention_len(self) -> int:
         return self.max_len
-
-
-POSITIONS = ("sinusoidal", "learned")
 
 
 def sinusoidal_table(length: int, features: int) -> Float[Array, "L F"]:

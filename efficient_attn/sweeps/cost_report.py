@@ -149,6 +149,20 @@ def _fmt_slope(fit: measure.Fit | None) -> str:
 _PASS_TITLE = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
 
 
+def _scaling_table(names: Sequence[str], info: dict, by_variant: dict, ns: list[int], which: str, field: str,
+                   fmt) -> str:
+    """One variant per row: its claim, ``field`` at each N (formatted by ``fmt``), the fitted
+    slope over all lengths and over the 3 longest, and the claimed slope (``which``: "time" or
+    "memory", the prefix of ``analyse``'s keys)."""
+    head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
+    body = []
+    for v in names:
+        i = info[v]
+        body.append([v, i[f"{which}_claim_text"]] + [_cell(by_variant[v].get(n), field, fmt) for n in ns]
+                    + [_fmt_slope(i[f"{which}_fit"]), _fmt_slope(i[f"{which}_tail_fit"]), i[f"{which}_claimed"]])
+    return report.markdown_table(head, body)
+
+
 def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None, env: dict) -> str:
     rows = _current(rows, cfg)
     groups = _series(rows)
@@ -188,21 +202,9 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
             continue
         lines += [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
                   "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
-        head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
-        body = []
-        for v in names:
-            i = info[v]
-            body.append([v, i["time_claim_text"]] + [_cell(by_variant[v].get(n), "time_median_s", _ms) for n in ns]
-                        + [_fmt_slope(i["time_fit"]), _fmt_slope(i["time_tail_fit"]), i["time_claimed"]])
-        lines += [report.markdown_table(head, body)]
+        lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", _ms)]
         lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
-        head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
-        body = []
-        for v in names:
-            i = info[v]
-            body.append([v, i["memory_claim_text"]] + [_cell(by_variant[v].get(n), "memory_bytes", _mib) for n in ns]
-                        + [_fmt_slope(i["memory_fit"]), _fmt_slope(i["memory_tail_fit"]), i["memory_claimed"]])
-        lines += [report.markdown_table(head, body)]
+        lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", _mib)]
         lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
                   "memory), each as `vs full / vs blockwise`.", ""]
         head = ["variant"] + [f"speed-up N={n}" for n in ns] + [f"memory N={n}" for n in ns]
