@@ -19,7 +19,8 @@ analog) sets ``fast_exact=False`` so that its ``full`` row is the quadratic Tran
 Benchmark for Efficient Transformers", arXiv 2011.04006; configs in the LRA repository):
 token + position embeddings (``position="learned"``, the default: a trained table;
 ``"sinusoidal"``: the fixed sin/cos table of Vaswani et al. 2017, which LRA's model code uses
-when ``learn_pos_emb=False``), pre-LayerNorm blocks
+when ``learn_pos_emb=False``; ``"rotary"``: no table, queries and keys rotated by their
+position before every core, RoPE of Su et al. 2021, see ``rotate``), pre-LayerNorm blocks
 
     x = x + Attn(LN(x));   x = x + MLP(LN(x))      MLP = Dense -> GELU -> Dense
 
@@ -78,6 +79,7 @@ class MultiHeadAttention(nnx.Module):
         qkv_features: int | None = None,
         out_features: int | None = None,
         fast_exact: bool = True,
+        rotary: bool = False,
         rngs: nnx.Rngs,
     ):
         qkv_features = in_features if qkv_features is None else qkv_features
@@ -95,6 +97,9 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = qkv_features // num_heads
         self.attention = attention
+        check_config("MultiHeadAttention", not rotary or self.head_dim % 2 == 0,
+                     f"rotary positions rotate pairs of features: head_dim={self.head_dim} must be even")
+        self.rotary = rotary
         heads = (num_heads, self.head_dim)
         self.query = nnx.LinearGeneral(in_features, heads, rngs=rngs)
         self.key = nnx.LinearGeneral(in_features, heads, rngs=rngs)
@@ -129,13 +134,32 @@ class MultiHeadAttention(nnx.Module):
         mask: Mask | None = None,
     ) -> Float[Array, "B T O"]:
         q, k, v = self.qkv(x, context)
+        if self.rotary:
+            q = rotate(q, jnp.arange(q.shape[1]))
+            k = rotate(k, jnp.arange(k.shape[1]))
         core = self.core
         if self.fast_core is not None and (mask is None or mask.dense is None):
             core = self.fast_core
         return self.out(core(q, k, v, mask=mask))
 
 
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal", "learned", "rotary")
+
+
+def rotate(x: Float[Array, "B T H D"], positions: Int[Array, " T"], base: float = 10000.0) -> Float[Array, "B T H D"]:
+    """Rotary position embedding (RoPE; Su et al. 2021, "RoFormer", arXiv 2104.09864, eq. 34):
+    feature pairs (x_i, x_{i + D/2}) of the token at position p are rotated by the angle
+    p * theta_i, theta_i = base^(-2i/D), so that <rotate(q, m), rotate(k, n)> depends on m - n
+    only. Applied to queries and keys before any core, it gives every variant the same
+    relative-position signal (a kernel variant sees the rotated vectors, as in RoFormer's
+    Performer experiments). The half-split pairing (as in GPT-NeoX) is a fixed permutation of
+    the paper's interleaved one."""
+    half = x.shape[-1] // 2
+    theta = jnp.exp(-jnp.log(base) * jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    angle = positions.astype(jnp.float32)[:, None] * theta[None, :]  # [T, D/2]
+    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    a, b = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x.dtype)
 
 
 def _check_model_config(cfg: EncoderConfig | LMConfig) -> None:
@@ -179,7 +203,7 @@ class EncoderConfig:
     attention_kwargs: tuple = ()
     dropout: float = 0.0
     fast_exact: bool = True  # "full" runs on the blockwise kernel (see the module docstring)
-    position: str = "learned"  # or "sinusoidal" (see the module docstring)
+    position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
 
     def __post_init__(self):
         _check_model_config(self)
@@ -206,7 +230,7 @@ class LMConfig:
     attention_kwargs: tuple = ()
     dropout: float = 0.0
     fast_exact: bool = True  # "full" runs on the blockwise kernel (see the module docstring)
-    position: str = "learned"  # or "sinusoidal" (see the module docstring)
+    position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
 
     def __post_init__(self):
         if self.num_classes is None:
@@ -249,7 +273,8 @@ class Block(nnx.Module):
         self.ln1 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
         self.attn = MultiHeadAttention(
             cfg.num_heads, cfg.emb_dim, max_len=cfg.attention_len, attention=cfg.attention,
-            attention_kwargs=_kwargs_dict(cfg.attention_kwargs), fast_exact=cfg.fast_exact, rngs=rngs,
+            attention_kwargs=_kwargs_dict(cfg.attention_kwargs), fast_exact=cfg.fast_exact,
+            rotary=cfg.position == "rotary", rngs=rngs,
         )
         self.ln2 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
         self.mlp_in = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
@@ -272,7 +297,7 @@ class _Trunk(nnx.Module):
         self.tok = nnx.Embed(cfg.vocab_size, cfg.emb_dim, rngs=rngs)
         if cfg.position == "learned":
             self.pos = nnx.Embed(cfg.attention_len, cfg.emb_dim, rngs=rngs)
-        else:  # a constant, not a parameter: the optimiser never sees it
+        elif cfg.position == "sinusoidal":  # a constant, not a parameter: the optimiser never sees it
             self.pos_table = nnx.Variable(sinusoidal_table(cfg.attention_len, cfg.emb_dim))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.ln_f = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
@@ -281,8 +306,8 @@ class _Trunk(nnx.Module):
         T = x.shape[1]
         if self.cfg.position == "learned":
             x = x + self.pos(jnp.arange(T))[None]
-        else:
-            x = x + self.pos_table[...][:T][None]
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[...][:T][None]  # "rotary": positions enter in the attention
         keys = [None] * (len(self.blocks) + 1)
         if dropout_key is not None:
             keys = list(jax.random.split(dropout_key, len(self.blocks) + 1))

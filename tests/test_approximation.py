@@ -96,10 +96,12 @@ def test_trained_model_inputs(tmp_path):
     assert "trained full model" in (tmp_path / "table.md").read_text()
 
 
-def test_main_accepts_variants_and_out(tmp_path, monkeypatch):
+def test_main_accepts_variants_and_out(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(ap.PRESETS, "quick", lambda: dataclasses.replace(TINY, preset="quick", variants=None))
-    rc = ap.main(["--preset", "quick", "--variants", "full", "--out", str(tmp_path), "--no-trained"])
+    rc = ap.main(["--preset", "quick", "--variants", "full", "--out", str(tmp_path), "--no-trained", "--no-progress"])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "rows in" in printed and " rows (" not in printed  # the summary, without the running count
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"full"}
     with pytest.raises(KeyError, match="unknown attention variant"):

@@ -207,4 +207,48 @@ def test_position_embeddings_sinusoidal_table_and_learned_option():
     a, b = fixed(jnp.asarray(tokens)), fixed(jnp.asarray(moved))  # mean pooling: order only via positions
     assert not np.allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     with pytest.raises(ValueError, match="position"):
-        _small_enc(position="rotary")
+        _small_enc(position="alibi")
+
+
+def test_rotary_positions_rotate_pairs_and_give_relative_scores():
+    """RoPE (Su et al. 2021): each feature pair (i, i + D/2) is rotated by p * base^(-2i/D),
+    norms are kept, and the score of a rotated query and key depends on their offset only."""
+    from efficient_attn.nn import rotate
+
+    x = _rand(0, (1, 5, 2, 8))
+    pos = jnp.arange(5)
+    got = np.asarray(rotate(x, pos))
+    p, i = 3, 1
+    angle = p * 10000.0 ** (-2 * i / 8)
+    a, b = np.asarray(x)[0, p, 0, i], np.asarray(x)[0, p, 0, i + 4]
+    np.testing.assert_allclose(got[0, p, 0, i], a * np.cos(angle) - b * np.sin(angle), rtol=1e-5)
+    np.testing.assert_allclose(got[0, p, 0, i + 4], a * np.sin(angle) + b * np.cos(angle), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(np.asarray(x), axis=-1), rtol=1e-5)
+    q, k = _rand(1, (1, 1, 1, 8)), _rand(2, (1, 1, 1, 8))
+
+    def score(m, n):
+        return float(jnp.sum(rotate(q, jnp.array([m])) * rotate(k, jnp.array([n]))))
+
+    assert score(7, 4) == pytest.approx(score(13, 10), rel=1e-4)  # offset 3 both times
+    assert score(7, 4) != pytest.approx(score(7, 6), rel=1e-3)
+
+
+def test_rotary_model_has_no_position_table_and_sees_order():
+    """position="rotary": no table (fewer parameters than "learned"), yet the causal LM's
+    output at a position depends on where earlier tokens sit; every core gets rotated q, k."""
+    learned = CausalLM(LMConfig(vocab_size=11, max_len=16, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32),
+                       rngs=nnx.Rngs(0))
+    rope_cfg = LMConfig(vocab_size=11, max_len=16, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32,
+                        position="rotary")
+    rope = CausalLM(rope_cfg, rngs=nnx.Rngs(0))
+    n = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert n(learned) - n(rope) == 16 * 16
+    a = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
+    b = np.array([[2, 1, 3, 4, 5, 6, 7, 8]], np.int32)  # same set before position 2, other order
+    la, lb = np.asarray(rope(jnp.asarray(a))), np.asarray(rope(jnp.asarray(b)))
+    assert not np.allclose(la[0, 2], lb[0, 2], atol=1e-5)
+    linear = CausalLM(LMConfig(vocab_size=11, max_len=16, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32,
+                               position="rotary", attention="linear"), rngs=nnx.Rngs(0))
+    assert np.isfinite(np.asarray(linear(jnp.asarray(a)))).all()
+    with pytest.raises(ValueError, match="even"):
+        MultiHeadAttention(2, 6, max_len=8, rotary=True, rngs=nnx.Rngs(0))

@@ -340,6 +340,24 @@ def test_mqar_training_mixture_of_pair_counts():
         tasks.generate("mqar", seq_len=L, num_train=4, num_val=0, num_test=0, num_pairs=8, train_num_pairs=(0,))
 
 
+def test_mqar_zero_non_queries_option():
+    """random_non_queries=False (Zoology's Figure 2 setting): the same pairs and queries, and
+    token 0 everywhere else after the pairs; True (the default) fills those with random tokens."""
+    P, V, L = 6, 64, 64
+    kw = dict(seq_len=L, num_train=20, num_val=2, num_test=2, seed=1, vocab_size=V, num_pairs=P)
+    zero = tasks.generate("mqar", random_non_queries=False, **kw)
+    noisy = tasks.generate("mqar", **kw)
+    for x, y in zip(zero.train.inputs, zero.train.targets):
+        q = np.nonzero(y != IGNORE)[0]
+        rest = np.setdiff1d(np.arange(2 * P, L), q)
+        assert (x[rest] == 0).all() and (x[q] >= 1).all()
+        lookup = dict(zip(x[0 : 2 * P : 2].tolist(), x[1 : 2 * P : 2].tolist()))
+        assert all(y[i] == lookup[int(x[i])] for i in q)
+    assert (noisy.train.inputs[:, 2 * P :] != 0).mean() > 0.5  # the default keeps random fillers
+    with pytest.raises(ValueError, match="random_non_queries"):
+        tasks.generate("mqar", random_non_queries="no", **kw)
+
+
 def test_mqar_power_law_favours_short_gaps():
     def mean_gap(a):
         d = tasks.generate("mqar", seq_len=256, num_train=300, num_val=0, num_test=0, num_pairs=8, power_a=a)

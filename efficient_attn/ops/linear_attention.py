@@ -49,7 +49,6 @@ raises it, and within a chunk row i uses the cumulative max up to i. Every expon
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float

@@ -455,8 +455,9 @@ def _pattern_panels(cfg: ApproxConfig, variants: Sequence[str], cache_path: Path
     return panels
 
 
-def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, log=print) -> list[dict]:
-    """Measure every pending unit of ``cfg``, draw the patterns, write the outputs; return the rows."""
+def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, progress: bool = True, log=print) -> list[dict]:
+    """Measure every pending unit of ``cfg``, draw the patterns, write the outputs; return the rows.
+    ``progress=False`` drops the running row count (errors and the summary lines stay)."""
     out = Path(out)
     store = report.RowStore(out / "rows.jsonl", force=force)
     variants = list(cfg.variants) if cfg.variants is not None else list_variants()
@@ -482,7 +483,7 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, log=print) -
             log("".join(traceback.format_exception_only(type(err), err)).strip())
         row["budget_note"] = u["budget_note"]
         store.add(key, row)
-        if (i + 1) % 10 == 0 or i + 1 == len(pending):
+        if progress and ((i + 1) % 10 == 0 or i + 1 == len(pending)):
             log(f"  {i + 1}/{len(pending)} rows ({time.perf_counter() - t0:.0f} s)")
     rows = [store.get(_unit_key(cfg, u)) for u in units]
     if cfg.trained is not None and (out / "trained_qkv.npz").exists():
@@ -686,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="recompute finished rows")
     p.add_argument("--out", type=Path, help="output directory (default results/approximation/<preset>)")
     p.add_argument("--no-trained", action="store_true", help="skip input (b), the trained model's q, k, v")
+    p.add_argument("--no-progress", action="store_true", help="no running row count")
     args = p.parse_args(argv)
     for path in args.plugin:
         load_plugin(path)
@@ -696,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, trained=None)
     out = args.out or Path("results") / "approximation" / cfg.preset
     t0 = time.perf_counter()
-    rows = run(cfg, out, force=args.force)
+    rows = run(cfg, out, force=args.force, progress=not args.no_progress)
     errors = [r for r in rows if r and r.get("status") == "error"]
     print(f"approximation ({cfg.preset}): {len(rows)} rows in {out} ({time.perf_counter() - t0:.0f} s)"
           + (f"; {len(errors)} errors" if errors else ""))

@@ -6,7 +6,9 @@ Layout of one sequence of length L with P key-value pairs and vocabulary V:
                                                           values distinct, from [V/2, V)
     positions 2P .. L-1:   each key k_i once more, as a query, at position 2P + 2 g_i;
                            every other position holds a uniform random token from [0, V)
-                           (Zoology's ``random_non_queries=True``)
+                           (``random_non_queries=True``, the default of Zoology's generator)
+                           or token 0 (``random_non_queries=False``, the setting of
+                           Zoology's Figure 2 runs)
     targets:               v_i at the query position of k_i, IGNORE (-1) everywhere else
 
 The gaps g_i are P distinct slots out of ``space = (L - 2P) // 2``, drawn without replacement
@@ -20,6 +22,11 @@ token), so a bidirectional model cannot read the answer there; the task is never
 declared ``causal=True`` because it is posed as language modelling, as in Zoology, and the
 accuracy experiment compares causal models on it. (Were the answer appended after each query,
 a bidirectional model would read it; this generator never does that.)
+
+Random non-query tokens make the task harder than the layout alone: a random token equal to
+k_i before k_i's query is a false earlier occurrence of the key (followed by a random token),
+which the model must learn to pass over. A query sees about (L - 2P)/2 * 1/V of them: 5% at
+Zoology's (512, 64, V = 8192), 37% at V = 1024.
 
 Training mixture: ``train_num_pairs`` = (4, 8, ..., 64) makes the training split a shuffled
 mixture of those pair counts at the same length (Zoology trains on several MQAR
@@ -52,6 +59,7 @@ class MQARConfig:
     num_pairs: int = 8
     power_a: float = 0.01
     train_num_pairs: tuple = ()  # () = train on num_pairs; else a mixture of these pair counts
+    random_non_queries: bool = True  # False: token 0 between the queries (Zoology's Figure 2)
 
     def __post_init__(self):
         check_positive_int(NAME, "vocab_size", self.vocab_size, minimum=4)
@@ -75,6 +83,8 @@ class MQARConfig:
             and all(isinstance(p, int) and 0 < p <= self.vocab_size // 2 - 1 for p in self.train_num_pairs),
             f"train_num_pairs must be a tuple of pair counts in [1, vocab_size//2 - 1], got {self.train_num_pairs!r}",
         )
+        check_config(NAME, isinstance(self.random_non_queries, bool),
+                     f"random_non_queries must be True or False, got {self.random_non_queries!r}")
 
 
 def _choose_rows(gen: np.random.Generator, n: int, logits: np.ndarray, k: int) -> np.ndarray:
@@ -121,7 +131,7 @@ def _check_fits(P: int, L: int, field: str = "num_pairs") -> None:
     )
 
 
-def _sequences(gen: np.random.Generator, n: int, P: int, V: int, L: int, power_a: float):
+def _sequences(gen: np.random.Generator, n: int, P: int, V: int, L: int, power_a: float, noise: bool):
     """``n`` MQAR rows with ``P`` pairs: (inputs, targets), each ``[n, L]`` int64."""
     half = V // 2
     keys = 1 + _distinct_uniform(gen, n, half - 1, P)  # distinct, uniform in [1, V/2)
@@ -131,7 +141,10 @@ def _sequences(gen: np.random.Generator, n: int, P: int, V: int, L: int, power_a
     log_p = np.log(power_a) + (power_a - 1.0) * np.log(g)
     gaps = _choose_rows(gen, n, log_p, P)  # distinct slots in [0, space)
 
-    inputs = gen.integers(0, V, size=(n, L), dtype=np.int64)  # random non-query tokens
+    if noise:
+        inputs = gen.integers(0, V, size=(n, L), dtype=np.int64)  # random non-query tokens
+    else:
+        inputs = np.zeros((n, L), dtype=np.int64)
     inputs[:, 0 : 2 * P : 2] = keys
     inputs[:, 1 : 2 * P : 2] = values
     query_pos = 2 * P + 2 * gaps
@@ -152,12 +165,13 @@ def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num
     for p in cfg.train_num_pairs:
         _check_fits(p, L, "train_num_pairs")
     gen = rng(NAME, seed)
+    noise = cfg.random_non_queries
     if not cfg.train_num_pairs:
-        inputs, targets = _sequences(gen, num_train + num_val + num_test, P, V, L, cfg.power_a)
+        inputs, targets = _sequences(gen, num_train + num_val + num_test, P, V, L, cfg.power_a, noise)
     else:
-        ev_in, ev_tg = _sequences(gen, num_val + num_test, P, V, L, cfg.power_a)
+        ev_in, ev_tg = _sequences(gen, num_val + num_test, P, V, L, cfg.power_a, noise)
         shares = np.array_split(np.arange(num_train), len(cfg.train_num_pairs))
-        parts = [_sequences(gen, len(idx), p, V, L, cfg.power_a) for p, idx in zip(cfg.train_num_pairs, shares)]
+        parts = [_sequences(gen, len(idx), p, V, L, cfg.power_a, noise) for p, idx in zip(cfg.train_num_pairs, shares)]
         order = gen.permutation(num_train)
         inputs = np.concatenate([np.concatenate([a for a, _ in parts])[order], ev_in])
         targets = np.concatenate([np.concatenate([t for _, t in parts])[order], ev_tg])
