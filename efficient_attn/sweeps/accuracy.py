@@ -192,9 +192,9 @@ def _cpu() -> AccuracyConfig:
     #
     # MQAR: length 512 with Zoology's default of 8 pairs (its generator's config default), a
     # 128-token vocabulary, the generator's random fillers, learned positions, lr 3e-3, batch
-    # 32, 4000 steps on 20000 sequences: the recipe that learns at shorter lengths, where the
-    # transition comes later as the length grows (1/8 accuracy, then a jump: ~step 1100 at
-    # length 128, ~1600 at 256, reaching 99.3% by step 2000 at 256). Zoology's hardest point,
+    # 32, 4000 steps on 20000 sequences: the recipe that learns at shorter lengths (1/8
+    # accuracy, then a sudden jump: ~step 1100 at length 128, ~1600 at 256, ~1200 here, 99% a
+    # few hundred steps later; seed 0, one run each, so the order says nothing). Zoology's hardest point,
     # (512, 64 pairs, vocabulary 8192), is the lra preset's: Zoology trains it on 100k
     # sequences for 64 epochs at batch 128 (~50k steps, ~6M sequences), and no setting tried
     # here left the plateau within a CPU budget (full, seed 0; none chosen on the test split):
