@@ -18,7 +18,7 @@ from efficient_attn.tasks import pathfinder
 def _outdirs(tmp_path: Path) -> list[Path]:
     dirs = [tmp_path]
     if os.environ.get("EA_KEEP_PNG"):
-        dirs.append(Path(__file__).resolve().parents[1] / "results" / "pathfinder_examples")
+        dirs.append(Path(__file__).resolve().parents[2] / "results" / "pathfinder_examples")
     return dirs
 
 
