@@ -1,30 +1,43 @@
-"""The one interface: ``Attention``, ``Mask``, ``Capabilities``, ``Dims`` and input validation.
+"""The one interface: ``Attention``, ``Mask``, ``Capabilities``, ``Dims``, validation, errors.
 
-Every attention variant in efficient-attn is an ``Attention`` subclass with the signature
+Every attention variant in efficient-attn is an ``Attention`` subclass called as
 
     out = attn(q, k, v, *, mask=None)
     q: Float[Array, "B T H D"], k: Float[Array, "B S H D"], v: Float[Array, "B S H Dv"]
     out: Float[Array, "B T H Dv"]
 
-(the layout of ``jax.nn.dot_product_attention``). The framework, not the variant, checks
-the inputs and the variant's declared ``Capabilities`` before the variant's own code runs:
-``Attention.__init_subclass__`` wraps every subclass's ``__call__``, so a plugin written in
-another file gets the same checks for free. After the variant returns, outputs at masked
-queries (``Mask.q_mask``) are set to zero.
+(the layout of ``jax.nn.dot_product_attention``). The base class owns that call: it checks
+the inputs and the variant's declared ``Capabilities``, normalises the mask, and only then
+runs the variant's one method, ``attend(q, k, v, mask)``; afterwards it checks the result,
+zeroes the outputs of masked queries (``Mask.q_mask``) and casts to the input dtype. A
+plugin in another file gets all of it for free. ``core`` imports nothing of the package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
-__all__ = ["Attention", "Capabilities", "Dims", "Mask", "validate_inputs"]
+__all__ = [
+    "Attention",
+    "Capabilities",
+    "CapabilityError",
+    "Dims",
+    "Mask",
+    "check_config",
+    "check_positive_int",
+    "normalise_mask",
+    "validate_inputs",
+]
+
+MASK_ARRAY_FIELDS = ("kv_mask", "q_mask", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +45,8 @@ class Capabilities:
     """What a variant can honour; checked on every call, never decorative.
 
     causal:      supports ``Mask(causal=True)`` (query i sees keys j <= i; needs T == S).
+    bidirectional: supports attention without a causal mask (False for recurrences that are
+                 causal by construction: a gated or delta-rule state only runs forward).
     cross:       supports cross attention with T != S.
     kv_mask:     supports ``Mask(kv_mask=...)`` (padding of keys).
     dense_mask:  supports ``Mask(dense=...)``, an arbitrary ``[B, H, T, S]`` boolean mask.
@@ -42,6 +57,7 @@ class Capabilities:
     """
 
     causal: bool = False
+    bidirectional: bool = True
     cross: bool = False
     kv_mask: bool = False
     dense_mask: bool = False
@@ -62,8 +78,9 @@ class Dims:
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "max_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"Dims.{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
 
 @functools.partial(
@@ -147,6 +164,8 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
         return
     if not isinstance(mask, Mask):
         raise TypeError(f"{name}: mask must be an efficient_attn.Mask, got {type(mask).__name__}")
+    if not mask.causal and not caps.bidirectional:
+        raise CapabilityError(name, "bidirectional attention (no causal mask); pass Mask(causal=True)", "bidirectional")
     if mask.causal:
         if not caps.causal:
             raise CapabilityError(name, "causal masking", "causal")
@@ -177,12 +196,15 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
 
 
 class CapabilityError(ValueError):
-    """A variant was asked for something its ``Capabilities`` do not include."""
+    """A variant was asked for something its ``Capabilities`` do not include.
+
+    The message names the variant, the request, the capability flag and the registered
+    variants that have it (looked up through ``set_capability_directory``, which the registry
+    installs, so that ``core`` never imports ``registry``).
+    """
 
     def __init__(self, name: str, request: str, capability: str):
-        from efficient_attn import registry  # late: registry imports core
-
-        able = [n for n in registry.list_variants() if getattr(registry.get_spec(n).capabilities, capability)]
+        able = _capability_directory(capability)
         super().__init__(
             f"variant {name!r} cannot do {request} (capabilities.{capability}=False); "
             f"variants that can: {', '.join(able) if able else 'none registered'}"
@@ -190,34 +212,89 @@ class CapabilityError(ValueError):
         self.variant, self.request, self.capability = name, request, capability
 
 
-def _validated(call):
-    @functools.wraps(call)
-    def wrapper(self, q, k, v, *, mask: Mask | None = None, **kwargs):
-        validate_inputs(self.variant_name, self.capabilities, self.dims, q, k, v, mask)
-        out = call(self, q, k, v, mask=mask, **kwargs)
-        expected = q.shape[:3] + v.shape[3:]
-        if out.shape != expected:
-            raise RuntimeError(f"{self.variant_name}: returned shape {out.shape}, expected {expected} (a bug in the variant)")
-        if mask is not None and mask.q_mask is not None:
-            out = jnp.where(mask.q_mask[:, :, None, None], out, jnp.zeros((), out.dtype))
-        return out.astype(q.dtype)
+def _no_directory(capability: str) -> list[str]:
+    return []
 
-    wrapper.__ea_validated__ = True
-    return wrapper
+
+_capability_directory: Callable[[str], list[str]] = _no_directory
+
+
+def set_capability_directory(directory: Callable[[str], list[str]]) -> None:
+    """Install the function that lists the variants having a capability (the registry does)."""
+    global _capability_directory
+    _capability_directory = directory
+
+
+def _as_array(name: str, arg: str, x):
+    """numpy arrays and lists become jax arrays; anything else without a shape is refused."""
+    if isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return x
+    if isinstance(x, (np.ndarray, np.generic, list, tuple)):
+        return jnp.asarray(x)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: {arg} must be an array, got {type(x).__name__}")
+    return x
+
+
+def normalise_mask(name: str, mask: Mask | None) -> Mask:
+    """``None`` becomes ``Mask()``; mask arrays given as lists or numpy become jax arrays; a
+    ``causal`` that is not a Python bool is refused (it decides the program's structure)."""
+    if mask is None:
+        return Mask()
+    if not isinstance(mask, Mask):
+        raise TypeError(f"{name}: mask must be an efficient_attn.Mask, got {type(mask).__name__}")
+    causal = mask.causal
+    if isinstance(causal, (np.bool_,)):
+        causal = bool(causal)
+    if isinstance(causal, jax.core.Tracer):
+        raise TypeError(
+            f"{name}: Mask.causal is a traced value; it is static (it decides which blocks exist): "
+            "pass a Python bool, and under jit mark the argument that carries it static "
+            "(jax.jit(f, static_argnames=...))"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: Mask.causal must be a bool, got {type(causal).__name__} {causal!r}")
+    fields = {}
+    for field in MASK_ARRAY_FIELDS:
+        m = getattr(mask, field)
+        if m is not None:
+            m = _as_array(name, f"Mask.{field}", m)
+        fields[field] = m
+    return dataclasses.replace(mask, causal=causal, **fields)
+
+
+def _check_output(name: str, out, q, v):
+    expected = tuple(q.shape[:3]) + tuple(v.shape[3:])
+    if out is None or not hasattr(out, "shape"):
+        got = "None" if out is None else type(out).__name__
+        raise TypeError(
+            f"{name}: attend() returned {got}, expected an array [B, T, H, Dv] = {list(expected)}"
+        )
+    if tuple(out.shape) != expected:
+        raise RuntimeError(
+            f"{name}: returned shape {tuple(out.shape)}, expected {expected} [B, T, H, Dv] (a bug in the variant)"
+        )
 
 
 class Attention(nnx.Module):
-    """Base class of every attention variant.
+    """Base class of every attention variant; it owns the call.
 
     A subclass declares ``capabilities`` (a ``Capabilities``) as a class attribute, is
-    constructed as ``cls(config, dims, *, rngs)``, and implements
+    constructed as ``cls(config, dims, *, rngs)`` and implements ONE method:
 
-        __call__(q: Float[Array, "B T H D"], k: Float[Array, "B S H D"],
-                 v: Float[Array, "B S H Dv"], *, mask: Mask | None = None)
-            -> Float[Array, "B T H Dv"]
+        attend(q: Float[Array, "B T H D"], k: Float[Array, "B S H D"],
+               v: Float[Array, "B S H Dv"], mask: Mask) -> Float[Array, "B T H Dv"]
 
-    Inputs are validated against ``capabilities`` before the subclass's ``__call__`` runs;
-    outputs at masked queries are zeroed after it returns. Register the class with
+    ``mask`` is always a ``Mask`` (never None; its array fields are None where everything is
+    real). ``__call__(q, k, v, *, mask=None)`` belongs to the base class: it turns numpy
+    inputs into jax arrays, validates shapes, dtypes and ``max_len``, enforces
+    ``capabilities``, normalises the mask, calls ``attend``, checks what came back, zeroes
+    the outputs of ``q_mask=False`` queries and returns ``q.dtype``.
+
+    A subclass that overrides ``__call__(q, k, v, *, mask=None)`` instead (the older way)
+    keeps working: its ``__call__`` is wrapped with the same steps. A subclass whose
+    ``__init__`` does not call ``super().__init__`` gets ``config`` and ``dims`` from
+    ``efficient_attn.build``. Register the class with
     ``efficient_attn.register(name, config=ConfigDataclass)``.
     """
 
@@ -228,13 +305,38 @@ class Attention(nnx.Module):
         super().__init_subclass__(**kwargs)
         call = cls.__dict__.get("__call__")
         if call is not None and not getattr(call, "__ea_validated__", False):
-            cls.__call__ = _validated(call)
+            if "attend" in cls.__dict__:
+                raise TypeError(
+                    f"{cls.__name__} defines both attend() and __call__(); implement attend() only "
+                    "(the base class's __call__ validates and then calls it)"
+                )
+            cls.__call__ = _wrap_legacy_call(call)
         if not isinstance(cls.__dict__.get("capabilities", cls.capabilities), Capabilities):
             raise TypeError(f"{cls.__name__}.capabilities must be an efficient_attn.Capabilities")
 
     def __init__(self, config: Any, dims: Dims, *, rngs: nnx.Rngs):
         self.config = config
         self.dims = dims
+
+    def _prepare(self, q, k, v, mask):
+        name = self.variant_name
+        dims = getattr(self, "dims", None)
+        if not isinstance(dims, Dims):
+            raise AttributeError(
+                f"{type(self).__name__} has no dims: its __init__ did not call "
+                "super().__init__(config, dims, rngs=rngs) and it was not made by efficient_attn.build(); "
+                "call super().__init__ first in __init__, or construct it with ea.build(name, ...)"
+            )
+        q, k, v = (_as_array(name, arg, x) for arg, x in (("q", q), ("k", k), ("v", v)))
+        mask = normalise_mask(name, mask)
+        validate_inputs(name, self.capabilities, dims, q, k, v, mask)
+        return q, k, v, mask
+
+    def _finish(self, out, q, v, mask: Mask):
+        _check_output(self.variant_name, out, q, v)
+        if mask.q_mask is not None:
+            out = jnp.where(mask.q_mask[:, :, None, None], out, jnp.zeros((), out.dtype))
+        return out.astype(q.dtype)
 
     def __call__(
         self,
@@ -244,7 +346,37 @@ class Attention(nnx.Module):
         *,
         mask: Mask | None = None,
     ) -> Float[Array, "B T H Dv"]:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+        q, k, v, mask = self._prepare(q, k, v, mask)
+        return self._finish(self.attend(q, k, v, mask), q, v, mask)
+
+    __call__.__ea_validated__ = True  # type: ignore[attr-defined]
+
+    def attend(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B S H D"],
+        v: Float[Array, "B S H Dv"],
+        mask: Mask,
+    ) -> Float[Array, "B T H Dv"]:
+        """The attention itself, on validated inputs; ``mask`` is never None."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v, mask)")
+
+
+def _wrap_legacy_call(call):
+    """A subclass's own ``__call__`` gets the base class's checks around it."""
+
+    @functools.wraps(call)
+    def wrapper(self, q, k, v, *, mask: Mask | None = None, **kwargs):
+        q, k, v, mask = self._prepare(q, k, v, mask)
+        return self._finish(call(self, q, k, v, mask=mask, **kwargs), q, v, mask)
+
+    wrapper.__ea_validated__ = True
+    return wrapper
+
+
+def implements_attention(cls: type) -> bool:
+    """Whether ``cls`` (an ``Attention`` subclass) provides ``attend`` or its own ``__call__``."""
+    return cls.attend is not Attention.attend or cls.__call__ is not Attention.__call__
 
 
 def check_config(variant: str, condition: bool, message: str) -> None:
@@ -253,7 +385,12 @@ def check_config(variant: str, condition: bool, message: str) -> None:
         raise ValueError(f"{variant}: bad hyperparameter: {message}")
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive_int(variant: str, field: str, value: Any, minimum: int = 1) -> None:
-    """Config check for an integer hyperparameter ``>= minimum``."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """Config check for an integer hyperparameter ``>= minimum`` (numpy integers accepted)."""
+    ok = _is_int(value) and value >= minimum
     check_config(variant, ok, f"{field} must be an int >= {minimum}, got {value!r}")

@@ -49,15 +49,13 @@ class BlockwiseAttention(Attention):
         causal=True, cross=True, kv_mask=True, dense_mask=False, exact=True, time="O(N^2)", memory="O(N)"
     )
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
-        mask = mask or Mask()
         return blockwise_attention(
             q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, block_size=self.config.block_size,
             backward_query_block=self.config.backward_query_block,

@@ -39,6 +39,7 @@ def full_attention(q, k, v, mask: Mask | None = None):
     config=FullConfig,
     family="exact",
     citation="Vaswani et al. 2017, Attention Is All You Need",
+    fast_exact="blockwise",
 )
 class FullAttention(Attention):
     """Softmax attention, materialised [B,H,T,S] scores: the reference of every exact path."""
@@ -47,12 +48,11 @@ class FullAttention(Attention):
         causal=True, cross=True, kv_mask=True, dense_mask=True, exact=True, time="O(N^2)", memory="O(N^2)"
     )
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         return full_attention(q, k, v, mask)

@@ -77,7 +77,7 @@ from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops.linear_attention import linear_attention
-from efficient_attn.registry import register
+from efficient_attn.registry import Budget, register
 
 __all__ = [
     "LinearConfig",
@@ -102,8 +102,8 @@ def _check_eps(name: str, eps) -> None:
     check_config(name, ok, f"eps must be a finite float >= 0, got {eps!r}")
 
 
-def _mask_parts(mask: Mask | None):
-    return (False, None) if mask is None else (mask.causal, mask.kv_mask)
+def _mask_parts(mask: Mask):
+    return mask.causal, mask.kv_mask
 
 
 # ---------------------------------------------------------------------------------- linear
@@ -132,13 +132,12 @@ class LinearAttention(Attention):
 
     capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)")
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
         phi_q = jax.nn.elu(q.astype(jnp.float32)) + 1.0
@@ -213,6 +212,8 @@ class PerformerConfig:
     config=PerformerConfig,
     family="kernel",
     citation="Choromanski et al. 2021, Rethinking Attention with Performers",
+    budget=Budget("num_features", (8, 16, 32, 64, 128, 256, 512)),
+    pattern_setting={"num_features": 64},
 )
 class Performer(Attention):
     """FAVOR+: positive orthogonal random features for the softmax kernel; O(N m d) time."""
@@ -240,13 +241,12 @@ class Performer(Attention):
             key = jax.random.fold_in(stream.key[...], stream.count[...])
         return orthogonal_gaussian(key, self.config.num_features, self.dims.head_dim)
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
         w = self.draw()
@@ -303,13 +303,12 @@ class Cosformer(Attention):
 
     capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)")
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
         length = max(q.shape[1], k.shape[1])

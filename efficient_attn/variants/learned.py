@@ -87,7 +87,7 @@ from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops.masks import dense_visibility, masked_softmax
-from efficient_attn.registry import register
+from efficient_attn.registry import Budget, register
 
 __all__ = [
     "SynthesizerConfig",
@@ -182,13 +182,12 @@ class SynthesizerAttention(Attention):
         h = jax.nn.relu(jnp.einsum("bthd,hde->bhte", x, self.w1[...]) + self.b1[...][None, :, None])
         return jnp.einsum("bhte,hes->bhts", h, self.w2[...][:, :, :S]) + self.b2[...][None, :, None, :S]
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         B, T, H, _ = q.shape
         S = k.shape[1]
@@ -277,6 +276,9 @@ def _to_blocks(x, nb: int, b: int):
     config=SinkhornConfig,
     family="learned",
     citation="Tay et al. 2020, Sparse Sinkhorn Attention",
+    budget=Budget("block_size", (8, 16, 32, 64, 128), length_like=True),
+    pattern_setting={"block_size": 8},
+    exact_limit=lambda n: {"block_size": n},  # one block: sorting is the identity
 )
 class SinkhornAttention(Attention):
     """Local block + a learned, Sinkhorn-balanced soft permutation of key blocks."""
@@ -330,15 +332,13 @@ class SinkhornAttention(Attention):
         r = jnp.einsum("bhne,hem->bhnm", e, self.w_sort[...][:, :, :nb]) + self.b_sort[...][None, :, None, :nb]
         return sinkhorn_log(r / self.config.temperature, self.config.sinkhorn_iterations, causal=causal)
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
-        mask = mask or Mask()
         B, N, H, D = q.shape
         b = self.config.block_size
         nb, pad, valid = self._padded(k, mask.kv_mask, N)

@@ -31,7 +31,7 @@ from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
 from efficient_attn.ops.block_sparse import band_block_size, banded_table, block_sparse_attention, num_blocks
-from efficient_attn.registry import register
+from efficient_attn.registry import Budget, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +44,10 @@ class LocalConfig:
         check_positive_int("local", "window", self.window)
 
 
-def sliding_window_attention(q, k, v, window: int, mask: Mask | None):
+def sliding_window_attention(q, k, v, window: int, mask: Mask):
     """Sliding-window attention on BTHD arrays (float32 result)."""
     B, T, H, D = q.shape
-    causal = bool(mask is not None and mask.causal)
-    kv = None if mask is None else mask.kv_mask
+    causal, kv = mask.causal, mask.kv_mask
     b = band_block_size(window, T)
     nb = num_blocks(T, b)
     right = 0 if causal else window
@@ -65,18 +64,20 @@ def sliding_window_attention(q, k, v, window: int, mask: Mask | None):
     config=LocalConfig,
     family="local",
     citation="Parmar et al. 2018, Image Transformer; Tay et al. 2021, Long Range Arena",
+    budget=Budget("window", (4, 8, 16, 32, 64, 128, 256), length_like=True),  # keys on each side
+    pattern_setting={"window": 8},
+    exact_limit=lambda n: {"window": n},
 )
 class LocalAttention(Attention):
     """Sliding-window attention: each query sees the keys within `window` tokens of it."""
 
     capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N w)", memory="O(N + w^2)")
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         return sliding_window_attention(q, k, v, self.config.window, mask)

@@ -79,7 +79,7 @@ from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops.masks import masked_softmax
-from efficient_attn.registry import register
+from efficient_attn.registry import Budget, register
 
 __all__ = [
     "LinformerConfig",
@@ -119,6 +119,8 @@ class LinformerConfig:
     config=LinformerConfig,
     family="lowrank",
     citation="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity",
+    budget=Budget("rank", (8, 16, 32, 64, 128, 256), length_like=True),
+    pattern_setting={"rank": 16},
 )
 class Linformer(Attention):
     """Keys and values projected along the length axis to k rows by learned E, F; O(N k)."""
@@ -137,18 +139,17 @@ class Linformer(Attention):
         self.e = nnx.Param(e)
         self.f = nnx.Param(f)
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         S, D = k.shape[1], q.shape[-1]
         e, f = self.e[...][:S], self.f[...][:S]
         qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-        kv_mask = None if mask is None else mask.kv_mask
+        kv_mask = mask.kv_mask
         if kv_mask is not None:
             keep = kv_mask[:, :, None, None]
             kf, vf = jnp.where(keep, kf, 0.0), jnp.where(keep, vf, 0.0)
@@ -215,6 +216,8 @@ class NystromformerConfig:
     config=NystromformerConfig,
     family="lowrank",
     citation="Xiong et al. 2021, Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention",
+    budget=Budget("num_landmarks", (8, 16, 32, 64, 128, 256), length_like=True),
+    pattern_setting={"num_landmarks": 8},
 )
 class Nystromformer(Attention):
     """Nystrom approximation of the softmax matrix with segment-mean landmarks; O(N m)."""
@@ -223,19 +226,17 @@ class Nystromformer(Attention):
         causal=False, cross=True, kv_mask=True, exact=False, time="O(N m d + m^3)", memory="O(N m + m^2)"
     )
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         B, T, H, D = q.shape
         S = k.shape[1]
         m = self.config.num_landmarks
-        kv_mask = None if mask is None else mask.kv_mask
-        q_valid = None if mask is None else mask.q_mask
+        kv_mask, q_valid = mask.kv_mask, mask.q_mask
         if q_valid is None and T == S:
             q_valid = kv_mask
         scale = D**-0.25  # q . k / sqrt(d) split between both sides

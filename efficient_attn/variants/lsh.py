@@ -50,7 +50,7 @@ from jaxtyping import Array, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
 from efficient_attn.ops.block_sparse import block_sparse_attention, merge_softmax, num_blocks
-from efficient_attn.registry import register
+from efficient_attn.registry import Budget, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +88,11 @@ def sort_by_bucket(buckets: Int[Array, "... T"]) -> Int[Array, "... T"]:
     return jnp.argsort(buckets, axis=-1, stable=True)
 
 
-def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask | None):
+def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask):
     """LSH attention on BTHD arrays (float32 result); see the module docstring."""
     B, T, H, D = q.shape
     n = rotations.shape[0]
-    causal = bool(mask is not None and mask.causal)
-    kv = None if mask is None else mask.kv_mask
+    causal, kv = mask.causal, mask.kv_mask
     x = q.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, T, D]
     vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
     buckets = lsh_buckets(x, rotations, num_buckets(T, bucket_size))  # [n, B, H, T]
@@ -132,6 +131,8 @@ def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask | None):
     config=ReformerConfig,
     family="lsh",
     citation="Kitaev et al. 2020, Reformer: The Efficient Transformer",
+    budget=Budget("num_hashes", (1, 2, 4, 8)),
+    pattern_setting={"bucket_size": 8},
 )
 class ReformerAttention(Attention):
     """Reformer LSH attention: shared QK, sort by hash bucket, attend within chunks."""
@@ -145,13 +146,12 @@ class ReformerAttention(Attention):
         shape = (config.num_hashes, dims.num_heads, dims.head_dim, half)
         self.rotations = LSHRotations(jax.random.normal(rngs.params(), shape, jnp.float32))
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         del k  # shared-QK: keys are the normalised queries (module docstring)
         return reformer_attention(q, v, self.rotations[...], self.config.bucket_size, mask)

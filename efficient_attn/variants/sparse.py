@@ -70,15 +70,15 @@ from efficient_attn.ops.block_sparse import (
     num_blocks,
     pad_rows,
 )
-from efficient_attn.registry import register
+from efficient_attn.registry import Budget, register
 
 
 def _bhtd(x):
     return x.transpose(0, 2, 1, 3)
 
 
-def _unpack(mask: Mask | None):
-    return bool(mask is not None and mask.causal), (None if mask is None else mask.kv_mask)
+def _unpack(mask: Mask):
+    return mask.causal, mask.kv_mask
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,6 +132,9 @@ def sparse_transformer_table(num_block: int, stride: int, mode: str, causal: boo
     config=SparseTransformerConfig,
     family="sparse",
     citation="Child et al. 2019, Generating Long Sequences with Sparse Transformers",
+    budget=Budget("block_size", (4, 8, 16, 32, 64), length_like=True),
+    pattern_setting={"block_size": 4},
+    exact_limit=lambda n: {"block_size": n},  # one block: every key visible
 )
 class SparseTransformerAttention(Attention):
     """Sparse Transformer: the union of a local and a strided (or fixed/summary) block pattern."""
@@ -140,13 +143,12 @@ class SparseTransformerAttention(Attention):
         causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N + (N/b)^1.5)"
     )
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv = _unpack(mask)
         cfg = self.config
@@ -188,19 +190,21 @@ class LongformerConfig:
     config=LongformerConfig,
     family="sparse",
     citation="Beltagy et al. 2020, Longformer: The Long-Document Transformer",
+    budget=Budget("window", (8, 16, 32, 64, 128, 256, 512), length_like=True),  # total width
+    pattern_setting={"window": 16},
+    exact_limit=lambda n: {"window": 2 * n},  # n keys on each side
 )
 class LongformerAttention(Attention):
     """Longformer: a sliding window plus symmetric global attention on chosen positions."""
 
     capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N + w^2)")
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv = _unpack(mask)
         B, T, H, _ = q.shape
@@ -319,6 +323,9 @@ def bigbird_table(u, num_block: int, num_global: int, causal: bool):
     config=BigBirdConfig,
     family="sparse",
     citation="Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences",
+    budget=Budget("block_size", (8, 16, 32, 64, 128), length_like=True),  # 3 window + 2 global + 3 random blocks
+    pattern_setting={"block_size": 8},
+    exact_limit=lambda n: {"block_size": n},  # one block: every key visible
 )
 class BigBirdAttention(Attention):
     """BigBird (ITC): window of 3 blocks + global blocks + random blocks fixed per module."""
@@ -338,13 +345,12 @@ class BigBirdAttention(Attention):
         nb = num_blocks(T, self.config.block_size)
         return bigbird_table(self.random[...], nb, min(self.config.num_global_blocks, nb), causal)
 
-    def __call__(
+    def attend(
         self,
         q: Float[Array, "B T H D"],
         k: Float[Array, "B S H D"],
         v: Float[Array, "B S H Dv"],
-        *,
-        mask: Mask | None = None,
+        mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv = _unpack(mask)
         T = q.shape[1]

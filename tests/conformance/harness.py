@@ -12,7 +12,8 @@ import efficient_attn as ea
 from efficient_attn.registry import load_plugin
 from pathlib import Path
 
-load_plugin(Path(__file__).with_name("plugin_variant.py"))
+load_plugin(Path(__file__).with_name("plugin_variant.py"))  # the README's style: its own __call__
+load_plugin(Path(__file__).with_name("plugin_declared.py"))  # attend() only, declarations, no super().__init__
 
 VARIANTS = ea.list_variants()
 
