@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
@@ -320,10 +321,50 @@ class _Trunk(nnx.Module):
 def _check_tokens(tokens, mask, max_len: int, who: str):
     if tokens.ndim != 2:
         raise ValueError(f"{who}: tokens must be [B, L] integers, got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{who}: tokens must be integer ids, got dtype {tokens.dtype}; cast them with .astype(int32)")
     if tokens.shape[1] > max_len:
         raise ValueError(f"{who}: sequence length {tokens.shape[1]} exceeds max_len={max_len}; raise max_len")
     if mask is not None and tuple(mask.shape) != tuple(tokens.shape):
         raise ValueError(f"{who}: mask shape {tuple(mask.shape)} must equal tokens shape {tuple(tokens.shape)}")
+
+
+def _first_outside(ids, limit: int, who: str, what: str, fix: str) -> None:
+    """Eagerly (``ids`` concrete): a ``ValueError`` naming the first id outside [0, limit),
+    its position and the fix. Traced ids are not checked here (see ``_poison``)."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    a = np.asarray(ids)
+    bad = (a < 0) | (a >= limit)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{who}: {what} {int(a[where])} at position {where} (batch row, index) is outside [0, {limit}) "
+            f"({int(bad.sum())} such in all); {fix}"
+        )
+
+
+def _outside_rows(ids, limit: int) -> Bool[Array, " B"]:
+    """Rows of ``ids`` ``[B, ...]`` with an id outside [0, limit)."""
+    return jnp.any((ids < 0) | (ids >= limit), axis=tuple(range(1, ids.ndim)))
+
+
+def _poison(out: Float[Array, "B ..."], bad: Bool[Array, " B"]) -> Float[Array, "B ..."]:
+    """NaN in every output of the rows ``bad``: what a traced out-of-range id gives."""
+    return jnp.where(bad.reshape(bad.shape + (1,) * (out.ndim - 1)), jnp.nan, out)
+
+
+def _embed_ids(trunk: "_Trunk", tokens: Int[Array, "B L"], who: str):
+    """Token embeddings and the rows holding an id outside [0, vocab_size).
+
+    jnp's gather would wrap a negative id and fill (or clamp) one >= vocab_size, which can
+    give two different sequences the same logits: eager calls raise instead, and traced calls
+    embed a clipped id and return the row's outputs as NaN (``_poison``)."""
+    vocab = trunk.cfg.vocab_size
+    _first_outside(tokens, vocab, who, "token id",
+                   f"token ids must be in [0, vocab_size={vocab}): map the id into the vocabulary, or build the model "
+                   f"with a larger vocab_size")
+    return trunk.tok(jnp.clip(tokens, 0, vocab - 1)), _outside_rows(tokens, vocab)
 
 
 class Classifier(nnx.Module):
@@ -331,7 +372,14 @@ class Classifier(nnx.Module):
 
     ``mask=None`` means every token is real, and no key mask is passed to the attention
     (for variants without ``kv_mask`` on tasks without padding).
+
+    Token ids must be in ``[0, vocab_size)``. Called on concrete arrays, an id outside it
+    raises a ``ValueError`` naming the id, its position and ``vocab_size``. Under ``jit``
+    (traced ids, which cannot be checked before running) every logit of a row holding such an
+    id is NaN, so that the row cannot pass for a result (a loss over it is NaN).
     """
+
+    accepts = frozenset({"dropout_key"})  # optional keyword inputs of __call__ (see train.py)
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -350,7 +398,7 @@ class Classifier(nnx.Module):
     ) -> Float[Array, "B C"]:
         cfg = self.cfg
         _check_tokens(tokens, mask, cfg.max_len, "Classifier")
-        x = self.trunk.tok(tokens)
+        x, bad = _embed_ids(self.trunk, tokens, "Classifier")
         B = x.shape[0]
         kv_mask = mask
         if cfg.pool == "cls":
@@ -365,14 +413,21 @@ class Classifier(nnx.Module):
         else:
             w = mask.astype(h.dtype)[..., None]
             pooled = (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
-        return self.head_out(nnx.relu(self.head_hidden(pooled)))
+        return self.head_out(nnx.relu(self.head_hidden(_poison(pooled, bad))))
 
 
 class CausalLM(nnx.Module):
     """Causal language model: tokens ``[B, L]`` -> next-token logits ``[B, L, V]``.
 
     The attention gets ``Mask(causal=True, kv_mask=mask)``; ``mask=None`` passes no key mask.
+
+    Token ids must be in ``[0, vocab_size)`` and ``positions`` in ``[0, L)``. Called on
+    concrete arrays, a value outside raises a ``ValueError`` naming it, its place and the
+    bound. Under ``jit`` (traced) every logit of a row holding one is NaN, so that the row
+    cannot pass for a result (a loss over it is NaN).
     """
+
+    accepts = frozenset({"dropout_key", "positions"})  # optional keyword inputs of __call__ (see train.py)
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -391,7 +446,15 @@ class CausalLM(nnx.Module):
         scored at a few positions per sequence (MQAR: P of L) then pays the vocabulary head
         and its softmax there only, not at all L."""
         _check_tokens(tokens, mask, self.cfg.max_len, "CausalLM")
-        h = self.trunk.run(self.trunk.tok(tokens), Mask(causal=True, kv_mask=mask), dropout_key)
+        x, bad = _embed_ids(self.trunk, tokens, "CausalLM")
+        h = self.trunk.run(x, Mask(causal=True, kv_mask=mask), dropout_key)
         if positions is not None:
-            h = jnp.take_along_axis(h, positions[..., None].astype(jnp.int32), axis=1)
-        return self.head(h)
+            L = tokens.shape[1]
+            if positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:
+                raise ValueError(f"CausalLM: positions must be [B, K] with B={tokens.shape[0]}, "
+                                 f"got shape {tuple(positions.shape)}")
+            _first_outside(positions, L, "CausalLM", "position",
+                           f"positions index the {L} tokens of a row: use values in [0, {L})")
+            bad = bad | _outside_rows(positions, L)
+            h = jnp.take_along_axis(h, jnp.clip(positions, 0, L - 1)[..., None].astype(jnp.int32), axis=1)
+        return self.head(_poison(h, bad))
