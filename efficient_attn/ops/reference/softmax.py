@@ -1,0 +1,208 @@
+"""Dense softmax attention: the readable reference of ``ops.online_softmax`` and ``ops.block_sparse``.
+
+Everything here forms the ``[B, H, T, S]`` logits and an explicit boolean visibility of the
+same shape, then one masked softmax:
+
+    s_ij = scale q_i . k_j                          (scale = 1 / sqrt(d) unless given)
+    p_ij = exp(s_ij - lse_i) [j visible to i]
+    lse_i = log sum_{j visible} exp(s_ij)           (-inf when nothing is visible)
+    out_i = sum_j p_ij v_j                          (0 when nothing is visible, never NaN)
+
+``softmax_attention`` takes a ``Mask`` (causal: key j <= query i; ``kv_mask`` [B, S];
+``q_mask`` [B, T] (False rows are zero); ``dense`` [B|1, H|1, T, S]); it is what ``variants/full.py`` computes and what the
+online-softmax (blockwise) engine must equal, forward and backward.
+
+``block_sparse_reference`` takes exactly the arguments of ``ops.block_sparse.block_sparse_attention``
+(head-major q [B, H, T, D]) and builds the visibility that its block table and in-block masks
+imply, pair by pair:
+
+    listed:   key block j // block_k appears in row i // block_q of the table (-1 = no block),
+              per head when the table is [H, nq, r]
+    valid:    kv_valid[j]
+    causal:   k_pos[j] <= q_pos[i]          (positions default to arange)
+    segments: q_seg[i] == k_seg[j]
+    band:     i - left <= j <= i + right    (row indices, not positions)
+    self:     "exclude" hides k_pos[j] == q_pos[i]; "fallback" lowers that logit by
+              ``SELF_PENALTY`` (so a query attends to itself only when alone)
+
+It returns ``(out, lse)`` like the engine. O(T S) memory: small inputs only (tests, the
+approximation experiment's ground truth). Computation is float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from efficient_attn.core import Mask
+from efficient_attn.ops.block_sparse import SELF_PENALTY
+
+__all__ = [
+    "masked_softmax_lse",
+    "visibility",
+    "softmax_weights",
+    "softmax_attention",
+    "block_table_visibility",
+    "block_sparse_reference",
+]
+
+
+def masked_softmax_lse(
+    logits: Float[Array, "... S"], visible: Bool[Array, "... S"]
+) -> tuple[Float[Array, "... S"], Float[Array, "..."]]:
+    """Softmax over the last axis restricted to ``visible``, and its log-normaliser.
+
+    A row with nothing visible gets all-zero weights and lse = -inf (no NaN, forward or
+    backward). The row max is a constant of the softmax, so it is held out of the gradient.
+    """
+    visible = jnp.broadcast_to(visible, logits.shape)
+    top = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    e = jnp.where(visible, jnp.exp(jnp.where(visible, logits - top, 0.0)), 0.0)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    seen = den > 0
+    weights = e / jnp.where(seen, den, 1.0)
+    lse = jnp.where(seen, top + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf)
+    return weights, lse[..., 0]
+
+
+def visibility(mask: Mask | None, B: int, T: int, S: int) -> Bool[Array, "B Hm T S"]:
+    """The ``[B, 1|H, T, S]`` visibility a ``Mask`` describes (all True for ``None``).
+
+    causal: j <= i; kv_mask: key j real; q_mask: query i real (a False row sees nothing, so
+    its output is zero, as the ``Attention`` base class guarantees); dense: as given.
+    """
+    vis = jnp.ones((B, 1, T, S), bool)
+    if mask is None:
+        return vis
+    if mask.causal:
+        vis = vis & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
+    if mask.kv_mask is not None:
+        vis = vis & jnp.asarray(mask.kv_mask, bool)[:, None, None, :]
+    if mask.dense is not None:
+        vis = vis & jnp.asarray(mask.dense, bool)
+    if mask.q_mask is not None:  # a padded query sees nothing, so its output row is zero
+        vis = vis & jnp.asarray(mask.q_mask, bool)[:, None, :, None]
+    return jnp.broadcast_to(vis, (B,) + vis.shape[1:])
+
+
+def softmax_weights(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S H D"],
+    mask: Mask | None = None,
+    *,
+    scale: float | None = None,
+) -> Float[Array, "B H T S"]:
+    """The attention matrix A of masked softmax attention (rows of zeros where nothing is visible)."""
+    B, T, _, D = q.shape
+    S = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    weights, _ = masked_softmax_lse(logits, visibility(mask, B, T, S))
+    return weights
+
+
+def softmax_attention(
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S H D"],
+    v: Float[Array, "B S H Dv"],
+    mask: Mask | None = None,
+    *,
+    scale: float | None = None,
+) -> Float[Array, "B T H Dv"]:
+    """Masked softmax attention on BTHD arrays, float32: out = A V with A = ``softmax_weights``."""
+    weights = softmax_weights(q, k, mask, scale=scale)
+    return jnp.einsum("bhts,bshe->bthe", weights, v.astype(jnp.float32))
+
+
+def _per_position(x) -> Array:
+    """[L], [B, L] or [B|1, H|1, L] -> an array broadcastable to [B, H, L] (the engine's rule)."""
+    x = jnp.asarray(x)
+    if x.ndim == 1:
+        return x[None, None]
+    if x.ndim == 2:
+        return x[:, None]
+    return x
+
+
+def block_table_visibility(
+    table,
+    T: int,
+    S: int,
+    *,
+    block_q: int,
+    block_k: int,
+    causal: bool = False,
+    kv_valid: Bool[Array, "B Hk S"] | None = None,
+    q_pos: Int[Array, "Bq Hq T"] | None = None,
+    k_pos: Int[Array, "Bk Hk S"] | None = None,
+    q_seg: Int[Array, "Bq Hq T"] | None = None,
+    k_seg: Int[Array, "Bk Hk S"] | None = None,
+    band: tuple[int, int] | None = None,
+    self_mode: str | None = None,
+) -> Bool[Array, "Bv Hv T S"]:
+    """The ``[B|1, H|1, T, S]`` pairs the block-sparse engine lets attend (module docstring).
+
+    ``self_mode="fallback"`` changes a logit, not the visibility: it is applied by
+    ``block_sparse_reference``, not here.
+    """
+    table = jnp.asarray(table, jnp.int32)
+    if table.ndim == 2:
+        table = table[None]  # one pattern for every head
+    i, j = jnp.arange(T), jnp.arange(S)
+    rows = table[:, i // block_q]  # [H|1, T, r]: the key blocks listed for query i's block
+    listed = jnp.any(rows[:, :, None, :] == (j // block_k)[None, None, :, None], axis=-1)  # [H|1, T, S]
+    vis = listed[None]  # [1, H|1, T, S]; the per-position masks below broadcast it to [B|1, H|1, T, S]
+    if kv_valid is not None:
+        vis = vis & _per_position(kv_valid)[..., None, :]
+    if causal or self_mode == "exclude":
+        qp = _per_position(i if q_pos is None else q_pos)[..., :, None]
+        kp = _per_position(j if k_pos is None else k_pos)[..., None, :]
+        if causal:
+            vis = vis & (kp <= qp)
+        if self_mode == "exclude":
+            vis = vis & (kp != qp)
+    if q_seg is not None:
+        vis = vis & (_per_position(q_seg)[..., :, None] == _per_position(k_seg)[..., None, :])
+    if band is not None:
+        left, right = band
+        vis = vis & (j[None, :] >= i[:, None] - left) & (j[None, :] <= i[:, None] + right)
+    return vis
+
+
+def block_sparse_reference(
+    q: Float[Array, "B H T D"],
+    k: Float[Array, "B H S D"],
+    v: Float[Array, "B H S E"],
+    table,
+    *,
+    block_q: int,
+    block_k: int,
+    causal: bool = False,
+    kv_valid: Bool[Array, "B Hk S"] | None = None,
+    q_pos: Int[Array, "Bq Hq T"] | None = None,
+    k_pos: Int[Array, "Bk Hk S"] | None = None,
+    q_seg: Int[Array, "Bq Hq T"] | None = None,
+    k_seg: Int[Array, "Bk Hk S"] | None = None,
+    band: tuple[int, int] | None = None,
+    self_mode: str | None = None,
+    scale: float | None = None,
+) -> tuple[Float[Array, "B H T E"], Float[Array, "B H T"]]:
+    """Dense attention over the block table: ``(out, lse)`` as ``block_sparse_attention`` returns."""
+    T, D = q.shape[2], q.shape[3]
+    S = k.shape[2]
+    vis = block_table_visibility(
+        table, T, S, block_q=block_q, block_k=block_k, causal=causal, kv_valid=kv_valid,
+        q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, band=band, self_mode=self_mode,
+    )
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    logits = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    if self_mode == "fallback":
+        qp = _per_position(jnp.arange(T) if q_pos is None else q_pos)[..., :, None]
+        kp = _per_position(jnp.arange(S) if k_pos is None else k_pos)[..., None, :]
+        logits = jnp.where(kp == qp, logits - SELF_PENALTY, logits)
+    weights, lse = masked_softmax_lse(logits, vis)
+    return jnp.einsum("bhts,bhse->bhte", weights, v.astype(jnp.float32)), lse
