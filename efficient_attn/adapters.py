@@ -44,7 +44,7 @@ def attention_fn(name: str, **hyperparameters) -> Callable:
             if nnx.state(module, nnx.Param):
                 raise ValueError(
                     f"attention_fn({name!r}): this variant has learned parameters, which a plain "
-                    "function cannot hold; use efficient_attn.nn.MultiHeadAttention(core=...) instead"
+                    f"function cannot hold; use efficient_attn.nn.MultiHeadAttention(num_heads, in_features, attention={name!r}, ...) instead"
                 )
             cache[key_] = module
         kv_mask = dense = None

@@ -137,6 +137,12 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
             "cast them to one dtype"
         )
     B, T, H, D = q.shape
+    for arg, x in (("q", q), ("k", k), ("v", v)):
+        if 0 in x.shape:
+            raise ValueError(
+                f"{name}: {arg} has an empty axis, shape {_fmt_shape(x)} [B, T|S, H, D]; every axis needs "
+                "at least one element (an empty batch or sequence has nothing to attend)"
+            )
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"{name}: batch sizes differ: q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)}")
     if k.shape[2] != H or v.shape[2] != H:
@@ -155,8 +161,6 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
             f"{name}: sequence length {max(T, S)} exceeds max_len={dims.max_len} given to build(); "
             f"build with max_len >= {max(T, S)}"
         )
-    if T == 0 or S == 0:
-        raise ValueError(f"{name}: empty sequence (T={T}, S={S})")
 
     if T != S and not caps.cross:
         raise CapabilityError(name, f"cross attention with T={T} != S={S}", "cross")
