@@ -8,7 +8,8 @@ V). Feeding one-hot values recovers A column by column: with ``V[s, c] = [s == c
 
 ``implied_weights`` does this for any registered variant, plugins included: the identity
 is cut into chunks of ``D`` columns (every variant accepts D_v = D), and the chunks ride
-along the batch axis, so one call probes the whole matrix. It assumes what every built-in
+along the batch axis, so one call probes the whole matrix. ``probe`` does the same in
+groups of bounded size (long sequences) and returns the output on a real V beside A. It assumes what every built-in
 variant satisfies: linear in V, and the same randomness for every batch element of one
 call (Performer's redrawn features, Reformer's hashes are drawn per call, not per example).
 ``probe_consistency`` checks that assumption for a given input (A V against the output on a
@@ -19,7 +20,8 @@ weights that are distributions, with a small uniform smoothing so that a key the
 never attends to costs log(1/eps) nats per unit of full's mass on it, not infinity),
 ``negative_mass`` (how far implied weights are from a distribution).
 
-``draw_patterns`` puts the implied matrices of several variants side by side with full's.
+``draw_patterns`` puts the implied matrices of several variants side by side with the
+reference's (full's).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from efficient_attn.core import Mask
 
 __all__ = [
     "implied_weights",
+    "probe",
     "call",
     "probe_batch",
     "split_probe",
@@ -50,6 +53,9 @@ __all__ = [
 ]
 
 KL_SMOOTHING = 1e-6
+# ``probe`` sends at most this many (batch x head x query x key) entries through one call:
+# 512 MiB of float32 scores for a variant that materialises them.
+PROBE_ENTRIES = 2**27
 
 
 def _tile_mask(mask: Mask | None, reps: int, batch: int) -> Mask | None:
@@ -109,8 +115,9 @@ def call(module: Callable, q, k, v, mask: Mask | None = None, *, fast_compile: b
     module structure (its state is an argument, so modules that differ only in parameter
     values, e.g. seeds, share the compiled code). Other callables are called as they are.
 
-    ``fast_compile``: compile with XLA's backend optimisation level 0 (measured 2-3x faster
-    compiles of a variant at N = 128 on CPU, for a few ms slower runs): for many small probes.
+    ``fast_compile``: compile with XLA's backend optimisation level 0, for many small probes:
+    compiling is then much faster for slightly slower runs (figures in
+    results/approximation/quick/NOTES.md).
     """
     if not isinstance(module, nnx.Module):
         return module(q, k, v, mask=mask)
@@ -142,6 +149,46 @@ def implied_weights(
     qq, kk, v, m, C = probe_batch(q, k, mask)
     out = call(module, qq, kk, v, m, fast_compile=fast_compile)
     return split_probe(out, q.shape[0], k.shape[1], C)[0]
+
+
+def probe(
+    module: Callable,
+    q: Float[Array, "B T H D"],
+    k: Float[Array, "B S H D"],
+    v: Float[Array, "B S H D"],
+    mask: Mask | None = None,
+    *,
+    fast_compile: bool = False,
+    max_entries: int = PROBE_ENTRIES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(implied weights ``[B, H, T, S]``, output on ``v`` ``[B, T, H, D]``), both numpy float32.
+
+    The probing batch of ``probe_batch`` (with ``v`` as its extra block) goes through in
+    groups of equal size (the last one padded), each small enough that a quadratic variant's
+    scores stay under ``max_entries`` entries. The module's state is passed unchanged to every
+    group, so randomness drawn per call (Performer's redraw) is the same in all of them.
+    """
+    qq, kk, vv, mm, C = probe_batch(q, k, mask, extra_v=v)
+    total = qq.shape[0]
+    group = max(1, min(total, max_entries // (q.shape[2] * q.shape[1] * k.shape[1])))
+    n_groups = -(-total // group)
+    pad = n_groups * group - total
+
+    def rows(x, start):
+        if x is None or x.shape[0] != total:  # None, or a dense mask broadcast over the batch
+            return x
+        x = jnp.concatenate([x, x[:pad]]) if pad else x
+        return x[start : start + group]
+
+    outs = []
+    for g in range(n_groups):
+        s = g * group
+        m = None if mm is None else Mask(causal=mm.causal, kv_mask=rows(mm.kv_mask, s), q_mask=rows(mm.q_mask, s),
+                                         dense=rows(mm.dense, s))
+        outs.append(call(module, rows(qq, s), rows(kk, s), rows(vv, s), m, fast_compile=fast_compile))
+    out = jnp.concatenate(outs)[:total]
+    a, o = split_probe(out, q.shape[0], k.shape[1], C, has_extra=True)
+    return np.asarray(a), np.asarray(o, np.float32)
 
 
 def probe_consistency(weights: Float[Array, "B H T S"], v: Float[Array, "B S H Dv"], out) -> float:
@@ -225,22 +272,26 @@ def draw_patterns(
     modes: tuple[str, ...] = ("bidirectional", "causal"),
     columns: int = 4,
     title: str = "",
+    reference: str | None = None,
 ) -> Path:
     """One PNG: for each variant (``panels[name][mode]`` = a [T, S] matrix, or a string that
     says why there is none; optional ``panels[name]["label"]``, e.g. its hyperparameters),
-    its implied weights per mode, "full" first, on full's colour scale (clipped there)."""
+    its implied weights per mode. The ``reference`` panel (default: the first) comes first,
+    and every panel is drawn on its colour scale (clipped there)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(panels)
-    if "full" in names:
-        names.remove("full")
-        names.insert(0, "full")
+    if reference is None and names:
+        reference = names[0]
+    if reference in names:
+        names.remove(reference)
+        names.insert(0, reference)
     vmax = {}
     for mode in modes:
-        ref = panels.get("full", {}).get(mode)
+        ref = panels.get(reference, {}).get(mode)
         vmax[mode] = float(np.max(ref)) if isinstance(ref, np.ndarray) else None
     n_rows = -(-len(names) // columns) * len(modes)
     fig, axes = plt.subplots(n_rows, columns, figsize=(2.4 * columns, 2.5 * n_rows), squeeze=False)

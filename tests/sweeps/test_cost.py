@@ -1,4 +1,5 @@
-"""The cost sweep (efficient_attn.sweeps.cost): outputs, resumption, budgets, errors, interruption."""
+"""The cost sweep (efficient_attn.sweeps.cost): outputs, resumption, re-rendering, budgets,
+errors, interruption, the registry's baselines and the command line."""
 
 import csv
 import dataclasses
@@ -11,6 +12,10 @@ import efficient_attn as ea
 from efficient_attn import measure, report
 from efficient_attn.registry import unregister
 from efficient_attn.sweeps import cost, cost_report
+from efficient_attn.sweeps.cost import point as cost_point
+from efficient_attn.sweeps.cost import table2 as cost_table2
+from efficient_attn.sweeps.cost.budgets import Budgets
+from efficient_attn.sweeps.cost.run import points
 
 TINY = dict(
     lengths=(64, 128),
@@ -24,6 +29,8 @@ TINY = dict(
     repeat_budget_s=0.01,
     matmul_n=128,
 )
+ARGV = ["--variants", "full,blockwise", "--lengths", "64,128", "--no-table2", "--no-progress",
+        "--heads", "2", "--head-dim", "16", "--batch", "1"]
 
 
 def tiny(**changes):
@@ -37,12 +44,24 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
-def test_tiny_sweep_writes_every_output_and_a_rerun_skips_finished_rows(tmp_path, monkeypatch):
-    argv = ["--variants", "full,blockwise", "--lengths", "64,128", "--out", str(tmp_path), "--no-table2",
-            "--no-progress", "--heads", "2", "--head-dim", "16", "--batch", "1"]
-    # the quick preset's budgets, with the causal mode (fewer compiles here)
+@pytest.fixture
+def small_quick(monkeypatch):
+    """The quick preset's budgets at a small matmul, without the deadline and the causal mode."""
     monkeypatch.setitem(cost.PRESETS, "quick", dataclasses.replace(cost.PRESETS["quick"], causal_modes=(False,),
                                                                    matmul_n=128, sweep_budget_s=None))
+
+
+def _no_measuring(monkeypatch):
+    def fail(*a, **k):
+        pytest.fail("measured although every row was stored")
+
+    monkeypatch.setattr(cost_point, "measure_point", fail)
+    monkeypatch.setattr(cost_table2, "measure_train_step", fail)
+    monkeypatch.setattr(measure, "matmul_rate", fail)
+
+
+def test_tiny_sweep_writes_every_output_and_a_rerun_skips_finished_rows(tmp_path, monkeypatch, small_quick):
+    argv = ARGV + ["--out", str(tmp_path)]
     assert cost.main(argv) == 0
     for name in ("table.md", "rows.csv", "rows.json", "rows.jsonl", "time.png", "memory.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -58,7 +77,7 @@ def test_tiny_sweep_writes_every_output_and_a_rerun_skips_finished_rows(tmp_path
         assert float(r["compile_s"]) > 0
         assert int(r["memory_bytes"]) >= int(r["temp_bytes"]) >= 0
         assert float(r["flops"]) > 0 and r["flops_source"] in ("xla", "jaxpr", "jaxpr_lower_bound")
-    # full's quadratic score matrix: memory grows faster than blockwise's
+    # full's quadratic score matrix: memory grows with N
     mem = {(r["variant"], int(r["n"]), r["pass"]): int(r["memory_bytes"]) for r in rows}
     assert mem["full", 128, "fwd"] > mem["full", 64, "fwd"]
 
@@ -70,25 +89,43 @@ def test_tiny_sweep_writes_every_output_and_a_rerun_skips_finished_rows(tmp_path
                  "vs full / vs blockwise", "Crossover N", "N=64", "N=128", "## Notes"):
         assert text in table, text
 
-    # rerun: nothing is measured again
-    calls = []
-    monkeypatch.setattr(cost, "measure_point", lambda *a, **k: calls.append(a) or pytest.fail("re-measured"))
+    # rerun: nothing is measured again, not even the matmul ceiling, and the tables come out
+    # byte for byte as the measuring run wrote them (its ceiling and load averages kept)
+    before = {name: (tmp_path / name).read_bytes() for name in ("table.md", "rows.csv", "rows.jsonl")}
+    _no_measuring(monkeypatch)
     assert cost.main(argv) == 0
-    assert calls == []
     assert len(_csv_rows(tmp_path / "rows.csv")) == 8
+    for name, data in before.items():
+        assert (tmp_path / name).read_bytes() == data, name
+    after = json.loads((tmp_path / "rows.json").read_text())["environment"]
+    assert after["matmul_gflops"] == doc["environment"]["matmul_gflops"]
+
+
+def test_report_only_measures_nothing_and_leaves_pending_points_pending(tmp_path, monkeypatch):
+    cfg = tiny(variants=("full",), lengths=(64,), passes=("fwd",))
+    cost.run(cfg, tmp_path, progress=False)
+    table = (tmp_path / "table.md").read_bytes()
+    _no_measuring(monkeypatch)
+    longer = dataclasses.replace(cfg, lengths=(64, 128))  # N=128 is pending: not measured, not stored
+    store = cost.run(longer, tmp_path, progress=False, report_only=True)
+    assert [(r["n"], r["status"]) for r in store.rows()] == [(64, "ok")]
+    assert (tmp_path / "table.md").read_bytes() == table
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="report_only"):
+        cost.run(cfg, tmp_path, force=True, report_only=True)
 
 
 def test_force_measures_again(tmp_path, monkeypatch):
     cfg = tiny(variants=("full",), lengths=(64,), passes=("fwd",))
     cost.run(cfg, tmp_path, progress=False)
     seen = []
-    real = cost.measure_point
+    real = cost_point.measure_point
 
     def spy(*a, **k):
         seen.append(a[:4])
         return real(*a, **k)
 
-    monkeypatch.setattr(cost, "measure_point", spy)
+    monkeypatch.setattr(cost_point, "measure_point", spy)
     cost.run(cfg, tmp_path, progress=False)
     assert seen == []
     cost.run(cfg, tmp_path, force=True, progress=False)
@@ -139,7 +176,7 @@ def broken_variant():
 
         capabilities = ea.Capabilities(time="O(N)", memory="O(N)")
 
-        def __call__(self, q, k, v, *, mask=None):
+        def attend(self, q, k, v, mask):
             if q.shape[1] > self.config.fail_above:
                 raise RuntimeError("too long for this test variant")
             return jnp.zeros_like(q)
@@ -148,10 +185,13 @@ def broken_variant():
     unregister("broken_for_test")
 
 
-def test_a_failing_variant_is_recorded_as_an_error_and_the_sweep_goes_on(tmp_path, broken_variant):
-    cfg = tiny(variants=(broken_variant, "full"), passes=("fwd",), causal_modes=(False, True))
-    store = cost.run(cfg, tmp_path, progress=False)
-    rows = {(r["variant"], r["n"], r["causal"]): r for r in store.rows()}
+def test_a_failing_variant_is_recorded_as_an_error_the_sweep_goes_on_and_the_exit_status_is_1(
+        tmp_path, monkeypatch, broken_variant, capsys):
+    monkeypatch.setitem(cost.PRESETS, "quick", tiny(preset="quick", passes=("fwd",), causal_modes=(False, True)))
+    code = cost.main(["--variants", f"{broken_variant},full", "--out", str(tmp_path), "--no-progress"])
+    assert code == 1
+    assert "cost: 1 row(s) errored" in capsys.readouterr().err
+    rows = {(r["variant"], r["n"], r["causal"]): r for r in report.RowStore(tmp_path / "rows.jsonl").rows()}
     assert rows[broken_variant, 64, False]["status"] == "ok"
     err = rows[broken_variant, 128, False]
     assert err["status"] == "error" and "too long for this test variant" in err["reason"]
@@ -161,7 +201,7 @@ def test_a_failing_variant_is_recorded_as_an_error_and_the_sweep_goes_on(tmp_pat
 
 
 def test_interrupt_keeps_finished_rows_and_consistent_tables(tmp_path, monkeypatch):
-    real = cost.measure_point
+    real = cost_point.measure_point
     calls = []
 
     def interrupted(*a, **k):
@@ -170,7 +210,7 @@ def test_interrupt_keeps_finished_rows_and_consistent_tables(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(cost, "measure_point", interrupted)
+    monkeypatch.setattr(cost_point, "measure_point", interrupted)
     cfg = tiny(passes=("fwd",))
     with pytest.raises(KeyboardInterrupt):
         cost.run(cfg, tmp_path, progress=False)
@@ -179,23 +219,23 @@ def test_interrupt_keeps_finished_rows_and_consistent_tables(tmp_path, monkeypat
     assert len(_csv_rows(tmp_path / "rows.csv")) == 2
     assert len(json.loads((tmp_path / "rows.json").read_text())["rows"]) == 2
     assert (tmp_path / "table.md").exists()
-    monkeypatch.setattr(cost, "measure_point", real)
+    monkeypatch.setattr(cost_point, "measure_point", real)
     store = cost.run(cfg, tmp_path, progress=False)
     assert len(store) == 4 and all(r["status"] == "ok" for r in store.rows())
+
+
+def _synthetic(cfg, v, n, t, m, claim):
+    r = cost_point.base_row("full", "fwd", False, n, cfg)
+    r.update(variant=v, time_median_s=t, memory_bytes=m, claimed_time=claim, claimed_memory=claim)
+    return r
 
 
 def test_analysis_slopes_ratios_and_crossover_on_synthetic_rows():
     cfg = tiny()
     ns = [256, 512, 1024, 2048]
-
-    def row(v, n, t, m, claim):
-        r = cost._base_row("full", "fwd", False, n, cfg)
-        r.update(variant=v, time_median_s=t, memory_bytes=m, claimed_time=claim, claimed_memory=claim)
-        return r
-
-    rows = [row("full", n, 1e-6 * n**2, 100 * n**2, "O(N^2)") for n in ns]
-    rows += [row("blockwise", n, 2e-6 * n**2, 1000 * n, "O(N^2)") for n in ns]
-    rows += [row("lin", n, 1e-3 * n, 5000 * n, "O(N)") for n in ns]  # faster than full from 1024 on
+    rows = [_synthetic(cfg, "full", n, 1e-6 * n**2, 100 * n**2, "O(N^2)") for n in ns]
+    rows += [_synthetic(cfg, "blockwise", n, 2e-6 * n**2, 1000 * n, "O(N^2)") for n in ns]
+    rows += [_synthetic(cfg, "lin", n, 1e-3 * n, 5000 * n, "O(N)") for n in ns]  # faster than full from 1024 on
     got = cost_report.analyse(rows)[("fwd", False)]
     assert got["full"]["time_fit"].slope == pytest.approx(2.0)
     assert got["lin"]["time_fit"].slope == pytest.approx(1.0)
@@ -206,6 +246,65 @@ def test_analysis_slopes_ratios_and_crossover_on_synthetic_rows():
     assert got["lin"]["cross_memory_blockwise"].n is None  # always 5x blockwise's memory
     md = cost_report.cost_markdown(rows, cfg, None, {"device": "cpu"})
     assert "| lin | O(N) |" in md and "none <= 2048" in md
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+def _register_exact(name, memory, **kw):
+    @ea.register(name, config=_NoConfig, family="test", citation="none", **kw)
+    class Exact(ea.Attention):
+        """Softmax attention under another name, to test how baselines are found."""
+
+        capabilities = ea.Capabilities(exact=True, time="O(N^2)", memory=memory)
+
+        def attend(self, q, k, v, mask):
+            return jnp.zeros(q.shape[:3] + v.shape[3:], q.dtype)
+
+
+def test_baselines_are_the_registered_quadratic_exact_variants_and_their_fast_twins():
+    assert cost.baselines() == ("full", "blockwise") == cost.BASELINES == cost_report.BASELINES
+    assert ea.get_spec("full").fast_exact == "blockwise"  # where the twin comes from
+    _register_exact("zz_quadratic_for_test", "O(N^2)")
+    _register_exact("zz_linear_exact_for_test", "O(N)")  # exact but not the quadratic reference
+    try:
+        assert cost.baselines() == ("full", "blockwise", "zz_quadratic_for_test")
+        assert cost.quadratic_reference() == "full"
+        cfg = tiny()
+        ns = [256, 1024]
+        rows = [_synthetic(cfg, v, n, 1e-6 * n**2, 100 * n**2, "O(N^2)")
+                for v in ("full", "blockwise", "zz_quadratic_for_test") for n in ns]
+        rows += [_synthetic(cfg, "lin", n, 1e-3 * n, 5000 * n, "O(N)") for n in ns]
+        assert "cross_time_zz_quadratic_for_test" in cost.analyse(rows)[("fwd", False)]["lin"]
+        md = cost.cost_markdown(rows, cfg, None, {"device": "cpu"})
+        assert "`vs full / vs blockwise / vs zz_quadratic_for_test`" in md
+        assert "| time vs zz_quadratic_for_test |" in md
+    finally:
+        unregister("zz_quadratic_for_test")
+        unregister("zz_linear_exact_for_test")
+
+
+def test_points_follow_the_capabilities_maskings():
+    @ea.register("causal_only_for_test", config=_NoConfig, family="test", citation="none")
+    class CausalOnly(ea.Attention):
+        """A recurrence: causal by construction, no bidirectional mode."""
+
+        capabilities = ea.Capabilities(causal=True, bidirectional=False, time="O(N)", memory="O(N)")
+
+        def attend(self, q, k, v, mask):
+            return jnp.zeros_like(q)
+
+    try:
+        cfg = tiny(variants=("causal_only_for_test", "local"), causal_modes=(False, True), passes=("fwd",),
+                   lengths=(64,))
+        got = list(points(cfg, cfg.variants))
+        assert ("causal_only_for_test", "fwd", False, 64) not in got
+        assert ("causal_only_for_test", "fwd", True, 64) in got
+        assert {("local", "fwd", c, 64) for c in (False, True)} <= set(got)
+    finally:
+        unregister("causal_only_for_test")
 
 
 def test_table2_analog_measures_training_steps(tmp_path):
@@ -237,6 +336,21 @@ def test_config_validation_names_the_bad_value():
         cost.select_variants(tiny(variants=("fulll",)))
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--lengths", "0,64"], "--lengths"),
+    (["--passes", "sideways"], "--passes: unknown pass 'sideways'"),
+    (["--variants", "fulll"], "--variants: unknown variant 'fulll'"),
+    (["--heads", "0"], "--heads"),
+    (["--report-only", "--force"], "--report-only"),
+])
+def test_bad_flags_are_refused_in_one_line_naming_the_flag(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cost.main(argv)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
 PLUGIN = '''
 import dataclasses
 import jax
@@ -254,12 +368,12 @@ class MeanAttention(ea.Attention):
 
     capabilities = ea.Capabilities(time="O(N)", memory="O(N)")
 
-    def __call__(self, q, k, v, *, mask=None):
+    def attend(self, q, k, v, mask):
         return jax.numpy.broadcast_to(v.mean(axis=1, keepdims=True), q.shape[:3] + v.shape[3:])
 '''
 
 
-def test_plugin_file_variant_is_swept(tmp_path):
+def test_plugin_file_variant_is_swept(tmp_path, small_quick):
     plugin = tmp_path / "my_variant.py"
     plugin.write_text(PLUGIN)
     out = tmp_path / "out"
@@ -277,7 +391,7 @@ def test_plugin_file_variant_is_swept(tmp_path):
 
 
 def test_budgets_extrapolate_from_shorter_lengths_and_skip_only_longer_ones():
-    b = cost._Budgets(max_compile_s=10.0)
+    b = Budgets(max_compile_s=10.0)
     s = ("full", "fwd", False)
     b.remember({"n": 1024, "status": "ok", "time_median_s": 0.1, "compile_s": 1.0}, s, "time_median_s")
     b.remember({"n": 4096, "status": "skipped", "reason": "time budget: predicted ..."}, s, "time_median_s")

@@ -1,0 +1,105 @@
+"""The cost experiment's configuration: one sweep of kernel points, and the LRA Table 2 analog."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from efficient_attn.core import check_config, check_positive_int
+
+__all__ = ["PASSES", "PASS_TITLES", "MiB", "GiB", "Table2Config", "CostConfig"]
+
+PASSES = ("fwd", "fwd_bwd")
+PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
+MiB = 1024**2
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Table2Config:
+    """The LRA Table 2 analog: the byte-level text classifier, trained, at lengths 1K-4K.
+
+    LRA's text configuration is 4 layers, width 256, 4 heads, MLP 1024, batch 32 (reference
+    table); presets scale it down with these fields. ``step_budget_s`` bounds the timed steps
+    of one point, ``max_step_s`` skips a length whose predicted step time exceeds it.
+    """
+
+    enabled: bool = True
+    lengths: tuple[int, ...] = (1024, 2048, 3072, 4096)  # visited in this order (tables sort them)
+    batch: int = 32
+    num_layers: int = 4
+    emb_dim: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    warmup: int = 1
+    min_repeats: int = 2
+    max_repeats: int = 10
+    step_budget_s: float = 2.0
+    max_step_s: float = 10.0
+    memory_budget_bytes: int = 64 * GiB
+    budget_s: float | None = None  # after this many seconds of Table 2 work, the rest is skipped
+
+    def __post_init__(self):
+        for f in ("batch", "num_layers", "emb_dim", "num_heads", "mlp_dim", "min_repeats", "max_repeats"):
+            check_positive_int("cost/table2", f, getattr(self, f))
+        check_config("cost/table2", all(isinstance(n, int) and n > 0 for n in self.lengths),
+                     f"lengths must be positive ints, got {self.lengths!r}")
+        check_config("cost/table2", self.emb_dim % self.num_heads == 0,
+                     f"emb_dim={self.emb_dim} must be divisible by num_heads={self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CostConfig:
+    """One cost sweep. Points are visited mode by mode (forward bidirectional, forward+backward
+    bidirectional, then the causal ones), each mode in increasing length with every variant at
+    one length before the next; a sweep stopped by ``sweep_budget_s`` therefore has complete
+    curves, for every variant, in the modes it reached.
+
+    variants:            names (None = every registered variant, plugins included)
+    lengths:             sequence lengths N (T = S = N)
+    passes:              subset of ("fwd", "fwd_bwd")
+    causal_modes:        subset of (False, True); each only where the variant's capabilities allow it
+    batch/heads/head_dim/dtype: the q, k, v shape [batch, N, heads, head_dim] and dtype
+    warmup, min_repeats, max_repeats, repeat_budget_s: the timing protocol of one point
+    max_call_s:          skip a point whose predicted time per call exceeds this (seconds)
+    max_compile_s:       skip the longer lengths of a series once one compile took longer than this
+    memory_budget_bytes: skip a point whose compiled memory exceeds this
+    sweep_budget_s:      after this many seconds, the remaining points are skipped (None = no limit)
+    """
+
+    preset: str = "quick"
+    variants: tuple[str, ...] | None = None
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    passes: tuple[str, ...] = PASSES
+    causal_modes: tuple[bool, ...] = (False, True)
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    warmup: int = 1
+    min_repeats: int = 2
+    max_repeats: int = 10
+    repeat_budget_s: float = 1.0
+    max_call_s: float = 3.0
+    max_compile_s: float = 60.0
+    memory_budget_bytes: int = 4 * GiB
+    sweep_budget_s: float | None = None
+    seed: int = 0
+    matmul_n: int = 2048
+    table2: Table2Config = Table2Config()
+
+    def __post_init__(self):
+        for f in ("batch", "heads", "head_dim", "min_repeats", "max_repeats", "matmul_n"):
+            check_positive_int("cost", f, getattr(self, f))
+        check_config("cost", self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        check_config("cost", self.max_repeats >= self.min_repeats,
+                     f"max_repeats={self.max_repeats} must be >= min_repeats={self.min_repeats}")
+        check_config("cost", len(self.lengths) > 0 and all(isinstance(n, int) and n > 0 for n in self.lengths),
+                     f"lengths must be positive ints, got {self.lengths!r}")
+        check_config("cost", set(self.passes) <= set(PASSES) and self.passes,
+                     f"passes must be a non-empty subset of {PASSES}, got {self.passes!r}")
+        check_config("cost", set(self.causal_modes) <= {False, True} and self.causal_modes,
+                     f"causal_modes must be a non-empty subset of (False, True), got {self.causal_modes!r}")
+        check_config("cost", self.dtype in ("float32", "bfloat16", "float16"),
+                     f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_config("cost", self.max_call_s > 0 and self.repeat_budget_s >= 0,
+                     f"max_call_s must be > 0 and repeat_budget_s >= 0, got {self.max_call_s}, {self.repeat_budget_s}")

@@ -1,0 +1,371 @@
+"""The cost experiment's outputs, rebuilt from its stored rows only: tables, CSV, JSON, plots.
+
+``cost_markdown`` writes table.md: per (pass, masking), time and memory against N with the
+fitted log-log slopes beside the claimed ones, speed-up and memory ratios against every
+baseline (``analysis.baselines``: ``full``, ``blockwise``), the crossover lengths, the
+fraction of the measured matmul rate, and notes that explain each slope that disagrees with
+its claim. ``table2_markdown`` writes the LRA Table 2 analog beside the published table
+(``published.PUBLISHED_TABLE2``). ``write_outputs`` does all of it, with rows.csv, rows.json
+and the plots; a table can be rebuilt from rows.jsonl at any time, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from efficient_attn import measure, report
+from efficient_attn.sweeps.cost.analysis import analyse, baselines, current, ok, order_key, quadratic_reference, series
+from efficient_attn.sweeps.cost.config import PASS_TITLES, PASSES, MiB
+from efficient_attn.sweeps.cost.plots import plot
+from efficient_attn.sweeps.cost.published import PUBLISHED_LENGTHS, PUBLISHED_TABLE2, published_baseline
+
+if TYPE_CHECKING:
+    from efficient_attn.sweeps.cost.config import CostConfig
+
+__all__ = ["CSV_COLUMNS", "cost_markdown", "table2_rows", "table2_markdown", "write_outputs"]
+
+
+def _ms(x):
+    return None if x is None else 1e3 * x
+
+
+def _mib(x):
+    return None if x is None else x / MiB
+
+
+def _cell(r: dict | None, field: str, scale) -> Any:
+    if r is None:
+        return None
+    if r.get("status") == "ok":
+        return scale(r.get(field))
+    if r.get("status") == "skipped":
+        if field == "memory_bytes" and r.get("memory_bytes"):
+            return f"({scale(r['memory_bytes']):.0f}, not run)"
+        return "skip"
+    return "error"
+
+
+def _ratio_cell(r: dict | None, by_base: dict[str, dict[int, dict]], n: int, field: str, invert: bool,
+                bases: Sequence[str]) -> str:
+    parts = []
+    for base in bases:
+        b = by_base.get(base, {}).get(n)
+        v, bv = ok(r, field), ok(b, field)
+        if v is None or bv is None:
+            parts.append("-")
+        else:
+            parts.append(f"{(bv / v if invert else v / bv):.2g}")
+    return " / ".join(parts)
+
+
+def _fmt_cross(c: measure.Crossover | None) -> str:
+    if c is None or not c.ns:
+        return "-"
+    if c.n is None:
+        return f"none <= {c.ns[-1]}"
+    if c.from_start:
+        return f"<= {c.n}"
+    return f"{c.n} (~{c.n_interp:.0f})"
+
+
+def _fmt_slope(fit: measure.Fit | None) -> str:
+    return "-" if fit is None else f"{fit.slope:.2f}"
+
+
+def _scaling_table(names: Sequence[str], info: dict, by_variant: dict, ns: list[int], which: str, field: str,
+                   fmt) -> str:
+    """One variant per row: its claim, ``field`` at each N (formatted by ``fmt``), the fitted
+    slope over all lengths and over the 3 longest, and the claimed slope (``which``: "time" or
+    "memory", the prefix of ``analyse``'s keys)."""
+    head = ["variant", "claims"] + [f"N={n}" for n in ns] + ["slope", "tail slope", "claimed"]
+    body = []
+    for v in names:
+        i = info[v]
+        body.append([v, i[f"{which}_claim_text"]] + [_cell(by_variant[v].get(n), field, fmt) for n in ns]
+                    + [_fmt_slope(i[f"{which}_fit"]), _fmt_slope(i[f"{which}_tail_fit"]), i[f"{which}_claimed"]])
+    return report.markdown_table(head, body)
+
+
+def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict) -> list[str]:
+    return [
+        f"# Cost scaling: preset `{cfg.preset}`", "",
+        f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
+        f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
+        + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
+           f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
+           if rate and rate.get("matmul_gflops") else "")
+        + (f"Load average (1, 5, 15 min) at the start of this run: {rate['load_avg_start']}, at the end: "
+           f"{rate.get('load_avg_end')}; above the core count, other processes shared the CPU and times are "
+           "inflated. " if rate and rate.get("load_avg_start") else ""),
+        "",
+        "Time: median of timed calls after a warm-up, each inside `jax.block_until_ready`; compile "
+        "time is apart (`compile_s` in rows.csv). Memory: `compiled.memory_analysis()` argument + "
+        "output + temporary bytes of one call (`temp_bytes` alone in rows.csv). `fwd_bwd` is the "
+        "gradient of <out, g> with respect to q, k, v and the variant's parameters. `skip`: over a "
+        "budget (reason in rows.csv); `(M, not run)`: compiled memory M MiB over the memory budget.",
+        "",
+    ]
+
+
+def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str]) -> list[str]:
+    """The four tables of one (pass, masking): time, memory, ratios, crossovers."""
+    ns = sorted({n for v in by_variant.values() for n in v})
+    names = sorted(by_variant, key=order_key(bases))
+    lines = [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
+             "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
+    lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", _ms)]
+    lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
+    lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", _mib)]
+    lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
+              f"memory), each as `{' / '.join(f'vs {b}' for b in bases)}`.", ""]
+    head = ["variant"] + [f"speed-up N={n}" for n in ns] + [f"memory N={n}" for n in ns]
+    body = []
+    for v in names:
+        body.append([v] + [_ratio_cell(by_variant[v].get(n), by_variant, n, "time_median_s", True, bases) for n in ns]
+                    + [_ratio_cell(by_variant[v].get(n), by_variant, n, "memory_bytes", False, bases) for n in ns])
+    lines += [report.markdown_table(head, body)]
+    lines += ["Crossover N: the smallest measured N from which the variant is better than the baseline "
+              "at every longer measured N (`~`: interpolated in log-log between the last losing and the "
+              "first winning length; `<= N`: better from the first length; `none <= N`: not better at "
+              "the longest length both measured). `both` = faster and less memory. Matmul fraction: "
+              "FLOPs / time at the longest measured N, over this run's matmul rate.", ""]
+    head = ["variant"] + [f"{what} vs {b}" for b in bases for what in ("time", "memory", "both")]
+    head += ["FLOPs source", "matmul fraction"]
+    body = []
+    for v in names:
+        i = info[v]
+        last = next((by_variant[v][n] for n in reversed(ns) if ok(by_variant[v].get(n), "time_median_s")), None)
+        body.append([v] + [_fmt_cross(i.get(f"cross_{what}_{b}")) for b in bases for what in ("time", "memory", "both")]
+                    + [last.get("flops_source") if last else None, last.get("matmul_fraction") if last else None])
+    lines += [report.markdown_table(head, body)]
+    return lines
+
+
+def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None, env: dict) -> str:
+    """table.md: every (pass, masking) measured at ``cfg``'s shape, then the notes."""
+    rows = current(rows, cfg)
+    groups = series(rows)
+    bases = baselines()
+    analysis = analyse(rows, bases)
+    lines = _header(cfg, rate, env)
+    notes: list[str] = []
+    for (pass_, causal) in sorted(groups, key=lambda g: (PASSES.index(g[0]) if g[0] in PASSES else 9, g[1])):
+        by_variant = groups[(pass_, causal)]
+        info = analysis[(pass_, causal)]
+        title = f"{PASS_TITLES.get(pass_, pass_)}, {'causal' if causal else 'bidirectional'}"
+        group_rows = [r for v in by_variant.values() for r in v.values()]
+        if not any(r.get("status") == "ok" for r in group_rows):
+            reasons = sorted({_reason_kind(r) for r in group_rows})
+            lines += [f"## {title}", "", f"Not measured: all {len(group_rows)} points skipped or failed "
+                      f"({'; '.join(reasons)}); rerun to resume.", ""]
+            continue
+        lines += _group_section(title, by_variant, info, bases)
+        ns = sorted({n for v in by_variant.values() for n in v})
+        notes += _notes(title, by_variant, info, ns, bases)
+    notes = _run_notes(rows, rate, env) + notes
+    deadline = [r for r in rows if str(r.get("reason", "")).startswith("sweep budget")]
+    if deadline:
+        notes.append(f"{len(deadline)} of {len(rows)} points were not reached within the sweep's time budget "
+                     "(`sweep_budget_s`); the same command resumes them.")
+    if rate and rate.get("matmul_gflops") and any((r.get("gflops_per_s") or 0) > rate["matmul_gflops"] for r in rows):
+        notes.append("Some matmul fractions exceed 1: the matmul ceiling was measured while other processes "
+                     "shared the CPU (see the load average), so it understates this machine's rate.")
+    lines += ["## Notes", ""]
+    lines += [f"- {n}" for n in notes] if notes else ["- Every fitted slope is within 0.3 of its claim."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _run_notes(rows: Sequence[dict], rate: dict | None, env: dict) -> list[str]:
+    """The note that leads the list when other processes shared the CPU."""
+    load = (rate or {}).get("load_avg_start") or []
+    cores = env.get("cpu_cores") or 0
+    if load and cores and max(load[0], ((rate or {}).get("load_avg_end") or [0])[0]) > cores:
+        return [f"Other processes shared the CPU during this run (load average {load[0]} at the start, "
+                f"{cores} cores): times are inflated and noisy (few repeats per point), so slopes and "
+                "crossovers are rough; memory and FLOPs are unaffected. Rerun on an idle machine with "
+                "`--force` for clean timings."]
+    return []
+
+
+def _reason_kind(r: dict) -> str:
+    """The reason of a row that did not run, without its numbers ("sweep budget", "time budget"...)."""
+    if r.get("status") == "error":
+        return "error"
+    return str(r.get("reason", "")).split(":", 1)[0] or str(r.get("status"))
+
+
+def _notes(title: str, by_variant: dict, info: dict, ns: list[int], bases: Sequence[str]) -> list[str]:
+    out = []
+    for v in sorted(info):
+        i = info[v]
+        for which in ("time", "memory"):
+            fit, tail, claimed = i[f"{which}_fit"], i[f"{which}_tail_fit"], i[f"{which}_claimed"]
+            if fit is None or claimed is None:
+                continue
+            slope = tail.slope if tail is not None else fit.slope
+            d = slope - claimed
+            if abs(d) <= 0.3:
+                continue
+            if d < 0:
+                why = ("below the claim: at these lengths costs that do not grow like the claimed term "
+                       "(dispatch, the O(N d) projections and reshapes, the inputs and outputs themselves in "
+                       "the memory count) still dominate, so the asymptotic exponent is not reached yet"
+                       if which == "time" or claimed > 1 else
+                       "below the claim: buffers of fixed size (block scratch space, parameters, random "
+                       "features) are still a large part of the total")
+            else:
+                why = ("above the claim: the implementation does more than its claimed asymptotics at "
+                       "these lengths (a pass that grows faster, e.g. a sort, a padded or a dense step), "
+                       "or the working set has left the CPU caches")
+            out.append(f"{title}, `{v}` {which}: slope {slope:.2f} over the longest lengths "
+                       f"(all lengths: {fit.slope:.2f}) against the claimed {claimed:.2f} "
+                       f"({i[f'{which}_claim_text']}); {why}.")
+        for base in bases:
+            beyond = i.get(f"beyond_{base}")
+            if beyond:
+                out.append(f"{title}, `{v}`: ran at N={', '.join(map(str, beyond))} where `{base}` was over budget; "
+                           "crossovers use only lengths both measured.")
+        loops = [n for n, r in sorted(by_variant[v].items()) if r.get("flops_source") == "jaxpr_lower_bound"]
+        if loops:
+            out.append(f"{title}, `{v}`: FLOPs are a lower bound (a while loop with a data-dependent trip count "
+                       "was counted once), so its matmul fraction is understated.")
+        bad = [(n, r["status"], r.get("reason", "")) for n, r in sorted(by_variant[v].items())
+               if r.get("status") == "error"]
+        for n, _, reason in bad[:2]:
+            out.append(f"{title}, `{v}` failed at N={n}: {reason[:200]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- LRA Table 2 analog
+
+
+def _table2_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    t = cfg.table2
+    dims = (t.batch, t.num_layers, t.emb_dim, t.num_heads, t.mlp_dim)
+    return [r for r in rows if r.get("kind") == "table2"
+            and (r.get("batch"), r.get("num_layers"), r.get("emb_dim"), r.get("heads"), r.get("mlp_dim")) == dims]
+
+
+def table2_rows(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    """The Table 2 rows of ``cfg``'s model with ``speedup_vs_full`` and ``memory_vs_full`` (against
+    the quadratic reference, ``analysis.quadratic_reference``) filled in."""
+    rows = [dict(r) for r in _table2_current(rows, cfg)]
+    reference = quadratic_reference()
+    full = {r["n"]: r for r in rows if r["variant"] == reference}
+    for r in rows:
+        f = full.get(r["n"])
+        v, fv = ok(r, "steps_per_s"), ok(f, "steps_per_s")
+        r["speedup_vs_full"] = v / fv if v and fv else None
+        m, fm = ok(r, "memory_bytes"), ok(f, "memory_bytes")
+        r["memory_vs_full"] = m / fm if m and fm else None
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else f"{n}"
+
+
+def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
+    """table2.md: steps/s and memory per variant and length, with LRA's published numbers beside."""
+    t = cfg.table2
+    rows = table2_rows(rows, cfg)
+    reference = quadratic_reference()
+    by = {(r["variant"], r["n"]): r for r in rows}
+    names = sorted({r["variant"] for r in rows}, key=order_key(baselines()))
+    ns = sorted({r["n"] for r in rows})
+    lines = [
+        f"# LRA Table 2 analog: training speed and memory, byte-level text (preset `{cfg.preset}`)", "",
+        f"One optimiser step (forward, backward, AdamW update) of the LRA text classifier scaled down to "
+        f"{t.num_layers} layer(s), width {t.emb_dim}, {t.num_heads} heads, MLP {t.mlp_dim}, batch {t.batch}, "
+        f"mean pooling, float32, on {env.get('device')} ({env.get('cpu')}). Steps/s = 1 / median step time "
+        f"(compile excluded), with the speed-up against `{reference}` in parentheses; memory = compiled "
+        f"(`memory_analysis`) arguments + outputs + temporaries of the step in MiB, with the ratio to `{reference}`.",
+        "",
+        "The LRA columns are the published Table 2 (Tay et al. 2020, 4x4 TPU v3, batch 32, width 256, "
+        "4 layers; steps/s with speed-up, peak memory in GB). Compare the ratios, not the absolute "
+        "numbers: the hardware, model size and batch differ.", "",
+    ]
+
+    def cell(value, ratio, fmt):
+        if value is None:
+            return None
+        return f"{fmt(value)} ({ratio:.2f}x)" if ratio is not None else fmt(value)
+
+    def ours(v, n, field, ratio_field, fmt):
+        r = by.get((v, n))
+        if r is None:
+            return None
+        if r.get("status") != "ok":
+            return r.get("status")
+        return cell(r.get(field), r.get(ratio_field), fmt)
+
+    pub_ns = list(PUBLISHED_LENGTHS)
+    head = (["variant"] + [f"steps/s {_size(n)}" for n in ns] + [f"MiB {_size(n)}" for n in ns]
+            + ["LRA model"] + [f"LRA steps/s {n // 1024}K" for n in pub_ns] + [f"LRA GB {n // 1024}K" for n in pub_ns])
+    body = []
+    base = published_baseline()
+    for v in names:
+        pub = PUBLISHED_TABLE2.get(v)
+        row = [v]
+        row += [ours(v, n, "steps_per_s", "speedup_vs_full", lambda x: f"{x:.3g}") for n in ns]
+        row += [ours(v, n, "memory_bytes", "memory_vs_full", lambda x: f"{x / MiB:.0f}") for n in ns]
+        if pub:
+            row += [pub[0]]
+            row += [f"{s:g} ({s / b:.1f}x)" for s, b in zip(pub[1], base[1])]
+            row += [f"{m:g} ({m / b:.2f}x)" for m, b in zip(pub[2], base[2])]
+        else:
+            row += ["-"] + [None] * (2 * len(pub_ns))
+        body.append(row)
+    lines.append(report.markdown_table(head, body))
+    bad = [r for r in rows if r.get("status") != "ok"]
+    late = [r for r in bad if str(r.get("reason", "")).startswith("sweep budget")]
+    if bad:
+        lines += ["Not measured:", ""]
+        lines += [f"- `{r['variant']}` at N={r['n']}: {r['status']}: {r.get('reason', '')[:200]}"
+                  for r in bad if r not in late]
+        if late:
+            lines.append(f"- {len(late)} points not reached within the Table 2 time budget (`budget_s`): "
+                         + ", ".join(f"`{r['variant']}` {r['n']}" for r in late[:40])
+                         + (", ..." if len(late) > 40 else "") + "; the same command resumes them.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+CSV_COLUMNS = [
+    "kind", "variant", "n", "pass", "causal", "status", "reason", "time_median_s", "time_spread", "time_spread_kind",
+    "time_min_s", "time_max_s", "repeats", "compile_s", "memory_bytes", "temp_bytes", "argument_bytes",
+    "output_bytes", "xla_peak_bytes", "device_peak_bytes", "flops", "flops_source", "flops_xla", "flops_jaxpr",
+    "gflops_per_s", "matmul_gflops", "matmul_fraction", "steps_per_s", "speedup_vs_full", "memory_vs_full",
+    "claimed_time", "claimed_memory", "family", "exact", "batch", "heads", "head_dim", "dtype",
+    "num_layers", "emb_dim", "mlp_dim", "max_call_s", "max_compile_s", "memory_budget_bytes",
+]
+
+
+def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: dict[str, Any] | None) -> None:
+    """rows.csv, rows.json, table.md, time.png, memory.png (and table2.md) from the stored rows.
+
+    ``info``: the measuring run's matmul rate and load averages, added to the environment stamp.
+    """
+    out = Path(out)
+    rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
+    enriched = {id(r): e for r, e in zip(_table2_current(rows, cfg), table2_rows(rows, cfg))}
+    rows = [enriched.get(id(r), r) for r in rows]
+    start, ceiling = (info or {}).get("matmul_best_gflops_start"), (info or {}).get("matmul_gflops")
+    if start and ceiling and ceiling != start:  # rows of this run: against the run's final ceiling
+        for r in rows:
+            if r.get("matmul_gflops") == start and r.get("gflops_per_s"):
+                r.update(matmul_gflops=ceiling, matmul_fraction=r["gflops_per_s"] / ceiling)
+    env = report.environment(cfg.preset, **(info or {}))
+    report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
+    report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
+    report.write_atomic(out / "table.md", cost_markdown(rows, cfg, info, env))
+    bases = baselines()
+    plot(rows, cfg, "time_median_s", out / "time.png", "time per call (s)", 1.0, bases)
+    plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB, bases)
+    if _table2_current(rows, cfg):
+        report.write_atomic(out / "table2.md", table2_markdown(rows, cfg, env))

@@ -1,0 +1,175 @@
+"""The cost sweep: every (variant, pass, masking, N) point of a config, measured into a RowStore.
+
+Each finished point is appended to ``out/rows.jsonl`` as it completes, so a rerun resumes
+(``force`` starts over); the tables are rebuilt from the store (``report.write_outputs``) at
+the end, on an error and on Ctrl-C. A point over a budget is stored as skipped with the
+reason, an exception as an error; neither stops the sweep. A run with nothing left to measure
+measures nothing, not even the matmul ceiling: it re-renders the tables with the figures of
+the run that measured the rows, so they come out as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+import efficient_attn as ea
+from efficient_attn import measure, report
+from efficient_attn.sweeps.cost import point, table2
+from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
+from efficient_attn.sweeps.cost.config import CostConfig
+from efficient_attn.sweeps.cost.progress import progress_bar
+from efficient_attn.sweeps.cost.report import write_outputs
+
+__all__ = ["MODES", "select_variants", "run", "rows_of", "previous_run_info"]
+
+# Visiting order: a whole (pass, masking) mode, every length, before the next mode, so that a
+# sweep stopped by its time budget has complete curves for the modes it reached.
+MODES = (("fwd", False), ("fwd_bwd", False), ("fwd", True), ("fwd_bwd", True))
+
+# The environment fields that describe one run's machine state rather than the software:
+# kept from the measuring run when a later run only re-renders.
+_RUN_INFO_PREFIXES = ("matmul_", "load_avg_")
+
+
+def row_key(kind: str, variant: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> str:
+    masking = "causal" if causal else "bidir"
+    return report.RowStore.make_key(kind, variant, pass_, masking, n, cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
+
+
+def select_variants(cfg: CostConfig) -> list[str]:
+    """The variants of ``cfg`` (every registered one when None); an unknown name raises KeyError."""
+    names = ea.list_variants()
+    if cfg.variants is None:
+        return names
+    for v in cfg.variants:
+        if v not in names:
+            ea.get_spec(v)  # raises KeyError with suggestions
+    return list(dict.fromkeys(cfg.variants))
+
+
+def points(cfg: CostConfig, variants: Sequence[str]):
+    """(variant, pass, causal, N) in visiting order; a masking only where the variant has it."""
+    for pass_, causal in MODES:
+        if pass_ not in cfg.passes or causal not in cfg.causal_modes:
+            continue
+        for n in sorted(set(cfg.lengths)):
+            for name in variants:
+                caps = ea.get_spec(name).capabilities
+                if not (caps.causal if causal else caps.bidirectional):
+                    continue
+                yield name, pass_, causal, n
+
+
+def _budget(cfg: CostConfig) -> dict[str, Any]:
+    return {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
+            "memory_budget_bytes": cfg.memory_budget_bytes}
+
+
+def previous_run_info(out: str | Path) -> dict[str, Any]:
+    """The matmul ceiling and load averages recorded in ``out/rows.json`` ({} when absent)."""
+    try:
+        env = json.loads((Path(out) / "rows.json").read_text()).get("environment") or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in env.items() if k.startswith(_RUN_INFO_PREFIXES)}
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _ceiling_budget_s(cfg: CostConfig) -> float:
+    return min(1.0, max(cfg.repeat_budget_s, 0.3))
+
+
+def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool = True,
+        report_only: bool = False) -> report.RowStore:
+    """Measure every point of ``cfg`` not already in ``out/rows.jsonl``; write the tables and plots.
+
+    ``report_only``: measure nothing, only rebuild the tables from the stored rows (points
+    still pending stay so). Tables are rebuilt from the store when the sweep ends, fails or
+    is interrupted.
+    """
+    if report_only and force:
+        raise ValueError("cost: report_only=True re-renders the stored rows; it cannot be combined with force=True")
+    out = Path(out)
+    store = report.RowStore(out / "rows.jsonl", force=force)
+    variants = select_variants(cfg)
+    todo = list(points(cfg, variants))
+    budget = _budget(cfg)
+    # (with force the store starts empty: everything is left)
+    left = sum(not is_done(store.get(row_key("cost", *p, cfg)), budget) for p in todo)
+    left += table2.pending(cfg, variants, store)
+    if report_only or not left:
+        write_outputs(out, store.rows(), cfg, previous_run_info(out))
+        return store
+    info: dict[str, Any] = {"load_avg_start": _load_avg()}
+    try:
+        info.update(measure.matmul_rate(cfg.matmul_n, budget_s=_ceiling_budget_s(cfg)))
+        # the ceiling is the best call: on a shared CPU the median is pulled down by other processes
+        info["matmul_gflops"] = info["matmul_best_gflops"]
+        info["matmul_best_gflops_start"] = info["matmul_best_gflops"]
+        _sweep(cfg, todo, store, budget, info["matmul_gflops"], force=force, progress=progress)
+        if cfg.table2.enabled:
+            table2.run_table2(cfg, variants, store, force=force, progress=progress)
+        # measure the ceiling again at the end and keep the better: other processes may have left
+        end = measure.matmul_rate(cfg.matmul_n, budget_s=_ceiling_budget_s(cfg))
+        info["matmul_best_gflops_end"] = end["matmul_best_gflops"]
+        info["matmul_gflops"] = max(info["matmul_gflops"], end["matmul_best_gflops"])
+    finally:
+        point.module_state.cache_clear()
+        info["load_avg_end"] = _load_avg()
+        write_outputs(out, store.rows(), cfg, info)
+    return store
+
+
+def _sweep(cfg: CostConfig, todo: list, store: report.RowStore, budget: dict, matmul_gflops: float, *,
+           force: bool, progress: bool) -> None:
+    budgets = Budgets(cfg.max_compile_s)
+    bar = progress_bar(len(todo), progress, "cost")
+    t_start = time.perf_counter()
+    last = None
+    try:
+        for name, pass_, causal, n in todo:
+            series = (name, pass_, causal)
+            key = row_key("cost", name, pass_, causal, n, cfg)
+            bar.set_postfix_str(f"{name} N={n} {pass_}{' causal' if causal else ''}")
+            prev = store.get(key)
+            if not force and is_done(prev, budget):
+                budgets.remember(prev, series, "time_median_s")
+                bar.update(1)
+                continue
+            if (pass_, causal) != last:  # drop the compiled programs of the previous mode
+                jax.clear_caches()
+                last = (pass_, causal)
+            reason = budgets.skip_reason(series, n, t_start, cfg.sweep_budget_s)
+            if reason is not None:
+                row = point.base_row(name, pass_, causal, n, cfg)
+                row.update(status="skipped", reason=reason)
+            else:
+                predicted, from_n = budgets.predict(series, n, claimed(ea.get_spec(name), "time"))
+                row = point.measure_point(name, pass_, causal, n, cfg, matmul_gflops=matmul_gflops,
+                                          predicted_s=predicted, from_n=from_n)
+            store.add(key, row)
+            budgets.remember(row, series, "time_median_s")
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def rows_of(cfg: CostConfig, store: report.RowStore) -> list[dict]:
+    """The stored rows of ``cfg``'s points (kernel points, then Table 2), in visiting order."""
+    variants = select_variants(cfg)
+    rows = [store.get(row_key("cost", *p, cfg)) for p in points(cfg, variants)]
+    if cfg.table2.enabled:
+        rows += [store.get(table2.row_key(name, n, cfg)) for name, n in table2.points(cfg, variants)]
+    return [r for r in rows if r is not None]
