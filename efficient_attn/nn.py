@@ -8,12 +8,15 @@
 so the projections cost O(N F^2) and the core costs what its variant says (``full``:
 O(N^2 d) time and memory; the efficient ones less).
 
-Fast exact path (``fast_exact=True``, the default): a ``full`` core is computed by the
-``blockwise`` kernel (``ops.online_softmax``), the same function (equal to float32 rounding,
-forward and backward; tests/test_nn.py checks both) in O(N) memory and 2-3x less time on a
-CPU. The einsum reference is still what runs for a dense mask, with ``fast_exact=False``, and
-whenever ``full`` is called directly. The cost experiment's model-level table (LRA Table 2
-analog) sets ``fast_exact=False`` so that its ``full`` row is the quadratic Transformer.
+Fast exact path (``fast_exact=True``, the default): a core whose registration names a faster
+variant computing the same function (``get_spec(attention).fast_exact``: ``full`` names
+``blockwise``, the online-softmax kernel of ``ops.online_softmax``, equal to float32 rounding
+forward and backward, tests/test_nn.py checks both) runs on that twin, in O(N) memory and 2-3x
+less time on a CPU. The twin is built with its own defaults, so it is used only when no
+``attention_kwargs`` are given, and only for calls it can honour (its capabilities: ``blockwise``
+takes no dense mask); otherwise, and with ``fast_exact=False``, the named variant itself runs.
+The cost experiment's model-level table (LRA Table 2 analog) sets ``fast_exact=False`` so that
+its ``full`` row is the quadratic Transformer.
 
 ``Classifier`` is the Long Range Arena encoder (Tay et al. 2020, "Long Range Arena: A
 Benchmark for Efficient Transformers", arXiv 2011.04006; configs in the LRA repository):
@@ -47,7 +50,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient_attn.core import Mask, check_config, check_positive_int
+from efficient_attn.core import Capabilities, Mask, check_config, check_positive_int
 from efficient_attn.registry import build, get_spec
 
 __all__ = ["MultiHeadAttention", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM"]
@@ -65,8 +68,9 @@ class MultiHeadAttention(nnx.Module):
 
     ``attention`` names a variant in the registry (``efficient_attn.list_variants()``);
     ``attention_kwargs`` are its hyperparameters. ``qkv_features`` (default ``in_features``)
-    is split into ``num_heads`` heads of ``qkv_features // num_heads``. ``fast_exact``: run a
-    ``full`` core through the ``blockwise`` kernel unless the mask is dense (module docstring).
+    is split into ``num_heads`` heads of ``qkv_features // num_heads``. ``fast_exact``: run the
+    core on its registered fast exact twin where that can take the call (module docstring);
+    ``fast_core`` is that twin, or None.
     """
 
     def __init__(
@@ -114,11 +118,10 @@ class MultiHeadAttention(nnx.Module):
             rngs=rngs,
             **_kwargs_dict(attention_kwargs),
         )
-        # the same function as "full" (which has no parameters and no hyperparameters)
-        self.fast_core = (
-            build("blockwise", num_heads=num_heads, head_dim=self.head_dim, max_len=max_len)
-            if fast_exact and attention == "full" else None
-        )
+        # the twin computes the same function at its defaults: only without hyperparameters.
+        # No rngs: drawing from them would move the initialisation of every later layer.
+        twin = get_spec(attention).fast_exact if fast_exact and not _kwargs_dict(attention_kwargs) else None
+        self.fast_core = build(twin, num_heads=num_heads, head_dim=self.head_dim, max_len=max_len) if twin else None
 
     def qkv(
         self, x: Float[Array, "B T F"], context: Float[Array, "B S F"] | None = None
@@ -139,9 +142,18 @@ class MultiHeadAttention(nnx.Module):
             q = rotate(q, jnp.arange(q.shape[1]))
             k = rotate(k, jnp.arange(k.shape[1]))
         core = self.core
-        if self.fast_core is not None and (mask is None or mask.dense is None):
+        if self.fast_core is not None and _can_take(self.fast_core.capabilities, mask, q.shape[1] != k.shape[1]):
             core = self.fast_core
         return self.out(core(q, k, v, mask=mask))
+
+
+def _can_take(caps: Capabilities, mask: Mask | None, cross: bool) -> bool:
+    """Whether a core with ``caps`` honours a call with ``mask`` (and T != S when ``cross``)."""
+    mask = Mask() if mask is None else mask
+    return ((caps.causal if mask.causal else caps.bidirectional)
+            and (caps.kv_mask or mask.kv_mask is None)
+            and (caps.dense_mask or mask.dense is None)
+            and (caps.cross or not cross))
 
 
 POSITIONS = ("sinusoidal", "learned", "rotary")
@@ -203,7 +215,7 @@ class EncoderConfig:
     attention: str = "full"
     attention_kwargs: tuple = ()
     dropout: float = 0.0
-    fast_exact: bool = True  # "full" runs on the blockwise kernel (see the module docstring)
+    fast_exact: bool = True  # run on the variant's fast exact twin, if it has one (module docstring)
     position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
 
     def __post_init__(self):
@@ -230,7 +242,7 @@ class LMConfig:
     attention: str = "full"
     attention_kwargs: tuple = ()
     dropout: float = 0.0
-    fast_exact: bool = True  # "full" runs on the blockwise kernel (see the module docstring)
+    fast_exact: bool = True  # run on the variant's fast exact twin, if it has one (module docstring)
     position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
 
     def __post_init__(self):

@@ -1,5 +1,7 @@
 """Models in efficient_attn.nn: projections around a core, the LRA encoder, the causal LM."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,7 +123,7 @@ def test_lm_refuses_non_causal_variant():
     class NonCausal(ea.Attention):
         capabilities = ea.Capabilities(causal=False, kv_mask=True)
 
-        def __call__(self, q, k, v, *, mask=None):
+        def attend(self, q, k, v, mask):
             return q
 
     try:
@@ -252,3 +254,88 @@ def test_rotary_model_has_no_position_table_and_sees_order():
     assert np.isfinite(np.asarray(linear(jnp.asarray(a)))).all()
     with pytest.raises(ValueError, match="even"):
         MultiHeadAttention(2, 6, max_len=8, rotary=True, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", ["classifier", "lm"])
+def test_out_of_range_token_id_raises_eagerly_naming_id_position_and_vocab(kind):
+    model = (Classifier(_small_enc(num_layers=1), rngs=nnx.Rngs(0)) if kind == "classifier"
+             else CausalLM(_small_lm(num_layers=1), rngs=nnx.Rngs(0)))
+    vocab = model.cfg.vocab_size
+    tokens = np.ones((2, 8), np.int32)
+    tokens[1, 5] = vocab
+    with pytest.raises(ValueError, match=rf"token id {vocab} at position \(1, 5\).*vocab_size={vocab}"):
+        model(jnp.asarray(tokens))
+    tokens[1, 5] = -1  # a negative id would wrap around to the last row of the table
+    with pytest.raises(ValueError, match=r"token id -1 at position \(1, 5\)"):
+        model(jnp.asarray(tokens))
+    tokens[1, 5] = vocab - 1
+    assert np.isfinite(np.asarray(model(jnp.asarray(tokens)))).all()
+    if kind == "lm":
+        with pytest.raises(ValueError, match=r"position 8 at position \(0, 1\).*\[0, 8\)"):
+            model(jnp.asarray(tokens), positions=jnp.array([[0, 8], [1, 2]]))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_out_of_range_token_id_under_jit_gives_nan_rows_only(fast):
+    """Traced ids cannot be checked before running: a row with an id outside [0, vocab_size)
+    gets NaN logits (the fast exact path alone would drop a NaN embedding and answer with the
+    logits of another sequence), and the other rows are the eager result."""
+    clf = Classifier(_small_enc(num_layers=1, fast_exact=fast), rngs=nnx.Rngs(0))
+    lm = CausalLM(_small_lm(num_layers=1, fast_exact=fast), rngs=nnx.Rngs(0))
+    for model in (clf, lm):
+        vocab = model.cfg.vocab_size
+        good = np.asarray(jax.random.randint(jax.random.key(1), (4, 8), 0, vocab), np.int32)
+        bad = good.copy()
+        bad[1, 3], bad[2, 0] = vocab, -1
+        got = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(bad)))
+        want = np.asarray(model(jnp.asarray(good)))
+        assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
+        np.testing.assert_allclose(got[[0, 3]], want[[0, 3]], rtol=1e-5, atol=1e-5)
+    pos = jnp.array([[0, 7], [1, 8], [2, -1], [3, 4]])
+    tokens = jnp.asarray(good)
+    got = np.asarray(nnx.jit(lambda m, t, p: m(t, positions=p))(lm, tokens, pos))
+    assert np.isnan(got[1]).all() and np.isnan(got[2]).all() and np.isfinite(got[[0, 3]]).all()
+
+
+def test_models_declare_their_optional_inputs():
+    assert Classifier.accepts == frozenset({"dropout_key"})
+    assert CausalLM.accepts == frozenset({"dropout_key", "positions"})
+
+
+def test_fast_exact_twin_is_the_registered_one():
+    """The twin comes from the registry (``fast_exact`` of the variant's spec), not from a
+    name in nn.py: a plugin declaring a twin gets it, hyperparameters turn it off, a variant
+    without one runs itself; a call the twin cannot take (dense mask) runs the variant."""
+    calls = []
+
+    @dataclasses.dataclass(frozen=True)
+    class SlowConfig:
+        unused: int = 0
+
+    @ea.register("_test_slow_exact", config=SlowConfig, fast_exact="blockwise")
+    class SlowExact(ea.Attention):
+        capabilities = ea.Capabilities(causal=True, cross=True, kv_mask=True, dense_mask=True, exact=True)
+
+        def attend(self, q, k, v, mask):
+            calls.append(mask)
+            return ea.build("full", num_heads=q.shape[2], head_dim=q.shape[3], max_len=self.dims.max_len)(
+                q, k, v, mask=mask)
+
+    try:
+        mha = MultiHeadAttention(2, 8, max_len=16, attention="_test_slow_exact", rngs=nnx.Rngs(0))
+        assert type(mha.fast_core).variant_name == ea.registry.get_spec("_test_slow_exact").fast_exact
+        x = _rand(0, (1, 6, 8))
+        fast = mha(x, mask=ea.Mask(causal=True))
+        assert calls == []  # the twin ran
+        dense = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+        np.testing.assert_allclose(mha(x, mask=ea.Mask(dense=dense)), fast, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1  # blockwise takes no dense mask: the variant itself ran
+        off = MultiHeadAttention(2, 8, max_len=16, attention="_test_slow_exact", fast_exact=False, rngs=nnx.Rngs(0))
+        assert off.fast_core is None
+        tuned = MultiHeadAttention(2, 8, max_len=16, attention="_test_slow_exact", attention_kwargs={"unused": 1},
+                                   rngs=nnx.Rngs(0))
+        assert tuned.fast_core is None  # the twin is built at its defaults: not the same function here
+    finally:
+        ea.registry.unregister("_test_slow_exact")
+    assert ea.registry.get_spec("local").fast_exact is None
+    assert MultiHeadAttention(2, 8, max_len=16, attention="local", rngs=nnx.Rngs(0)).fast_core is None

@@ -4,8 +4,10 @@ File name: ``<task>-<key>-<checksum>.npz`` where ``key`` is the first 16 hex dig
 sha256 of the generator's name, version and every parameter (JSON, sorted keys), and
 ``checksum`` the first 16 hex digits of the sha256 of the content (metadata JSON, then each
 array's name, dtype, shape and bytes in a fixed order). A lookup finds the files for ``key``,
-loads one and recomputes its checksum: an unreadable or partial file, or one whose content
-does not match its name, is deleted and the data regenerated. Writes go to a temporary file
+loads one and recomputes its checksum: an unreadable or partial file, one whose content
+does not match its name, or one whose arrays break the data contract (a token id outside the
+task's vocabulary, a target outside its classes: ``TaskData`` checks them), is deleted and the
+data regenerated. Writes go to a temporary file
 in the same directory, are flushed and fsynced, then ``os.replace``d into place, so a reader
 never sees half a file and concurrent writers of the same key are harmless.
 
@@ -102,7 +104,10 @@ def read(path: str | Path) -> TaskData:
         raise ValueError(f"cache file {path.name}: content checksum {got} does not match its name")
     meta = json.loads(meta_json)
     splits = {s: Split(arrays[f"{s}_inputs"], arrays[f"{s}_targets"], arrays[f"{s}_mask"]) for s in _SPLITS}
-    return TaskData(**meta, **splits)
+    try:
+        return TaskData(**meta, **splits)  # checks every token id and target against the task's sizes
+    except ValueError as err:
+        raise ValueError(f"cache file {path.name}: {err}") from None
 
 
 def cached(name: str, spec: dict, build: Callable[[], TaskData], directory: str | Path | None = None) -> TaskData:
