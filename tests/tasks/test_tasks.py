@@ -4,6 +4,7 @@ plus the on-disk cache. Small sizes throughout."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -495,3 +496,53 @@ def test_cache_default_dir_from_env(tmp_path, monkeypatch):
     assert cache.default_dir() == tmp_path / "c"
     tasks.load("mqar", seed=0, **SMALL["mqar"])
     assert len(list((tmp_path / "c").glob("mqar-*.npz"))) == 1
+
+
+def test_cache_file_with_out_of_range_token_refused_and_regenerated(tmp_path):
+    """A cache file whose checksum matches but which holds a token id outside the task's
+    vocabulary (a generator bug, or an edited file) is refused by ``cache.read`` with the task,
+    split, id and place named, and ``load`` replaces it with sound regenerated data."""
+    args = dict(SMALL["mqar"], seed=0, cache_dir=tmp_path)
+    fresh = tasks.load("mqar", **args)
+    (path,) = tmp_path.glob("mqar-*.npz")
+    key = path.stem.split("-")[1]
+    bad = cache.read(path)
+    vocab = bad.vocab_size
+    bad.val.inputs[2, 7] = vocab  # the arrays are writable: the TaskData check has already run
+    path.unlink()
+    bad_path = cache.save(bad, tmp_path, key)  # a self-consistent file: its checksum matches
+    assert bad_path != path
+    with pytest.raises(ValueError, match=rf"cache file .*'mqar', val split: token id {vocab} at index \(2, 7\)"):
+        cache.read(bad_path)
+    again = tasks.load("mqar", **args)
+    assert not bad_path.exists()
+    np.testing.assert_array_equal(again.val.inputs, fresh.val.inputs)
+    (new_path,) = tmp_path.glob("mqar-*.npz")
+    assert cache.read(new_path).val.inputs.max() < vocab
+
+
+def test_task_data_refuses_ids_and_targets_outside_its_sizes():
+    """Every TaskData (a generator's or the cache's) checks its arrays when made."""
+    data = tasks.generate("listops", seed=0, **SMALL["listops"])
+
+    def remake(split_name, field, value, where):
+        split = getattr(data, split_name)
+        arrays = {f: np.array(getattr(split, f)) for f in ("inputs", "targets", "mask")}
+        arrays[field][where] = value
+        return dataclasses.replace(data, **{split_name: dataclasses.replace(split, **arrays)})
+
+    with pytest.raises(ValueError, match=r"'listops', train split: token id 16 at index \(3, 1\) is outside "
+                                         r"\[0, vocab_size=16\)"):
+        remake("train", "inputs", listops.VOCAB_SIZE, (3, 1))
+    with pytest.raises(ValueError, match=r"test split: token id -1"):
+        remake("test", "inputs", -1, (0, 0))
+    with pytest.raises(ValueError, match=r"val split: target 10 at index \(1,\).*num_classes=10"):
+        remake("val", "targets", 10, 1)
+    lm = tasks.generate("mqar", seed=0, **SMALL["mqar"])
+    assert (lm.train.targets == IGNORE).any()  # IGNORE is allowed in a token task's targets ...
+    targets = lm.train.targets.copy()
+    targets[0, 0] = -2  # ... and no other negative value
+    with pytest.raises(ValueError, match=r"target -2 .* or IGNORE=-1"):
+        dataclasses.replace(lm, train=dataclasses.replace(lm.train, targets=targets))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        dataclasses.replace(data, val=dataclasses.replace(data.val, mask=data.val.mask.astype(np.int32)))
