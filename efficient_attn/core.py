@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 __all__ = [
     "Attention",
@@ -37,7 +37,7 @@ __all__ = [
     "validate_inputs",
 ]
 
-MASK_ARRAY_FIELDS = ("kv_mask", "q_mask", "dense")
+MASK_ARRAY_FIELDS = ("kv_mask", "q_mask", "dense", "q_segment_ids", "kv_segment_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,12 @@ class Capabilities:
     exact:       equals softmax attention ("full") up to floating point.
     shared_qk:   keys are the (normalised) queries and ``k`` is ignored, as in Reformer; a
                  comparison against "full" must then give "full" those keys too.
+    gqa:         supports grouped-query attention: k and v with ``num_kv_heads`` < H heads,
+                 query head h reading kv head ``h // (H / num_kv_heads)``.
+    segments:    supports packed sequences (``Mask.q_segment_ids`` / ``kv_segment_ids``).
+    softcap:     has a logit soft cap option (``softcap``: s -> c tanh(s / c)).
+    sinks:       has a learned per-head sink logit option (``sinks``) in every denominator.
+    decode:      has the decoding state API (``init_state``, ``prefill``, ``step``).
     time/memory: big-O cost in the sequence length N (strings, for tables).
     """
 
@@ -63,29 +69,49 @@ class Capabilities:
     dense_mask: bool = False
     exact: bool = False
     shared_qk: bool = False
+    gqa: bool = False
+    segments: bool = False
+    softcap: bool = False
+    sinks: bool = False
+    decode: bool = False
     time: str = "O(N^2)"
     memory: str = "O(N^2)"
 
 
 @dataclasses.dataclass(frozen=True)
 class Dims:
-    """Sizes fixed at construction: heads, per-head width, and the longest sequence."""
+    """Sizes fixed at construction: query heads, per-head width, the longest sequence, and
+    the key/value heads (``num_kv_heads``, default ``num_heads``; fewer is grouped-query
+    attention and must divide ``num_heads``)."""
 
     num_heads: int
     head_dim: int
     max_len: int
+    num_kv_heads: int | None = None
 
     def __post_init__(self):
-        for name in ("num_heads", "head_dim", "max_len"):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for name in ("num_heads", "head_dim", "max_len", "num_kv_heads"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"Dims.{name} must be a positive int, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}; "
+                f"choose num_kv_heads among {[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["kv_mask", "q_mask", "dense"],
+    data_fields=list(MASK_ARRAY_FIELDS),
     meta_fields=["causal"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +123,10 @@ class Mask:
     q_mask:  ``[B, T]`` bool, True = a real query; outputs at False queries are zero.
     dense:   ``[B, H, T, S]`` bool (H and B may be 1 to broadcast), only for variants whose
              capabilities say ``dense_mask``.
+    q_segment_ids / kv_segment_ids: ``[B, T]`` / ``[B, S]`` integers for packed sequences:
+             a query sees only keys of its own segment (and, with ``causal``, only earlier
+             ones of it). Given together, only for variants whose capabilities say
+             ``segments``. Packing writes them sorted (0, 0, 1, 1, 1, 2, ...).
 
     A query that sees no key at all gets a zero output: never NaN, never mean(V).
     """
@@ -105,6 +135,8 @@ class Mask:
     kv_mask: Bool[Array, "B S"] | None = None
     q_mask: Bool[Array, "B T"] | None = None
     dense: Bool[Array, "B H T S"] | None = None
+    q_segment_ids: Int[Array, "B T"] | None = None
+    kv_segment_ids: Int[Array, "B S"] | None = None
 
 
 def _fmt_shape(x) -> str:
@@ -145,8 +177,12 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
             )
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"{name}: batch sizes differ: q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)}")
-    if k.shape[2] != H or v.shape[2] != H:
-        raise ValueError(f"{name}: head counts differ: q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)}")
+    Hkv = k.shape[2]
+    if v.shape[2] != Hkv:
+        raise ValueError(
+            f"{name}: k and v head counts differ: k {_fmt_shape(k)}, v {_fmt_shape(v)}; "
+            "keys and values come in pairs, one per kv head"
+        )
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"{name}: k and v lengths differ: k {_fmt_shape(k)}, v {_fmt_shape(v)}")
     if k.shape[3] != D:
@@ -154,6 +190,18 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
     S = k.shape[1]
     if H != dims.num_heads:
         raise ValueError(f"{name}: built for num_heads={dims.num_heads}, called with H={H}; rebuild with num_heads={H}")
+    if Hkv != dims.num_kv_heads:
+        if H % Hkv:
+            raise ValueError(
+                f"{name}: q has {H} heads and k, v have {Hkv}: grouped-query attention needs the kv head "
+                f"count to divide the query head count (q {_fmt_shape(q)}, k {_fmt_shape(k)})"
+            )
+        raise ValueError(
+            f"{name}: built for num_kv_heads={dims.num_kv_heads}, called with k, v of {Hkv} heads; "
+            f"rebuild with num_kv_heads={Hkv}"
+        )
+    if Hkv != H and not caps.gqa:
+        raise CapabilityError(name, f"grouped-query attention ({H} query heads, {Hkv} kv heads)", "gqa")
     if D != dims.head_dim:
         raise ValueError(f"{name}: built for head_dim={dims.head_dim}, called with D={D}; rebuild with head_dim={D}")
     if max(T, S) > dims.max_len:
@@ -197,6 +245,29 @@ def validate_inputs(name: str, caps: Capabilities, dims: Dims, q, k, v, mask: Ma
             raise ValueError(f"{name}: Mask.dense must have shape [B|1, H|1, {T}, {S}], got {_fmt_shape(d)}")
         if d.dtype != jnp.bool_:
             raise TypeError(f"{name}: Mask.dense must be bool, got {d.dtype}")
+    _check_segments(name, caps, mask, B, T, S)
+
+
+def _check_segments(name: str, caps: Capabilities, mask: Mask, B: int, T: int, S: int) -> None:
+    qs, ks = mask.q_segment_ids, mask.kv_segment_ids
+    if qs is None and ks is None:
+        return
+    if not caps.segments:
+        raise CapabilityError(name, "packed sequences (Mask.q_segment_ids / kv_segment_ids)", "segments")
+    if qs is None or ks is None:
+        missing = "q_segment_ids" if qs is None else "kv_segment_ids"
+        raise ValueError(
+            f"{name}: Mask.{missing} is missing; packed sequences need both q_segment_ids [B, T] and "
+            "kv_segment_ids [B, S] (for self-attention pass the same ids twice)"
+        )
+    for field, m, want in (("q_segment_ids", qs, (B, T)), ("kv_segment_ids", ks, (B, S))):
+        if tuple(m.shape) != want:
+            raise ValueError(f"{name}: Mask.{field} must have shape [{want[0]}, {want[1]}], got {_fmt_shape(m)}")
+        if not jnp.issubdtype(m.dtype, jnp.integer):
+            raise TypeError(
+                f"{name}: Mask.{field} must be integers (one id per packed sequence), got {m.dtype}; "
+                "use ids.astype(jnp.int32)"
+            )
 
 
 class CapabilityError(ValueError):

@@ -241,6 +241,9 @@ def make_config(name: str, **hyperparameters):
     spec = get_spec(name)
     defaults = spec.defaults()
     unknown = sorted(set(hyperparameters) - set(defaults))
+    for option in ("softcap", "sinks"):  # softmax-family options: say which variants have them
+        if option in unknown and not getattr(spec.capabilities, option):
+            raise core.CapabilityError(name, f"the {option!r} option", option)
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
         raise TypeError(f"variant {name!r} has no hyperparameter(s) {', '.join(unknown)}; valid (with defaults): {valid}")
@@ -253,13 +256,22 @@ def build(
     num_heads: int,
     head_dim: int,
     max_len: int,
+    num_kv_heads: int | None = None,
     rngs: nnx.Rngs | None = None,
     **hyperparameters,
 ) -> Attention:
-    """Construct variant ``name`` for the given sizes; ``rngs`` defaults to ``nnx.Rngs(0)``."""
+    """Construct variant ``name`` for the given sizes; ``rngs`` defaults to ``nnx.Rngs(0)``.
+
+    ``num_kv_heads`` (default ``num_heads``) below ``num_heads`` is grouped-query attention:
+    k and v then have that many heads, and the variant must have the ``gqa`` capability.
+    """
     spec = get_spec(name)
     config = make_config(name, **hyperparameters)
-    dims = Dims(num_heads=num_heads, head_dim=head_dim, max_len=max_len)
+    dims = Dims(num_heads=num_heads, head_dim=head_dim, max_len=max_len, num_kv_heads=num_kv_heads)
+    if dims.num_kv_heads != dims.num_heads and not spec.capabilities.gqa:
+        raise core.CapabilityError(
+            name, f"grouped-query attention (num_kv_heads={dims.num_kv_heads} < num_heads={dims.num_heads})", "gqa"
+        )
     if rngs is None:
         rngs = nnx.Rngs(0)
     elif not isinstance(rngs, nnx.Rngs):

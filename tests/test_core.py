@@ -67,3 +67,41 @@ def test_attention_fn_for_a_learned_variant_names_the_right_argument():
     with pytest.raises(ValueError, match=r"MultiHeadAttention\(num_heads, in_features, attention='linformer'"):
         fn(q, q, q)
     del nnx
+
+
+def test_gqa_sizes_are_checked():
+    with pytest.raises(ValueError, match=r"num_heads=8 is not divisible by num_kv_heads=3; choose num_kv_heads among \[1, 2, 4, 8\]"):
+        ea.Dims(8, 4, 16, num_kv_heads=3)
+    assert ea.Dims(8, 4, 16, num_kv_heads=2).group_size == 4 and ea.Dims(8, 4, 16).num_kv_heads == 8
+    attn = ea.build("full", num_heads=2, head_dim=4, max_len=16)
+    q, k, v = _np_qkv()
+    with pytest.raises(ValueError, match="k and v head counts differ"):
+        attn(q, k, v[:, :, :1])
+    with pytest.raises(ValueError, match="rebuild with num_kv_heads=1"):
+        attn(q, k[:, :, :1], v[:, :, :1])
+
+
+def test_segments_need_the_capability_and_integer_ids():
+    q, k, v = _np_qkv()
+    ids = np.zeros((1, 8), np.int32)
+    full = ea.build("full", num_heads=2, head_dim=4, max_len=16)
+    if not ea.get_spec("full").capabilities.segments:
+        with pytest.raises(ea.CapabilityError, match="packed sequences"):
+            full(q, k, v, mask=ea.Mask(q_segment_ids=ids, kv_segment_ids=ids))
+    able = [n for n in ea.list_variants() if ea.get_spec(n).capabilities.segments]
+    if not able:
+        pytest.skip("no variant has segments yet")
+    attn = ea.build(able[0], num_heads=2, head_dim=4, max_len=16)
+    with pytest.raises(ValueError, match="kv_segment_ids is missing"):
+        attn(q, k, v, mask=ea.Mask(q_segment_ids=ids))
+    with pytest.raises(TypeError, match=r"q_segment_ids must be integers.*astype\(jnp.int32\)"):
+        attn(q, k, v, mask=ea.Mask(q_segment_ids=ids.astype(np.float32), kv_segment_ids=ids))
+    with pytest.raises(ValueError, match=r"kv_segment_ids must have shape \[1, 8\]"):
+        attn(q, k, v, mask=ea.Mask(q_segment_ids=ids, kv_segment_ids=ids[:, :4]))
+
+
+def test_options_a_variant_lacks_are_capability_errors():
+    with pytest.raises(ea.CapabilityError, match=r"'linear' cannot do the 'softcap' option"):
+        ea.build("linear", num_heads=2, head_dim=4, max_len=16, softcap=30.0)
+    with pytest.raises(ea.CapabilityError, match="grouped-query attention"):
+        ea.build("synthesizer", num_heads=2, head_dim=4, max_len=16, num_kv_heads=1)
