@@ -40,7 +40,8 @@ def _gaussian_tables(cfg: ApproxConfig, ok: list[dict]) -> list[str]:
         if not sub:
             continue
         lines.append(f"\n## Gaussian inputs, {'causal' if causal else 'bidirectional'}\n")
-        headers = ["variant", "setting"] + [f"err (q scale {s})" for s in scales] + [f"KL (q scale {s})" for s in scales]
+        headers = (["variant", "setting"] + [f"err (q scale {s})" for s in scales]
+                   + [f"KL (q scale {s})" for s in scales])
         table = []
         seen = []
         for r in sub:
@@ -62,11 +63,12 @@ def _trained_table(cfg: ApproxConfig, ok: list[dict], extra: dict) -> list[str]:
         return []
     t = cfg.trained
     acc = extra.get("test_accuracy")
+    majority = extra.get("majority", float("nan"))
     lines = [f"\n## q, k, v of a trained full model ({t.task}, layer {t.layer}, {cfg.batch} examples)\n"]
     lines.append(
         f"A {t.num_layers}-layer, width-{cfg.num_heads * cfg.head_dim}, {cfg.num_heads}-head full-attention "
         f"Classifier trained {t.steps} steps on {t.task} at length {cfg.seq_len - 1} (+ CLS)"
-        + (f"; test accuracy {acc:.3f} (majority class {extra.get('majority', float('nan')):.3f})" if acc is not None else "")
+        + (f"; test accuracy {acc:.3f} (majority class {majority:.3f})" if acc is not None else "")
         + ". Padding is passed as kv_mask; errors count real queries only. mean ± std over module seeds.\n")
     headers = ["variant", "setting", "rel. error", "KL", "neg. mass / row"]
     lines.append(report.markdown_table(headers, [
@@ -105,7 +107,8 @@ def _notes(rows: list[dict], ok: list[dict], skipped: list[dict]) -> list[str]:
     lines.append("- KL smoothing: the variant's weights are mixed with 1e-6 of the uniform distribution over visible "
                  "keys, so a key full attends to and the variant never sees costs about 13.8 nats per unit of weight.")
     for s in skipped:
-        lines.append(f"- Skipped: {s['variant']} on {s['input']} inputs{' (causal)' if s['causal'] else ''}: {s['reason']}.")
+        causal = " (causal)" if s["causal"] else ""
+        lines.append(f"- Skipped: {s['variant']} on {s['input']} inputs{causal}: {s['reason']}.")
     notes = sorted({(r["variant"], r.get("budget_note")) for r in rows if r and r.get("budget_note")})
     for variant, note in notes:
         lines.append(f"- {variant}: {note}; measured at its defaults only.")

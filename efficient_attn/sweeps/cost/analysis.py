@@ -78,7 +78,8 @@ def ok(r: dict | None, field: str) -> float | None:
     return float(v) if v is not None and v > 0 else None
 
 
-def analyse(rows: Sequence[dict], bases: Sequence[str] | None = None) -> dict[tuple[str, bool], dict[str, dict[str, Any]]]:
+def analyse(rows: Sequence[dict],
+            bases: Sequence[str] | None = None) -> dict[tuple[str, bool], dict[str, dict[str, Any]]]:
     """Per (pass, causal) and variant: slopes (all points and the 3 longest), claimed slopes,
     and crossovers against each of ``bases`` (default: ``baselines()``)."""
     bases = baselines() if bases is None else tuple(bases)

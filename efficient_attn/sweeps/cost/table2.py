@@ -47,7 +47,8 @@ def row_key(variant: str, n: int, cfg: CostConfig) -> str:
 
 def _budget(cfg: CostConfig) -> dict[str, Any]:
     t = cfg.table2
-    return {"max_call_s": t.max_step_s, "max_compile_s": cfg.max_compile_s, "memory_budget_bytes": t.memory_budget_bytes}
+    return {"max_call_s": t.max_step_s, "max_compile_s": cfg.max_compile_s,
+            "memory_budget_bytes": t.memory_budget_bytes}
 
 
 def points(cfg: CostConfig, variants: Sequence[str]) -> list[tuple[str, int]]:
