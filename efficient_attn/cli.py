@@ -1,9 +1,9 @@
 """``efficient-attn``: the command line.
 
     efficient-attn list [--plugin FILE]      the registry as a table
-    efficient-attn bench ...                 the cost experiment (sweeps/cost.py; --help for options)
-    efficient-attn train ...                 the accuracy experiment (sweeps/accuracy.py)
-    efficient-attn approx ...                the approximation experiment (sweeps/approximation.py)
+    efficient-attn bench ...                 the cost experiment (sweeps/cost/; --help for options)
+    efficient-attn train ...                 the accuracy experiment (sweeps/accuracy/)
+    efficient-attn approx ...                the approximation experiment (sweeps/approximation/)
     efficient-attn reproduce [--preset P]    all three, then results/README.md
 """
 
