@@ -34,11 +34,14 @@ O(N C (Dk + Dv) + N Dk Dv), memory O(N C + (N / C) Dk Dv) in the forward and, th
 of the scan (which saves one state per chunk), in the backward: no [T, T] array is formed.
 
 Numerics. Every input is cast to float32 first; every product and sum is float32. Gates stay
-in log space: a decay between positions is exp(g_r - g_i) of differences of chunk-local
-cumulative log decays, exponents masked to i <= r before ``exp`` (so they are <= 0 when
-log_decay <= 0: no overflow, and no inf * 0 in the gradient), never a division by a
-cumulative product. ``log_decay`` must be finite and <= 0 (a gate of exactly 0 is -inf: use a
-large negative number instead).
+in log space: the decay between positions i <= r of a chunk is exp(G_ri), G_ri = g_r - g_i the
+sum of the log decays in between, never a ratio of cumulative products (which under- and
+overflow). G is summed over its own segment (a masked cumulative sum over the C x C pairs,
+Mamba-2's "segsum"), not taken as a difference of two prefix sums: the rounding is then that of
+the segment, not of the chunk's prefix, and a log decay of -inf (a gate of exactly 0: forget
+everything before) gives exp(-inf) = 0, not -inf - -inf = NaN. Pairs i > r are masked after
+``exp`` of a 0 there, so no exponent is ever positive when log_decay <= 0 (required: a gate
+in (0, 1]) and no inf * 0 reaches a gradient.
 
 Padding. A position with ``kv_mask`` False is an identity step: its k, v, beta and log_decay
 are replaced by zeros with ``where`` (not a product, so a NaN or inf there cannot leak into
@@ -47,7 +50,8 @@ still reads the state (as a padded query of softmax attention still sees the rea
 tail that pads T to a multiple of C is the same identity step.
 
 Layouts: q, k [B, T, H, Dk], v [B, T, H, Dv], beta and log_decay [B, T, H], states
-[B, H, Dk, Dv]. Both functions return ``(outputs, state)`` as fla's ops do.
+[B, H, Dk, Dv] (those of ``ops.gated_linear``, with the same ``initial_state`` /
+``output_final_state`` arguments).
 """
 
 from __future__ import annotations
@@ -93,6 +97,20 @@ def _chunked(x, n: int, C: int):
     return jnp.moveaxis(x, 3, 1)
 
 
+def _log_decay_sums(lc: Float[Array, "... C"], strict: Bool[Array, "C C"]):
+    """Chunk-local sums of log decays, each summed over its own segment (no subtraction):
+
+    prefix g_r = sum_{m <= r} l_m,  segment G_ri = sum_{i < m <= r} l_m (i <= r; 0 above the
+    diagonal),  tail R_i = sum_{m > i} l_m.  G and R are what g_r - g_i and g_C - g_i mean,
+    computed without cancellation, and a log decay of -inf stays -inf instead of giving NaN.
+    """
+    prefix = jnp.cumsum(lc, axis=-1)
+    seg = jnp.cumsum(jnp.where(strict, lc[..., :, None], 0.0), axis=-2)  # [.., r, i]
+    inclusive_tail = jnp.flip(jnp.cumsum(jnp.flip(lc, -1), axis=-1), -1)
+    tail = jnp.concatenate([inclusive_tail[..., 1:], jnp.zeros_like(lc[..., :1])], axis=-1)
+    return prefix, seg, tail
+
+
 def delta_rule_attention(
     q: Float[Array, "B T H Dk"],
     k: Float[Array, "B T H Dk"],
@@ -105,11 +123,11 @@ def delta_rule_attention(
     initial_state: Float[Array, "B H Dk Dv"] | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
-) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B H Dk Dv"] | None]:
+) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B H Dk Dv"]]:
     """Causal (gated) delta rule by chunks of ``chunk`` positions (see the module docstring).
 
-    Returns ``(out, final_state)``: out [B, T, H, Dv] float32; final_state [B, H, Dk, Dv]
-    (the state after the last real token) when ``output_final_state``, else None.
+    Returns out [B, T, H, Dv] float32, or ``(out, final_state)`` when ``output_final_state``
+    (final_state [B, H, Dk, Dv], the state after the last token).
     ``scale`` multiplies the queries (None: Dk ** -0.5, fla's default).
     """
     _validate(q, k, v, beta, log_decay, kv_mask, initial_state, chunk)
@@ -133,11 +151,10 @@ def delta_rule_attention(
     bc, lc = (_chunked(x, n, C) for x in (beta, log_decay))  # [B, H, n, C]
 
     with jax.named_scope("delta_rule_ut_transform"):
-        g = jnp.cumsum(lc, axis=-1)  # chunk-local cumulative log decay, <= 0
         incl = jnp.tril(jnp.ones((C, C), bool))
         strict = jnp.tril(jnp.ones((C, C), bool), -1)
-        diff = g[..., :, None] - g[..., None, :]  # g_r - g_i
-        decay = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+        g, seg, tail = _log_decay_sums(lc, strict)
+        decay = jnp.where(incl, jnp.exp(seg), 0.0)  # e^{g_r - g_i} for i <= r
         kk = jnp.einsum("bhnrd,bhnid->bhnri", kc, kc)
         a = jnp.where(strict, bc[..., :, None] * decay * kk, 0.0)
         lhs = a + jnp.eye(C, dtype=jnp.float32)
@@ -145,7 +162,7 @@ def delta_rule_attention(
         sol = solve_triangular(lhs, rhs, lower=True, unit_diagonal=True)
         u, wk = sol[..., :Dv], sol[..., Dv:]  # [B, H, n, C, Dv], [B, H, n, C, Dk]
         g_last = g[..., -1]  # [B, H, n]
-        k_tail = kc * jnp.exp(g_last[..., None] - g)[..., None]  # decay from i to the chunk end
+        k_tail = kc * jnp.exp(tail)[..., None]  # decay from i to the chunk end
 
     with jax.named_scope("delta_rule_state_scan"):
 
@@ -165,7 +182,7 @@ def delta_rule_attention(
         out = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g)[..., None], s_in)
         out = out + jnp.einsum("bhnri,bhniv->bhnrv", qk, w)
         out = jnp.moveaxis(out, 1, 3).reshape(B, n * C, H, Dv)[:, :T]
-    return out, (final if output_final_state else None)
+    return (out, final) if output_final_state else out
 
 
 def delta_rule_step(

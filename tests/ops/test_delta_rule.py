@@ -193,6 +193,24 @@ def test_gated_with_zero_log_decay_equals_ungated():
         assert_close("d" + name, gated[2][name], plain[2][name], rtol=1e-6, atol=1e-6)
 
 
+def test_gate_of_exactly_zero_forgets_everything_before():
+    """log_decay = -inf at position p (allowed): finite, equal to the reference forward and
+    backward, and nothing before p reaches an output from p on."""
+    T, p = T0, 21  # p inside the second chunk of C0 = 16
+    x = _inputs(T)
+    x["log_decay"] = x["log_decay"].at[:, p].set(-jnp.inf)
+    got = _compare(T, C0, inputs=x)
+    other = _inputs(T, seed=5)
+    before = (jnp.arange(T) < p)[None, :, None]
+    y = dict(x, initial_state=other["initial_state"])
+    for name in ("k", "v", "beta"):
+        hid = before.reshape(before.shape + (1,) * (x[name].ndim - 3))
+        y[name] = jnp.where(hid, other[name], x[name])
+    again = _loss_and_grads("engine", C0, True)(y, None, _cotangents(T))
+    assert_close("out from p", again[0][:, p:], got[0][:, p:], rtol=1e-5, atol=1e-6)
+    assert_close("final_state", again[1], got[1], rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_and_extreme_gates_are_finite_and_float32_inside():
     T, chunk = T0, C0
     x = _inputs(T)
@@ -243,7 +261,7 @@ def test_no_t_by_t_intermediate_forward_or_backward():
     beta = log_decay = jax.ShapeDtypeStruct((1, T, 1), jnp.float32)
 
     def loss(q, k, v, beta, log_decay):
-        return jnp.sum(delta_rule_attention(q, k, v, beta, log_decay, chunk=chunk)[0])
+        return jnp.sum(delta_rule_attention(q, k, v, beta, log_decay, chunk=chunk))
 
     biggest = max_intermediate_elems(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), q, k, v, beta, log_decay)
     # the largest arrays are the per-chunk C x C blocks, (T / C) * C * C = T * C elements

@@ -32,8 +32,8 @@ def delta_rule_recurrent(
     initial_state: Float[Array, "B H Dk Dv"] | None = None,
     output_final_state: bool = False,
     scale: float | None = None,
-) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B H Dk Dv"] | None]:
-    """Outputs [B, T, H, Dv] and (when asked) the final state [B, H, Dk, Dv], float32."""
+) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B H Dk Dv"]]:
+    """Outputs [B, T, H, Dv], and the final state [B, H, Dk, Dv] too when asked; float32."""
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     scale = Dk**-0.5 if scale is None else scale
@@ -57,4 +57,5 @@ def delta_rule_recurrent(
     time_major = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
     xs = tuple(time_major(x) for x in (q, k, v, beta, log_decay, keep))
     state, out = lax.scan(step, state, xs)
-    return jnp.moveaxis(out, 0, 1), (state if output_final_state else None)
+    out = jnp.moveaxis(out, 0, 1)
+    return (out, state) if output_final_state else out
