@@ -63,7 +63,13 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_positive_int
-from efficient_attn.ops.block_sparse import band_block_size, banded_table, block_sparse_attention, merge_softmax, num_blocks
+from efficient_attn.ops.block_sparse import (
+    band_block_size,
+    banded_table,
+    block_sparse_attention,
+    merge_softmax,
+    num_blocks,
+)
 from efficient_attn.ops.linear_attention import linear_attention
 from efficient_attn.registry import Budget, register
 

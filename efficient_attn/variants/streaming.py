@@ -23,7 +23,9 @@ into one softmax by logsumexp weighting (``merge_softmax``, as ``longformer`` ad
 global keys): the window part uses a banded table over blocks of ``b = clip(w, 16, 128)``
 tokens with a token-level band mask, the sinks excluded (kv_valid) so that no key counts
 twice; the sink part is one block of the s sink keys seen by every query block (causal
-inside it). Time O(N (w + s) d); no N x N array; memory O(N d) plus one run of the engine.
+inside it). One table listing block 0 beside the band would not do: the engine ANDs its band
+mask with every listed block, so it would hide the sinks of every query past the window.
+Time O(N (w + s) d); no N x N array; memory O(N d) plus one run of the engine.
 
 What the experiments need to know. Budget: ``window``. Exact limit: window >= N is full
 attention. Defaults: w = 64, s = 4 (the paper's four sinks; its cache is much larger, 1K-4K,

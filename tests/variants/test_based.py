@@ -81,9 +81,15 @@ def test_taylor_map_identity():
 def test_paper_scaling_of_the_projected_features():
     """phi(q W) . phi(k W) = 1 + s + s^2/2 with s = (q W).(k W) / sqrt(d') (Based's scaling)."""
     q, k, _, wq, wk = _inputs(5)
-    got = jnp.sum(based.based_features(q, wq) * based.based_features(k, wk), -1)
-    s = jnp.einsum("bthf,bthf->bth", jnp.einsum("bthd,hdf->bthf", q, wq), jnp.einsum("bthd,hdf->bthf", k, wk)) / 2.0
-    np.testing.assert_allclose(got, 1 + s + s**2 / 2, rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def both(q, k, wq, wk):
+        got = jnp.sum(based.based_features(q, wq) * based.based_features(k, wk), -1)
+        s = jnp.sum(jnp.einsum("bthd,hdf->bthf", q, wq) * jnp.einsum("bthd,hdf->bthf", k, wk), -1) / math.sqrt(F)
+        return got, 1 + s + s**2 / 2
+
+    got, want = both(q, k, wq, wk)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 CASES = [  # T, window, causal, kv_mask, chunk
@@ -115,11 +121,22 @@ def test_module_uses_its_parameters_and_learns_them():
     q, k, v, _, _ = _inputs(T, seed=2)
     attn = ea.build("based", num_heads=H, head_dim=D, max_len=64, feature_dim=F, window=4)
     mask = ea.Mask(causal=True)
-    want = based.based_attention(q, k, v, attn.q_proj[...], attn.k_proj[...], window=4, causal=True)
-    assert_close("out", jax.jit(lambda q, k, v: attn(q, k, v, mask=mask))(q, k, v), want)
-    grads = nnx.grad(lambda m: jnp.sum(m(q, k, v, mask=mask) ** 2))(attn)
+    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+
+    @jax.jit
+    def run(params, q, k, v):
+        def loss(params):
+            out = nnx.merge(graphdef, params, rest)(q, k, v, mask=mask)
+            return jnp.sum(out**2), out
+
+        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        want = based.based_attention(q, k, v, params["q_proj"][...], params["k_proj"][...], window=4, causal=True)
+        return out, want, grads
+
+    out, want, grads = run(params, q, k, v)
+    assert_close("out", out, want)
     for name in ("q_proj", "k_proj"):
-        assert np.abs(np.asarray(getattr(grads, name)[...])).max() > 0, name
+        assert np.abs(np.asarray(grads[name][...])).max() > 0, name
 
 
 @pytest.mark.parametrize("T,w,causal", [(37, 37, True), (21, 500, False)])
