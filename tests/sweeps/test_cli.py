@@ -133,3 +133,41 @@ def test_exit_status_is_nonzero_when_any_row_errored():
     text = out.getvalue()
     assert "exp: 1 row(s) errored" in text and "variant=local task=mqar seed=1: RuntimeError: kaput" in text
     assert "full" not in text
+
+
+# issue 13 item 10: the accuracy experiment refuses these before anything is loaded or trained
+@pytest.mark.parametrize("argv, needles", [
+    (["--steps", "0"], ["--steps", "positive integer"]),  # was read as "no override": 60 steps
+    (["--steps", "-1"], ["--steps", "positive integer"]),
+    (["--variants", ","], ["--variants", "at least one"]),
+    (["--seeds", "x"], ["--seeds", "'x'"]),
+    (["--variants", "nosuch"], ["--variants", "unknown variant 'nosuch'", "known: ", "full"]),
+    (["--variants", "full,perfomer"], ["--variants", "'perfomer'", "did you mean performer"]),
+    (["--tasks", "imagenet"], ["--tasks", "imagenet", "the quick preset has", "mqar"]),
+    (["--preset", "huge"], ["--preset", "'huge'"]),
+])
+def test_accuracy_refuses_bad_flags(capsys, argv, needles):
+    from efficient_attn.sweeps import accuracy
+
+    line = _refused(capsys, argv, *needles, parse=accuracy.main)
+    assert line.startswith("efficient-attn train: error: ")
+
+
+def test_accuracy_refuses_a_plugin_directory(capsys, tmp_path):
+    from efficient_attn.sweeps import accuracy
+
+    _refused(capsys, ["--plugin", str(tmp_path)], f"--plugin: {tmp_path} is a directory, expected a .py file",
+             parse=accuracy.main)
+
+
+def test_accuracy_script_exits_nonzero_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "accuracy.py"
+    res = subprocess.run([sys.executable, str(script), "--steps", "0", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == ["efficient-attn train: error: --steps: expected a positive "
+                                               "integer, got '0'"]
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -1,0 +1,113 @@
+"""``efficient-attn train`` / ``experiments/accuracy.py``: the accuracy experiment's command line.
+
+The flags are the shared ones of ``efficient_attn.sweeps.cli`` (``--preset``, ``--variants``,
+``--tasks``, ``--seeds``, ``--steps``, ``--plugin``, ``--force``, ``--out``, ``--no-progress``);
+``--tasks`` must name tasks of the preset. The exit status is 2 for a bad flag (one line
+naming it), 1 when a row of this run's variants, tasks and seeds errored, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from efficient_attn.sweeps import cli
+from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting
+from efficient_attn.sweeps.accuracy.presets import PRESETS
+from efficient_attn.sweeps.accuracy.run import rows_of, run
+
+__all__ = ["parse_args", "config_from_args", "main"]
+
+_PROG = "efficient-attn train"
+
+
+def _parser() -> argparse.ArgumentParser:
+    return cli.experiment_parser(
+        _PROG, "Accuracy of every attention variant on every task (LRA Table 1 analog).",
+        presets=PRESETS, tasks=True, seeds=True, steps=True,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed flags (``--plugin`` files loaded, ``--variants`` checked); exits 2 on a bad one."""
+    return cli.parse(_parser(), argv)
+
+
+def _names(value) -> tuple[str, ...] | None:
+    # the shared parser gives tuples; a Namespace built by hand may still hold "a,b" strings
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tuple(x.strip() for x in value.split(",") if x.strip())
+    return tuple(value)
+
+
+def _refuse(parser: argparse.ArgumentParser | None, message: str):
+    if parser is not None:
+        parser.error(message)
+    raise SystemExit(f"{_PROG}: error: {message}")
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> AccuracyConfig:
+    """The preset with the flags' overrides; a bad value exits with one line naming its flag."""
+    cfg = PRESETS[args.preset]()
+    tasks = _names(getattr(args, "tasks", None))
+    if tasks is not None:
+        known = [t.task for t in cfg.tasks]
+        if not tasks:
+            _refuse(parser, "--tasks: expected at least one comma-separated name")
+        bad = [t for t in tasks if t not in known]
+        if bad:
+            _refuse(parser, f"--tasks: unknown task(s) {', '.join(bad)}; the {args.preset} preset has {', '.join(known)}")
+        cfg = dataclasses.replace(cfg, tasks=tuple(t for t in cfg.tasks if t.task in tasks))
+    variants = _names(getattr(args, "variants", None))
+    if variants is not None:
+        if not variants:
+            _refuse(parser, "--variants: expected at least one comma-separated name")
+        cfg = dataclasses.replace(cfg, variants=variants)
+    seeds = _names(getattr(args, "seeds", None))
+    if seeds is not None:
+        try:
+            seeds = tuple(int(s) for s in seeds)
+        except ValueError:
+            seeds = ()
+        if not seeds or min(seeds) < 0:
+            _refuse(parser, f"--seeds: expected comma-separated non-negative integers, got {args.seeds!r}")
+        cfg = dataclasses.replace(cfg, seeds=seeds)
+    steps = getattr(args, "steps", None)
+    if steps is not None:
+        if not isinstance(steps, int) or steps < 1:
+            _refuse(parser, f"--steps: expected a positive integer, got {steps!r}")
+
+        def shorter(s: TaskSetting) -> TaskSetting:
+            tr = s.train
+            tr = dataclasses.replace(tr, steps=steps, eval_every=min(tr.eval_every, steps),
+                                     warmup=min(tr.warmup, max(0, steps - 1)))
+            return dataclasses.replace(s, train=tr)
+
+        cfg = dataclasses.replace(cfg, tasks=tuple(shorter(t) for t in cfg.tasks))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train what is pending at a preset, write results/accuracy/<preset>/; 1 when a row errored."""
+    p = _parser()
+    args = cli.parse(p, argv)
+    cfg = config_from_args(args, p)
+    out = args.out or Path("results") / "accuracy" / cfg.preset
+    t0 = time.perf_counter()
+    try:
+        rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None)
+    except KeyboardInterrupt:
+        print(f"\naccuracy: interrupted; finished rows are kept in {out / 'rows.jsonl'} and the tables were "
+              "rebuilt from them; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    mine = rows_of(cfg, rows)
+    errors = [r for r in mine if r.get("status") == "error"]
+    print(f"accuracy ({cfg.preset}): {len(rows)} rows in {out} ({time.perf_counter() - t0:.0f} s)"
+          + (f"; {len(errors)} errors" if errors else ""))
+    return cli.exit_status(mine, "accuracy")

@@ -1,0 +1,240 @@
+"""The accuracy experiment's outputs, rebuilt from the stored rows only (nothing is trained here).
+
+``table.md``: variants x tasks, mean ± sample std over seeds, LRA's published Table 1 beside
+ours where the task matches; the settings; throughput; notes (skips, errors, the sanity
+expectations, where the Pareto plot's costs come from); the environment. ``rows.csv`` and
+``rows.json`` (config, environment, curves), and the plots of ``plots.py``. Re-rendering the
+same rows gives the same table, apart from the environment's commit stamp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from efficient_attn import report as ea_report
+from efficient_attn.registry import get_spec, list_variants
+from efficient_attn.sweeps.accuracy.config import TASK_TITLES, AccuracyConfig, current_rows
+from efficient_attn.sweeps.accuracy.plots import load_cost, plot_curves, plot_pareto
+from efficient_attn.sweeps.accuracy.published import PUBLISHED_TABLE1, PUBLISHED_TASKS
+
+__all__ = ["CSV_COLUMNS", "markdown", "reference_variant", "write_outputs"]
+
+CSV_COLUMNS = [
+    "variant", "task", "seed", "status", "reason", "metric", "test", "test_accuracy", "test_loss", "best_val",
+    "best_step", "steps", "wall_s", "compile_s", "tokens_per_s", "num_params", "seq_len", "causal", "kv_mask_used",
+    "family", "exact", "fingerprint",
+]
+
+
+def reference_variant() -> str | None:
+    """The registry's exact reference, whose rows the sanity expectations check: the exact
+    variant whose registration names a faster exact twin (``full`` -> ``blockwise``)."""
+    for name in list_variants():
+        spec = get_spec(name)
+        if spec.capabilities.exact and spec.fast_exact:
+            return name
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    a = np.asarray(values, float)
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
+
+
+def _cell(values: list[float], scale: float, digits: int) -> str:
+    if not values:
+        return "-"
+    m, s = _mean_std([v * scale for v in values])
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _metric_of(task: str, by) -> str:
+    for (v, t), rs in by.items():
+        if t == task and rs:
+            return rs[0].get("metric", "accuracy")
+    return "bits_per_byte" if task == "bytes_lm" else "accuracy"
+
+
+def markdown(rows: Sequence[dict], cfg: AccuracyConfig, skipped: dict, env: dict, cost_note: str) -> str:
+    """``table.md`` from the stored rows, the skip reasons and the environment."""
+    by = current_rows(rows, cfg)
+    variants = sorted({v for v, _ in by} | {v for v, _ in skipped} | set(cfg.variant_names()))
+    tasks = [t.task for t in cfg.tasks]
+    acc_tasks = [t.task for t in cfg.tasks if _metric_of(t.task, by) != "bits_per_byte"]
+    headers = ["variant"]
+    for t in tasks:
+        unit = "bits/byte ↓" if _metric_of(t, by) == "bits_per_byte" else "acc %"
+        headers.append(f"{TASK_TITLES.get(t, t)} ({unit})")
+        if t in PUBLISHED_TASKS:
+            headers.append(f"{TASK_TITLES[t]} LRA")
+    headers += ["avg acc %", "seeds"]
+    notes: list[str] = []
+    body = []
+    for v in variants:
+        line = [v]
+        means = []
+        nseeds = set()
+        for setting in cfg.tasks:
+            t = setting.task
+            rs = by.get((v, t), [])
+            ok = [r for r in rs if r["status"] == "ok"]
+            err = [r for r in rs if r["status"] != "ok"]
+            reason = skipped.get((v, t))
+            if ok:
+                bpb = ok[0]["metric"] == "bits_per_byte"
+                line.append(_cell([r["test"] for r in ok], 1.0 if bpb else 100.0, 3 if bpb else 1))
+                nseeds.add(len(ok))
+                if not bpb:
+                    means.append(100.0 * float(np.mean([r["test"] for r in ok])))
+                if err:
+                    notes.append(f"{v} on {t}: {len(err)} seed(s) failed: {err[0]['reason']}")
+            elif reason:
+                line.append(f"skip [{len(notes) + 1}]")
+                notes.append(f"{v} on {t}: skipped: {reason}")
+            elif err:
+                line.append(f"error [{len(notes) + 1}]")
+                notes.append(f"{v} on {t}: error: {err[0]['reason']}")
+            else:
+                line.append("-")
+            if t in PUBLISHED_TASKS:
+                pub = PUBLISHED_TABLE1.get(v)
+                line.append(f"{pub[1][t]:.2f}" if pub else "-")
+        line.append(f"{np.mean(means):.1f}" if means and len(means) == len(acc_tasks) else "-")
+        line.append("/".join(str(n) for n in sorted(nseeds)) or "-")
+        body.append(line)
+
+    lines = [f"# Accuracy ({cfg.preset} preset)", ""]
+    lines.append(
+        "Test score of the best-validation checkpoint, mean ± sample std over seeds (one seed: the value). "
+        "Accuracy in %; bytes_lm in bits per byte (lower is better). Every variant trains the same model "
+        "with only the attention core changed. 'LRA' columns: Tay et al. 2020, Table 1, as published "
+        "(single runs, at LRA's lengths and model sizes, not ours: compare orderings, not values). "
+        "'avg acc' averages the accuracy tasks when all ran."
+    )
+    lines.append("")
+    lines.append(ea_report.markdown_table(headers, body))
+    lines += _settings(cfg)
+    lines += _throughput(by, cfg, variants)
+    lines += ["## Notes", ""]
+    lines += _sanity_notes(by, cfg)
+    lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    lines.append(f"- Pareto plot: {cost_note}")
+    lines.append("")
+    lines.append(f"Environment: jax {env.get('jax')}, flax {env.get('flax')}, {env.get('backend')} "
+                 f"({env.get('device')}, {env.get('cpu')}, {env.get('cpu_cores')} cores), commit {env.get('commit')}.")
+    return "\n".join(lines) + "\n"
+
+
+def _settings(cfg: AccuracyConfig) -> list[str]:
+    lines = ["## Settings", ""]
+    set_rows = []
+    for s in cfg.tasks:
+        m, tr = s.model, s.train
+        set_rows.append([s.task, s.seq_len, f"{s.num_train}/{s.num_val}/{s.num_test}",
+                         f"{m.num_layers}x{m.emb_dim}, {m.num_heads} heads, MLP {m.mlp_dim}"
+                         + (f", {m.pool}" if s.task in ("listops", "pathfinder") else "")
+                         + f", {m.position} positions",
+                         f"{tr.steps} x {tr.batch_size}", f"{tr.lr:g} {tr.schedule}, warm-up {tr.warmup}",
+                         ", ".join(f"{k}={v}" for k, v in s.params) or "defaults"])
+    lines.append(ea_report.markdown_table(["task", "length", "train/val/test", "model", "steps x batch", "lr",
+                                           "generator"], set_rows))
+    kw = ", ".join(f"{v}: " + ", ".join(f"{k}={x}" for k, x in p) for v, p in cfg.variant_kwargs)
+    lines.append(f"Seeds {list(cfg.seeds)} (model init and data order; data seed {cfg.data_seed}). Variant "
+                 f"hyperparameters: registered defaults (LRA's){'; overrides: ' + kw if kw else ''}.")
+    lines.append("")
+    return lines
+
+
+def _throughput(by, cfg: AccuracyConfig, variants: list[str]) -> list[str]:
+    lines = ["## Throughput and time", ""]
+    tp_rows = []
+    for v in variants:
+        line = [v]
+        for s in cfg.tasks:
+            ok = [r for r in by.get((v, s.task), []) if r["status"] == "ok"]
+            line.append(f"{np.mean([r['tokens_per_s'] for r in ok]) / 1e3:.0f}k / {np.mean([r['wall_s'] for r in ok]):.0f} s"
+                        if ok else "-")
+        tp_rows.append(line)
+    lines.append(ea_report.markdown_table(["variant"] + [f"{TASK_TITLES.get(s.task, s.task)} tok/s / wall"
+                                                         for s in cfg.tasks], tp_rows))
+    lines.append("Training tokens (batch x length) per second, compile excluded; wall = compile + train + eval.")
+    lines.append("")
+    return lines
+
+
+def _sanity_notes(by, cfg: AccuracyConfig) -> list[str]:
+    """The expectations a correct pipeline should meet, stated up front and checked (not tuned to),
+    on the rows of the registry's exact reference."""
+    out = ["Sanity expectations (stated before the runs and checked here, not tuned to; where a setting was "
+           "changed after a miss, the line says so):"]
+    ref = reference_variant()
+
+    def ref_rows(task):
+        return [r for r in by.get((ref, task), []) if r["status"] == "ok"]
+
+    def verdict(holds):
+        return "holds" if holds else "does NOT hold"
+
+    tasks = {s.task for s in cfg.tasks} if ref is not None else set()
+    if "mqar" in tasks:
+        rs = ref_rows("mqar")
+        if rs:
+            acc = float(np.mean([r["test"] for r in rs]))
+            setting = next(t for t in cfg.tasks if t.task == "mqar")
+            params = ", ".join(f"{k}={v}" for k, v in setting.params)
+            out.append(f"- {ref} attention solves MQAR (Zoology: attention solves it at every length) at length "
+                       f"{setting.seq_len} ({params or 'generator defaults'}): {100 * acc:.1f}% -> "
+                       f"{verdict(acc >= 0.99)} (threshold 99%)")
+            out += [f"  {text}" for task, text in cfg.task_notes if task == "mqar"]
+    if "listops" in tasks:
+        rs = ref_rows("listops")
+        if rs:
+            acc = float(np.mean([r["test"] for r in rs]))
+            maj = rs[0]["baseline"]["majority"]
+            out.append(f"- {ref} beats the majority class on ListOps ({100 * maj:.1f}% on this test split) by a "
+                       f"wide margin (10 points or more): {100 * acc:.1f}% -> {verdict(acc >= maj + 0.10)}")
+    if "pathfinder" in tasks:
+        rs = ref_rows("pathfinder")
+        if rs:
+            acc = float(np.mean([r["test"] for r in rs]))
+            maj = rs[0]["baseline"]["majority"]
+            out.append(f"- {ref} beats the majority class on Pathfinder ({100 * maj:.1f}%): {100 * acc:.1f}% -> "
+                       f"{verdict(acc > maj)} (LRA's short-trained models often sit at chance here)")
+    if "bytes_lm" in tasks:
+        rs = ref_rows("bytes_lm")
+        if rs:
+            bpb = float(np.mean([r["test"] for r in rs]))
+            uni = rs[0]["baseline"]["unigram_bits"]
+            out.append(f"- bits per byte far below 8 (uniform) and below the unigram entropy of the test bytes "
+                       f"({uni:.2f}): {ref} gets {bpb:.3f} -> {verdict(bpb < min(8.0, uni))}")
+    if ref is not None:
+        twin = get_spec(ref).fast_exact
+        out.append(f"- `{ref}` trains on the {twin} kernel (`nn` models' `fast_exact=True`: the same function, "
+                   f"tested equal forward and backward), so its row and `{twin}`'s agree to float32 rounding.")
+    out.append("")
+    return out
+
+
+def write_outputs(out: str | Path, rows: Sequence[dict], cfg: AccuracyConfig, skipped: dict | None = None) -> list[dict]:
+    """table.md, rows.csv, rows.json, curves.png, pareto.png from the stored rows; returns the rows, sorted."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = dict(skipped or {})
+    rows = sorted(rows, key=lambda r: (r.get("task", ""), r.get("variant", ""), r.get("seed", 0)))
+    env = ea_report.environment(cfg.preset)
+    skipped_rows = [{"variant": v, "task": t, "status": "skipped", "reason": why} for (v, t), why in skipped.items()]
+    ea_report.write_csv(out / "rows.csv", list(rows) + skipped_rows, CSV_COLUMNS)
+    ea_report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg),
+                                             "rows": list(rows), "skipped": skipped_rows})
+    cost_dir = out.parent.parent / "cost" / cfg.preset
+    cost = load_cost(cost_dir)
+    cost_note = plot_pareto(rows, cfg, cost, out / "pareto.png")
+    if cost is None:
+        cost_note = f"cost results missing: run cost_scaling first (looked for {cost_dir / 'rows.json'})"
+    plot_curves(rows, cfg, out / "curves.png")
+    ea_report.write_atomic(out / "table.md", markdown(rows, cfg, skipped, env, cost_note))
+    return list(rows)

@@ -1,0 +1,212 @@
+"""Running the accuracy sweep into its RowStore: plan, train, store one row per (variant, task, seed).
+
+A variant that cannot serve a task is skipped up front with the reason (``plan``, from its
+capabilities), never run wrongly. A run that raises is stored as an error row with its
+message and retried on the next invocation; neither stops the sweep. A finished row whose
+fingerprint matches the config is never trained again (``--force`` recomputes). An
+interrupted run resumes from its last orbax checkpoint under the cache directory
+(``$EA_CACHE_DIR/runs/accuracy/<preset>/``), never in results/. Whatever happens, the
+outputs are rebuilt from the store before ``run`` returns (``report.write_outputs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from efficient_attn import report as ea_report
+from efficient_attn.registry import get_spec
+from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting, current_rows, data_fingerprint
+from efficient_attn.sweeps.accuracy.report import write_outputs
+from efficient_attn.train import needs_kv_mask
+
+__all__ = ["plan", "run", "rows_of"]
+
+
+def plan(variant: str, data_causal: bool, data_needs_mask: bool) -> tuple[bool, str]:
+    """Whether ``variant`` can serve a task, from its capabilities; ``(False, reason)`` if not."""
+    caps = get_spec(variant).capabilities
+    if data_causal and not caps.causal:
+        return False, "non-causal variant on a causal (next-token) task"
+    if data_needs_mask and not caps.kv_mask:
+        return False, "task has padding a query could attend to, and the variant cannot mask keys (no kv_mask)"
+    return True, ""
+
+
+def rows_of(cfg: AccuracyConfig, rows: list[dict]) -> list[dict]:
+    """The stored rows this config asks for (its variants, tasks and seeds, at its fingerprints)."""
+    wanted = set(cfg.variant_names())
+    return [r for (v, _), rs in current_rows(rows, cfg).items() if v in wanted for r in rs]
+
+
+def _cache_root() -> Path:
+    """The project's cache (``$EA_CACHE_DIR``, else ``~/.cache/efficient_attn``), shared with tasks/."""
+    from efficient_attn.tasks.cache import default_dir
+
+    return default_dir()
+
+
+def _baseline(data) -> dict[str, float]:
+    """What a model that ignores the input gets on the test split."""
+    t = np.asarray(data.test.targets)
+    if data.kind == "token":
+        t = t[t >= 0]
+    counts = np.bincount(t.ravel(), minlength=data.num_classes).astype(float)
+    p = counts / max(counts.sum(), 1.0)
+    nz = p[p > 0]
+    return {"majority": float(p.max()), "unigram_bits": float(-(nz * np.log2(nz)).sum()),
+            "uniform_bits": float(math.log2(data.num_classes))}
+
+
+def _build_model(variant: str, kwargs: tuple, setting: TaskSetting, data, seed: int):
+    from flax import nnx
+
+    from efficient_attn.nn import CausalLM, Classifier, EncoderConfig, LMConfig
+
+    m = setting.model
+    rngs = nnx.Rngs(seed)
+    common = dict(vocab_size=data.vocab_size, max_len=data.seq_len, num_classes=data.num_classes,
+                  num_layers=m.num_layers, emb_dim=m.emb_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+                  attention=variant, attention_kwargs=tuple(kwargs), dropout=m.dropout, position=m.position)
+    if data.kind == "classify":
+        return Classifier(EncoderConfig(pool=m.pool, **common), rngs=rngs)
+    if not data.causal:
+        raise ValueError(f"task {data.name!r}: a token task must be causal for CausalLM")
+    return CausalLM(LMConfig(**common), rngs=rngs)
+
+
+def _load_task(setting: TaskSetting, data_seed: int):
+    from efficient_attn import tasks
+
+    return tasks.load(setting.task, seq_len=setting.seq_len, num_train=setting.num_train,
+                      num_val=setting.num_val, num_test=setting.num_test, seed=data_seed,
+                      **dict(setting.params))
+
+
+def _key(variant: str, task: str, seed: int) -> str:
+    return ea_report.RowStore.make_key(variant, task, seed)
+
+
+def _task_info(data) -> dict:
+    """What planning and the notes need from a task's data, kept so reruns need not regenerate it."""
+    return {"causal": bool(data.causal), "needs_kv_mask": bool(needs_kv_mask(data)), "metric": data.metric,
+            "kind": data.kind, "seq_len": int(data.seq_len), "baseline": _baseline(data)}
+
+
+def run(
+    cfg: AccuracyConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+    log=print,
+) -> list[dict]:
+    """Train every pending (variant, task, seed) of ``cfg``; write the outputs; return the stored rows."""
+    out = Path(out)
+    store = ea_report.RowStore(out / "rows.jsonl", force=force)
+    info_path = out / "task_info.json"
+    infos: dict[str, dict] = {}
+    if info_path.exists() and not force:
+        try:
+            infos = json.loads(info_path.read_text())
+        except json.JSONDecodeError:
+            infos = {}
+    variants = cfg.variant_names()
+    for v in variants:
+        get_spec(v)  # unknown names fail before any training
+    skipped: dict[tuple[str, str], str] = {}
+    runs_dir = _cache_root() / "runs" / "accuracy" / cfg.preset
+    total = len(cfg.tasks) * len(variants) * len(cfg.seeds)
+    count = 0
+    t_start = time.perf_counter()
+    try:
+        for setting in cfg.tasks:
+            dfp = data_fingerprint(setting, cfg.data_seed)
+            data = None
+            for variant in variants:
+                fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
+                for seed in cfg.seeds:
+                    count += 1
+                    key = _key(variant, setting.task, seed)
+                    prev = store.get(key)
+                    if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
+                        continue
+                    info = infos.get(setting.task)
+                    if info is None or info.get("fingerprint") != dfp:
+                        data = _load_with_log(setting, cfg.data_seed, log)
+                        infos[setting.task] = info = dict(_task_info(data), fingerprint=dfp)
+                        ea_report.write_json(info_path, infos)
+                    ok, reason = plan(variant, info["causal"], info["needs_kv_mask"])
+                    if not ok:
+                        skipped[(variant, setting.task)] = reason
+                        break  # every seed of this (variant, task) is skipped alike
+                    if data is None:
+                        data = _load_with_log(setting, cfg.data_seed, log)
+                    row = _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, force)
+                    store.add(key, row)
+                    done = f"{row['metric']} {row['test']:.4g}" if row["status"] == "ok" else f"ERROR {row['reason']}"
+                    log(f"[{count}/{total}] {variant} on {setting.task} seed {seed}: {done} "
+                        f"({row['wall_s']:.1f} s, total {time.perf_counter() - t_start:.0f} s)")
+            # planning for variants whose rows are all finished (for the table's skip notes)
+            info = infos.get(setting.task)
+            if info is not None and info.get("fingerprint") == dfp:
+                for variant in variants:
+                    ok, reason = plan(variant, info["causal"], info["needs_kv_mask"])
+                    if not ok:
+                        skipped[(variant, setting.task)] = reason
+    finally:
+        rows = write_outputs(out, store.rows(), cfg, skipped)
+    return rows
+
+
+def _load_with_log(setting: TaskSetting, data_seed: int, log):
+    t0 = time.perf_counter()
+    data = _load_task(setting, data_seed)
+    log(f"loaded {setting.task} (L={data.seq_len}, {len(data.train)}/{len(data.val)}/{len(data.test)}) "
+        f"in {time.perf_counter() - t0:.1f} s")
+    return data
+
+
+def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, force) -> dict:
+    from efficient_attn.train import train
+
+    spec = get_spec(variant)
+    tcfg = dataclasses.replace(setting.train, seed=seed)
+    kwargs = cfg.kwargs_for(variant)
+    workdir = runs_dir / f"{variant}__{setting.task}__s{seed}__{fp}"
+    if force and workdir.exists():
+        shutil.rmtree(workdir)
+    row = {
+        "variant": variant, "task": setting.task, "seed": seed, "status": "ok", "reason": "",
+        "family": spec.family, "exact": spec.capabilities.exact, "seq_len": data.seq_len,
+        "causal": data.causal, "kv_mask_used": info["needs_kv_mask"], "fingerprint": fp,
+        "variant_kwargs": dict(kwargs), "model": dataclasses.asdict(setting.model), "train": dataclasses.asdict(tcfg),
+        "baseline": info["baseline"], "metric": data.metric,
+    }
+    t0 = time.perf_counter()
+    try:
+        model = _build_model(variant, kwargs, setting, data, seed)
+        res = train(model, data, tcfg, workdir=workdir, metrics_path=workdir / "metrics.jsonl",
+                    use_mask=info["needs_kv_mask"], progress=progress, desc=f"{variant}/{setting.task}/s{seed}",
+                    checkpoint_interval_s=cfg.checkpoint_interval_s)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # recorded and retried next time; the sweep goes on
+        traceback.print_exc(file=sys.stderr)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        row.update(status="error", reason=f"{type(err).__name__}: {msg}"[:300], wall_s=time.perf_counter() - t0,
+                   test=None)
+        return row
+    row.update(res.summary())
+    row["wall_s"] = res.wall_s + res.compile_s
+    row["train_wall_s"] = res.wall_s
+    shutil.rmtree(workdir, ignore_errors=True)  # finished: the row is the record
+    return row
