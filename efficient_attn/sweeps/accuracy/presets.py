@@ -64,8 +64,8 @@ def cpu() -> AccuracyConfig:
         ),
         seeds=(0, 1, 2),
         task_notes=(("mqar", "This MQAR setting was chosen after Zoology's (512, 64 pairs) point stayed on its "
-                             "plateau within the CPU budget in every setting tried (listed in `sweeps/accuracy.py`, "
-                             "`_cpu`); (512, 64) is the lra preset's."),),
+                             "plateau within the CPU budget in every setting tried (listed in "
+                             "`results/accuracy/cpu/NOTES.md`); (512, 64) is the lra preset's."),),
     )
 
 
