@@ -1,9 +1,9 @@
 """Training loop: learning, schedules, deterministic data order, compile-once, kill-and-resume."""
 
+import dataclasses
+import functools
 import json
 import math
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,22 @@ from efficient_attn.variants.full import full_attention
 
 from efficient_attn.nn import CausalLM, Classifier, EncoderConfig, LMConfig
 from efficient_attn.tasks.base import IGNORE, Split, TaskData
-from efficient_attn.train import TrainConfig, batch_indices, learning_rate, needs_kv_mask, train
+from efficient_attn.train import (
+    TrainConfig,
+    TrainState,
+    batch_indices,
+    checkpoint_manager,
+    eval_step,
+    evaluate,
+    learning_rate,
+    make_batch,
+    make_optimizer,
+    needs_kv_mask,
+    restore_checkpoint,
+    save_checkpoint,
+    train,
+    train_step,
+)
 
 L = 16
 
@@ -62,7 +77,7 @@ def redraw_variant():
             super().__init__(config, dims, rngs=rngs)
             self.rngs = nnx.Rngs(rngs.params())
 
-        def __call__(self, q, k, v, *, mask=None):
+        def attend(self, q, k, v, mask):
             scale = jax.random.uniform(self.rngs.default(), (), minval=0.5, maxval=1.5)
             return full_attention(q * scale, k, v, mask)
 
@@ -209,10 +224,17 @@ def test_mask_refusal_when_padding_would_be_seen():
         train(toy_model(), data, TrainConfig(steps=10, **FAST), use_mask=False, progress=False)
 
 
-def test_sparse_scored_positions_path_equals_dense_head(monkeypatch):
+class _DenseHeadLM(CausalLM):
+    """The same model declaring no ``positions`` input: train must then use the dense head."""
+
+    accepts = frozenset({"dropout_key"})
+
+
+def test_sparse_scored_positions_path_equals_dense_head():
     """A token task scored at few positions per row trains the head only there
-    (``scored_positions``); the loss trajectory and the test result equal the dense-head run's,
-    and ``CausalLM(positions=...)`` equals the full logits gathered at those positions."""
+    (``scored_positions``), for a model that declares ``positions`` in ``accepts``; the loss
+    trajectory and the test result equal those of the same model declaring no ``positions``
+    (dense head), and ``CausalLM(positions=...)`` equals the full logits gathered there."""
     import efficient_attn.train as train_mod
 
     data = TaskData("toy_lm", "token", True, 6, 6, L, _lm_split(128, 0), _lm_split(32, 1), _lm_split(32, 2))
@@ -225,9 +247,10 @@ def test_sparse_scored_positions_path_equals_dense_head(monkeypatch):
         np.asarray(model(tokens)), np.asarray(pos)[..., None], axis=1), rtol=1e-6, atol=1e-6)
 
     tc = TrainConfig(steps=20, **FAST)
+    assert "positions" in train_mod.model_accepts(model)
+    assert train_mod.model_accepts(_DenseHeadLM(cfg, rngs=nnx.Rngs(0))) == {"dropout_key"}
     sparse = train(CausalLM(cfg, rngs=nnx.Rngs(0)), data, tc, use_mask=False, progress=False)
-    monkeypatch.setattr(train_mod, "scored_positions", lambda d: None)
-    dense = train(CausalLM(cfg, rngs=nnx.Rngs(0)), data, tc, use_mask=False, progress=False)
+    dense = train(_DenseHeadLM(cfg, rngs=nnx.Rngs(0)), data, tc, use_mask=False, progress=False)
     for a, b in zip(sparse.history, dense.history):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-4)
         assert math.isclose(a["val_loss"], b["val_loss"], rel_tol=1e-4)
@@ -235,3 +258,87 @@ def test_sparse_scored_positions_path_equals_dense_head(monkeypatch):
     dense_task = TaskData("d", "token", True, 6, 6, L, *(Split(s.inputs, np.where(s.targets == IGNORE, 0, s.targets),
                                                             s.mask) for s in (data.train, data.val, data.test)))
     assert train_mod.scored_positions(dense_task) is None  # every position scored: no gathering
+
+
+class _MinimalModel(nnx.Module):
+    """A model declaring no optional inputs: called as model(tokens, mask) only."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(8, 8, rngs=rngs)
+        self.out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, tokens, mask):
+        w = mask.astype(jnp.float32)[..., None]
+        return self.out((self.emb(tokens) * w).sum(1) / jnp.maximum(w.sum(1), 1.0))
+
+
+def test_model_without_declared_inputs_trains_and_dropout_needs_a_declared_key():
+    res = train(_MinimalModel(nnx.Rngs(0)), toy_classify(pad=True), TrainConfig(steps=10, **FAST), progress=False)
+    assert res.steps == 10 and np.isfinite(res.test_loss)
+
+    class NoKey(Classifier):
+        accepts = frozenset()
+
+    cfg = EncoderConfig(vocab_size=8, max_len=L, num_classes=2, num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32,
+                        dropout=0.1)
+    with pytest.raises(ValueError, match="dropout_key"):
+        train(NoKey(cfg, rngs=nnx.Rngs(0)), toy_classify(), TrainConfig(steps=10, **FAST), progress=False)
+
+
+def test_model_vocab_smaller_than_the_task_is_refused():
+    small = Classifier(EncoderConfig(vocab_size=6, max_len=L, num_classes=2, num_layers=1, emb_dim=16, num_heads=2,
+                                     mlp_dim=32), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"vocab_size=8 but Classifier embeds only 6"):
+        train(small, toy_classify(), TrainConfig(steps=10, **FAST), progress=False)
+
+
+def test_top_level_steps_are_what_train_runs():
+    """``train_step`` / ``eval_step`` / ``make_batch`` / ``evaluate`` used by hand, in train's
+    data order, give train's loss at every step and its final validation score exactly."""
+    data, cfg = toy_classify(pad=True), TrainConfig(steps=4, lr=3e-3, warmup=1, batch_size=16, eval_every=1)
+    res = train(toy_model(), data, cfg, progress=False)
+    graphdef, params, rest = nnx.split(toy_model(), nnx.Param, ...)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, kind="classify", use_mask=True,
+                                     dropout_seed=None))
+    losses = []
+    for s in range(cfg.steps):
+        batch = make_batch(data.train, batch_indices(len(data.train), cfg.batch_size, s, cfg.seed), rows=cfg.batch_size)
+        params, rest, opt_state, loss = step(params, rest, opt_state, jnp.int32(s), batch)
+        losses.append(float(loss))
+    assert losses == [h["train_loss"] for h in res.history]
+    score = jax.jit(functools.partial(eval_step, graphdef=graphdef, kind="classify", use_mask=True))
+    val = evaluate(score, params, rest, data.val, batch_size=cfg.eval_batch, metric="accuracy",
+                   batches=lambda split, idx, rows: make_batch(split, idx, rows=rows))
+    assert val == (res.history[-1]["val_accuracy"], res.history[-1]["val_loss"], res.history[-1]["val_accuracy"])
+
+
+def test_checkpoint_round_trip_and_config_guard(tmp_path, redraw_variant):
+    """save_checkpoint / restore_checkpoint keep every array (PRNG keys included) and the
+    record; a checkpoint of another TrainConfig is refused."""
+    cfg = TrainConfig(steps=10, **FAST)
+    model = toy_model(attention=redraw_variant)
+    _, like_params, like_rest = nnx.split(model, nnx.Param, ...)
+    model(jnp.ones((1, L), jnp.int32))  # advances the variant's RNG stream: rest now differs from like_rest
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = make_optimizer(cfg).init(params)
+    bumped = jax.tree.map(lambda x: x + 1, params)
+    state = TrainState(7, params, rest, opt_state, bumped, rest, best_val=0.5, best_step=5,
+                       history=[{"step": 5, "val_accuracy": 0.5}], wall_s=1.25)
+    manager = checkpoint_manager(tmp_path / "ck")
+    save_checkpoint(manager, state, cfg)
+    zeros = jax.tree.map(jnp.zeros_like, like_params)
+    like = TrainState(0, zeros, like_rest, make_optimizer(cfg).init(zeros), zeros, like_rest)
+    back = restore_checkpoint(manager, 7, like, cfg)
+    assert (back.step, back.best_val, back.best_step, back.history, back.wall_s) == (7, 0.5, 5, state.history, 1.25)
+    for name in ("params", "rest", "opt_state", "best_params", "best_rest"):
+        want, got = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(getattr(back, name))
+        assert len(want) == len(got), name
+        for a, b in zip(want, got):
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        restore_checkpoint(manager, 7, like, dataclasses.replace(cfg, lr=1e-4))
+    manager.close()
