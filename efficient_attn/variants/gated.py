@@ -213,8 +213,8 @@ class GLA(Attention):
 
     def log_gate(self, k: Float[Array, "B T H D"]) -> Float[Array, "B T H D"]:
         """log alpha_t = logsigmoid(k_t W_1 W_2 + b) / tau, per head and key channel (<= 0)."""
-        z = jnp.einsum("bthd,hdr->bthr", k.astype(jnp.float32), self.gate_down.value)
-        z = jnp.einsum("bthr,hre->bthe", z, self.gate_up.value) + self.gate_bias.value
+        z = jnp.einsum("bthd,hdr->bthr", k.astype(jnp.float32), self.gate_down[...])
+        z = jnp.einsum("bthr,hre->bthe", z, self.gate_up[...]) + self.gate_bias[...]
         return jax.nn.log_sigmoid(z) / self.config.gate_temperature
 
     def attend(
@@ -284,7 +284,7 @@ class Mamba2(Attention):
 
     def step_sizes(self, k: Float[Array, "B T H D"]) -> Float[Array, "B T H"]:
         """dt_t = softplus(k_t . w_dt + dt_bias) > 0, per head."""
-        return jax.nn.softplus(jnp.einsum("bthd,hd->bth", k.astype(jnp.float32), self.w_dt.value) + self.dt_bias.value)
+        return jax.nn.softplus(jnp.einsum("bthd,hd->bth", k.astype(jnp.float32), self.w_dt[...]) + self.dt_bias[...])
 
     def attend(
         self,
@@ -296,11 +296,11 @@ class Mamba2(Attention):
         k, v = _real_keys(k, v, mask.kv_mask)
         x = v.astype(jnp.float32)
         dt = self.step_sizes(k)
-        log_decay = -dt * jnp.exp(self.A_log.value)
+        log_decay = -dt * jnp.exp(self.A_log[...])
         y = gated_linear_attention(
             q, k, x * dt[..., None], log_decay, causal=mask.causal, kv_mask=mask.kv_mask,
             chunk=self.config.chunk_size, scale=1.0,
         )
         if self.config.skip:
-            y = y + self.D.value[:, None] * x
+            y = y + self.D[...][:, None] * x
         return y
