@@ -8,12 +8,17 @@ A variant outside the package needs none of this: ``@register`` in any file, the
 """
 
 from efficient_attn.variants import (  # noqa: F401  (imported for their registrations)
+    based,
     blockwise,
+    delta,
     full,
+    gated,
     kernel,
     learned,
     local,
     lowrank,
     lsh,
+    selection,
     sparse,
+    streaming,
 )
