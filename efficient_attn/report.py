@@ -81,8 +81,16 @@ class RowStore:
     """An append-only JSON-lines file of finished rows, keyed for resumption.
 
     ``store.has(key)`` tells whether a unit of work is done; ``store.add(key, row)`` appends
-    it durably (one ``write`` + ``fsync`` of one line). A torn last line (a kill mid-write)
-    is ignored on load. ``force=True`` starts from an empty store.
+    it durably (one ``write`` + ``fsync`` of one line) and keeps the row as a reload will
+    read it (non-finite floats as None, tuples as lists), so a run's tables do not depend on
+    whether its rows were computed now or read back. ``force=True`` starts from an empty store.
+
+    A kill in the middle of an append leaves a torn last line (no newline). Loading ignores
+    it, so its unit is pending and is redone; the next ``add`` first cuts the fragment off
+    (were the new line appended to it, the two would fuse into one unreadable line and the
+    redone unit would be lost again on the following load). A last line that is a whole
+    record missing only its newline is kept and terminated instead. An unreadable line
+    elsewhere (an older file damaged that way) is skipped.
     """
 
     def __init__(self, path: str | Path, *, force: bool = False):
@@ -91,13 +99,27 @@ class RowStore:
         if force and self.path.exists():
             self.path.unlink()
         self._rows: dict[str, dict] = {}
+        # (file size when loaded, byte offset where the unterminated last line starts, whether
+        # that line is a whole record): what ``add`` repairs first; None when the file is clean
+        self._tail: tuple[int, int, bool] | None = None
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn write from an interrupted run
-                self._rows[rec["key"]] = rec["row"]
+            data = self.path.read_bytes()
+            *lines, last = data.split(b"\n")
+            for line in lines:
+                self._load_line(line)
+            if last:
+                whole = self._load_line(last)
+                self._tail = (len(data), len(data) - len(last), whole)
+
+    def _load_line(self, line: bytes) -> bool:
+        """Add the record on ``line``; False (and nothing added) when it is not one."""
+        try:
+            rec = json.loads(line)
+            key, row = rec["key"], rec["row"]
+        except (ValueError, TypeError, KeyError):  # torn or damaged (ValueError covers bad UTF-8 and JSON)
+            return False
+        self._rows[key] = row
+        return True
 
     @staticmethod
     def make_key(*parts: Any) -> str:
@@ -109,13 +131,31 @@ class RowStore:
     def get(self, key: str) -> dict | None:
         return self._rows.get(key)
 
+    def _repair_tail(self) -> None:
+        size, start, whole = self._tail
+        self._tail = None
+        if not self.path.exists():
+            return
+        if whole or self.path.stat().st_size != size:
+            # a record that lacks only its newline, or a file another writer has grown since
+            # it was loaded (cutting at the old offset could drop its lines): terminate the
+            # line, so that the next record starts on a line of its own
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        os.truncate(self.path, start)
+
     def add(self, key: str, row: dict) -> None:
         line = json.dumps({"key": key, "row": _jsonable(row)}) + "\n"
+        if self._tail is not None:
+            self._repair_tail()
         with open(self.path, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self._rows[key] = row
+        self._rows[key] = json.loads(line)["row"]
 
     def rows(self) -> list[dict]:
         return list(self._rows.values())

@@ -29,6 +29,69 @@ def test_rowstore_resumes_and_ignores_torn_line(tmp_path):
     assert len(s3) == 0
 
 
+def _lines(path):
+    return path.read_bytes().split(b"\n")
+
+
+def test_rowstore_torn_line_is_pending_and_cut_off_at_the_next_add(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    s = report.RowStore(path)
+    s.add("a|1", {"x": 1})
+    s.add("b|2", {"x": 2})
+    whole = path.read_bytes()
+    torn = json.dumps({"key": "c|3", "row": {"x": 3}})[:-7]  # the kill came mid-write
+    with open(path, "ab") as f:
+        f.write(torn.encode())
+    s2 = report.RowStore(path)
+    assert [s2.has(k) for k in ("a|1", "b|2", "c|3")] == [True, True, False]  # the torn unit is pending
+    assert path.read_bytes() == whole + torn.encode()  # loading alone changes nothing on disk
+    s2.add("c|3", {"x": 3})  # redone
+    s2.add("d|4", {"x": 4})
+    # repaired: the fragment is gone, so the redone row is a line of its own, not glued to it
+    assert path.read_bytes().startswith(whole) and torn.encode() not in path.read_bytes().split(b"\n")
+    lines = _lines(path)
+    assert lines[-1] == b"" and [json.loads(x)["key"] for x in lines[:-1]] == ["a|1", "b|2", "c|3", "d|4"]
+    s3 = report.RowStore(path)  # the next resume sees the redone unit: it is not done a third time
+    assert s3.rows() == [{"x": 1}, {"x": 2}, {"x": 3}, {"x": 4}]
+
+
+def test_rowstore_whole_last_record_without_newline_is_kept_and_terminated(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    report.RowStore(path).add("a|1", {"x": 1})
+    with open(path, "ab") as f:  # cut just before its newline: the record itself is complete
+        f.write(json.dumps({"key": "b|2", "row": {"x": 2}}).encode())
+    s = report.RowStore(path)
+    assert s.has("b|2") and s.get("b|2") == {"x": 2}
+    s.add("c|3", {"x": 3})
+    assert [json.loads(x)["key"] for x in _lines(path)[:-1]] == ["a|1", "b|2", "c|3"]
+    assert len(report.RowStore(path)) == 3
+
+
+def test_rowstore_torn_file_holding_only_a_fragment_and_damaged_middle_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"key": "a|1", "ro')  # killed during the very first append
+    s = report.RowStore(path)
+    assert len(s) == 0
+    s.add("a|1", {"x": 1})
+    assert path.read_bytes() == b'{"key": "a|1", "row": {"x": 1}}\n'
+    # a line fused by an older writer, a blank line, a non-record and invalid UTF-8: skipped
+    with open(path, "ab") as f:
+        f.write(b'{"key": "b|2", "row": {"x"{"key": "c|3", "row": {"x": 3}}\n\n[1, 2]\n\xff\xfe\n')
+        f.write(b'{"key": "d|4", "row": {"x": 4}}\n')
+    assert report.RowStore(path).rows() == [{"x": 1}, {"x": 4}]
+
+
+def test_rowstore_keeps_rows_as_a_reload_reads_them(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    s = report.RowStore(path)
+    s.add("a|1", {"t": (1, 2), "nan": float("nan"), "inf": float("inf"), "d": {3: "x"}})
+    want = {"t": [1, 2], "nan": None, "inf": None, "d": {"3": "x"}}
+    assert s.get("a|1") == want and report.RowStore(path).get("a|1") == want
+    s.add("a|1", {"t": 2})  # a retried unit: the newer row wins, in the key's first place
+    s.add("b|2", {"t": 3})
+    assert s.rows() == report.RowStore(path).rows() == [{"t": 2}, {"t": 3}]
+
+
 def test_markdown_table_and_csv(tmp_path):
     md = report.markdown_table(["a", "b"], [[1, 0.123456], ["x|y", None]])
     assert md.splitlines()[2] == "| 1 | 0.123 |"
