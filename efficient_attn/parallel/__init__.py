@@ -1,0 +1,27 @@
+"""Sequence (context) parallelism on a JAX device mesh.
+
+    mesh.py            ``data=2,seq=4`` parsed into a ``Mesh``; axis and length checks; the
+                       bytes a program's collectives move (``collective_bytes``)
+    ring.py            ring attention: the exact path, k/v blocks passed round the ring and
+                       merged by the online softmax; zigzag placement balances causal work
+    context_linear.py  linear and gated linear attention: per-device chunk states combined
+                       across devices in sequence order (all-gather + prefix of states)
+    models.py          ``sequence_parallel(model, mesh)``: a model's attention cores replaced
+                       by their sequence-parallel forms (a variant without one is refused)
+"""
+
+from efficient_attn.parallel.mesh import axis_size, check_divisible, collective_bytes, format_mesh, make_mesh, parse_mesh
+from efficient_attn.parallel.ring import RingAttention, RingConfig, ring_attention, zigzag_order
+
+__all__ = [
+    "parse_mesh",
+    "format_mesh",
+    "make_mesh",
+    "axis_size",
+    "check_divisible",
+    "collective_bytes",
+    "ring_attention",
+    "zigzag_order",
+    "RingAttention",
+    "RingConfig",
+]
