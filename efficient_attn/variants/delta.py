@@ -43,7 +43,7 @@ What experiments need to know:
 - No budget knob: the state is d x d per head (fixed by head_dim); ``chunk_size`` changes
   speed and memory, not the result (up to rounding). Not an approximation of softmax, so no
   exact limit. The gate projections are learned parameters (random at initialisation).
-- Cost: time O(N (C d + d^2)), memory O(N (C + d)) forward and backward, C = chunk_size;
+- Cost: time O(N (c d + d^2)), memory O(N (c + d)) forward and backward, c = chunk_size;
   computed in float32 whatever the input dtype.
 - A padded key (``kv_mask`` False) is an identity step: nothing written, nothing forgotten;
   the query at that position still reads the memory. A query that sees no real key reads the
@@ -73,8 +73,8 @@ _CAPS = Capabilities(
     cross=False,
     kv_mask=True,
     exact=False,
-    time="O(N (C d + d^2))",
-    memory="O(N (C + d))",
+    time="O(N (c d + d^2))",
+    memory="O(N (c + d))",
 )
 
 
