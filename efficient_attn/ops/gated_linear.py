@@ -83,10 +83,19 @@ def segment_sums(g: Float[Array, "... C"], axis: int = -1) -> Float[Array, "... 
     trailing = (1,) * (g.ndim - axis - 1)
     below = (i > j).reshape((C, C) + trailing)
     on_or_below = (i >= j).reshape((C, C) + trailing)
-    x = jnp.expand_dims(g, axis + 1)  # [..., C(i: m), 1, ...] broadcast over j
+    x = jnp.expand_dims(g, axis + 1)  # [..., C (m), 1 (j), ...]
     x = jnp.where(below, x, 0.0)  # entry (m, j) holds g_m when m > j
     s = jnp.cumsum(x, axis=axis)  # (i, j): sum over j < m <= i
     return jnp.where(on_or_below, s, -jnp.inf)
+
+
+def _exclusive_suffix(g, axis: int):
+    """``R[j] = sum_{m > j} g[m]`` along ``axis``: a reverse cumulative sum of g shifted by one."""
+    axis = axis % g.ndim
+    widths = [(0, 0)] * g.ndim
+    widths[axis] = (0, 1)
+    shifted = jnp.pad(lax.slice_in_dim(g, 1, None, axis=axis), widths)  # shifted[j] = g[j + 1], 0 last
+    return jnp.flip(jnp.cumsum(jnp.flip(shifted, axis), axis=axis), axis)
 
 
 def _chunk_step(scale: float, diagonal: bool):
@@ -113,13 +122,6 @@ def _chunk_step(scale: float, diagonal: bool):
         return state, out * scale
 
     return jax.checkpoint(step) if diagonal else step
-
-
-def _exclusive_suffix(g, axis: int):
-    """``R[j] = sum_{m > j} g[m]`` along ``axis`` (a shifted reverse cumulative sum, no subtraction)."""
-    axis = axis % g.ndim
-    shifted = jnp.concatenate([lax.slice_in_dim(g, 1, None, axis=axis), jnp.zeros_like(lax.slice_in_dim(g, 0, 1, axis=axis))], axis=axis)
-    return jnp.flip(jnp.cumsum(jnp.flip(shifted, axis), axis=axis), axis)
 
 
 def _check(q, k, v, log_decay, kv_mask, initial_state, chunk):

@@ -95,7 +95,8 @@ def test_segment_sums():
     want = np.array([[0.0, -np.inf, -np.inf], [-2.0, 0.0, -np.inf], [-6.0, -4.0, 0.0]])
     np.testing.assert_array_equal(s, want)
     gd = jnp.stack([g, 2 * g], axis=-1)  # [C, D]: the key axis is inserted after the query axis
-    np.testing.assert_array_equal(np.asarray(segment_sums(gd, axis=-2))[..., 1], np.where(np.isinf(want), want, 2 * want))
+    doubled = np.where(np.isinf(want), want, 2 * want)
+    np.testing.assert_array_equal(np.asarray(segment_sums(gd, axis=-2))[..., 1], doubled)
 
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["scalar", "diagonal"])

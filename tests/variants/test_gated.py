@@ -193,7 +193,8 @@ def test_nan_at_masked_keys_reaches_no_gradient(name):
     bad = ~np.asarray(mask)
     kp, vp = np.array(k), np.array(v)
     kp[bad], vp[bad] = np.nan, np.nan
-    f = jax.jit(lambda p, q, k, v: nnx.merge(graphdef, p, rest, copy=True)(q, k, v, mask=ea.Mask(causal=True, kv_mask=mask)))
+    padded = ea.Mask(causal=True, kv_mask=mask)
+    f = jax.jit(lambda p, q, k, v: nnx.merge(graphdef, p, rest, copy=True)(q, k, v, mask=padded))
     assert_close("out", f(params, q, kp, vp), f(params, q, k, v), **FWD)
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2, 3)))(params, q, kp, vp)
     for arg, g in zip(("params", "dq", "dk", "dv"), grads):
