@@ -40,6 +40,12 @@ In-block masks (all optional, combined with AND):
 softmax over their union (by logsumexp weighting); variants use it to add global keys to a
 local pattern and Reformer to combine its hash rounds.
 
+Non-finite inputs (the rules of ``ops.masks``): whether a query sees a key is read from the
+visibility, never from the normaliser, so a NaN in q or k gives that row NaN (out and lse),
+not zeros; keys that ``kv_valid`` hides are zeroed before any product, and a value row with
+a NaN or Inf entry is zeroed and its key made NaN, so that it poisons exactly the queries
+that see it (a causal past row in the same block never multiplies it).
+
 Gradients: a custom VJP recomputes each block's logits in the backward pass from q, k and
 the saved ``lse`` (as FlashAttention does), so a forward+backward keeps O(N d) residuals
 rather than the O(N r b) probabilities. (Reverse mode only: no ``jax.jvp``.)
@@ -246,10 +252,10 @@ def _forward_run(qb, kb, vb, aux, cfg: _Static, first_block=0):
     logits, vis = _logits_and_visibility(qb, kb, aux, cfg, first_block)
     masked = jnp.where(vis, logits, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    m = jnp.where(m == -jnp.inf, 0.0, m)  # nothing visible: any finite shift; NaN stays NaN
     e = jnp.exp(masked - m)  # exactly 0 where invisible
     denom = jnp.sum(e, axis=-1, keepdims=True)
-    seen = denom > 0
+    seen = jnp.any(vis, axis=-1, keepdims=True)  # from the masks: a NaN denominator is not "unseen"
     out = jnp.einsum("bhqij,bhqje->bhqie", e, _flat_keys(vb, aux["table"], cfg)) / jnp.where(seen, denom, 1.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
     return out, lse
@@ -288,7 +294,7 @@ def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse, first_b
     with p recomputed from the logits and the saved lse.
     """
     logits, vis = _logits_and_visibility(qb, kb, aux, cfg, first_block)
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
+    lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)[..., None]  # unseen rows: p = 0; NaN rows stay NaN
     p = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - lse_safe), 0.0)
     gather = lambda x: _flat_keys(x, aux["table"], cfg)
     vg, v_transpose = jax.vjp(gather, vb)
@@ -378,9 +384,6 @@ def block_sparse_attention(
 
     f32 = jnp.float32
     Tp, Sp = nq * block_q, nk * block_k
-    qb = _pad_axis(q.astype(f32), 2, Tp, 0.0).reshape(B, H, nq, block_q, D)
-    kb = _pad_axis(k.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, D)
-    vb = _pad_axis(v.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, E)
 
     def q_side(x, name, fill):
         x = _pad_axis(_as_bht(x, name, B, H, T), 2, Tp, fill)
@@ -392,7 +395,16 @@ def block_sparse_attention(
 
     valid = jnp.arange(Sp).reshape(1, 1, nk, block_k) < S  # padding is never visible
     if kv_valid is not None:
+        keep = _as_bht(kv_valid, "kv_valid", B, H, S)[..., None]  # [1|B, 1|H, S, 1]
         valid = jnp.logical_and(valid, k_side(kv_valid, "kv_valid", False))
+        # hidden keys are read by no product (forward or backward): where, not a product
+        k, v = jnp.where(keep, k, jnp.zeros((), k.dtype)), jnp.where(keep, v, jnp.zeros((), v.dtype))
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(v), axis=-1, keepdims=True))  # [B, H, S, 1]
+    v = jnp.where(bad, jnp.zeros((), v.dtype), v)
+    k = jnp.where(bad, jnp.asarray(jnp.nan, k.dtype), k)  # a bad value poisons who sees its key
+    qb = _pad_axis(q.astype(f32), 2, Tp, 0.0).reshape(B, H, nq, block_q, D)
+    kb = _pad_axis(k.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, D)
+    vb = _pad_axis(v.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, E)
     need_pos = causal or self_mode is not None
     aux = {
         "table": jnp.clip(table, 0, nk - 1),
@@ -427,10 +439,10 @@ def merge_softmax(
     whose key sets may overlap (a key seen in two rounds then counts twice, as in trax).
     """
     m = jax.lax.stop_gradient(jnp.max(lses, axis=0))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
     w = jnp.exp(lses - m)
     denom = jnp.sum(w, axis=0)
-    seen = denom > 0
+    seen = jnp.logical_not(jnp.all(lses == -jnp.inf, axis=0))  # a NaN part is seen (and poisons)
     out = jnp.sum(w[..., None] * outs, axis=0) / jnp.where(seen, denom, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
     return out, lse

@@ -22,19 +22,30 @@ time O(N C F + N F Dv), memory O(N C + (N / C) F Dv) with the scan's saved state
 
 Masks. ``kv_mask``: a masked key's features (and value) are replaced by zeros with ``where``
 (not a product, so a NaN or inf there cannot leak), so it adds nothing to the numerator or
-the denominator. A query that sees nothing has den == 0 and gets exactly zero output.
+the denominator. A query that sees nothing has den == 0 and gets exactly zero output. (The
+variant must also keep a masked key out of its feature map's gradient: zero the raw key
+with ``where`` before computing phi, as ``variants/kernel.py`` does.) Causal: the in-chunk
+scores are masked with ``where`` AFTER every product that could hold a future NaN or Inf
+(a future key's features times its weight), so past rows never read a future value.
+
+Non-finite inputs (the rules of ``ops.masks``): a value row with a NaN or Inf entry is
+zeroed and its key's features made NaN, so the queries that see it (causal: the later ones)
+are NaN, the others unchanged; a NaN in a query's or a visible key's features makes the
+rows that see it NaN, never zeros (see ``normalise``).
 
 Numerics (safe in bfloat16): features and values are cast to float32 before any product
 and every sum (states, scores, num, den) is accumulated in float32. The denominator is the
 same contraction as the numerator, computed in the same matmul as an extra all-ones column of
 V, so num and den see identical rounding. The output is
 
-    out = num / (den + eps)  where den > 0,   0 elsewhere,
+    out = num / (den + eps)  where den > 0,   0 where den <= 0,   NaN where den is NaN,
 
 i.e. ``eps`` (0 allowed) only stabilises tiny positive denominators; a zero or negative one
 (nothing visible, or pure cancellation noise when features can be negative as in cosformer)
-gives 0 instead of an inf or a sign flip. The ``where`` is double (``num / where(den > 0,
-den + eps, 1)``) so its gradient is finite too.
+gives 0 instead of an inf or a sign flip, unless num is not finite (then NaN). A NaN
+denominator (a NaN input reached the row) stays NaN: it is never read as "nothing
+visible". The ``where`` is double (``num / where(den > 0, den + eps, 1)``) so its gradient
+is finite too.
 
 Optional per-key log scales (``k_log_scale``, used by FAVOR+). The true key feature is
 phi(k_j) * exp(l_j); phi(k_j) is O(1) and l_j may be large (exp(l_j) would overflow or
@@ -53,15 +64,20 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
+from efficient_attn.ops.masks import split_nonfinite
+
 __all__ = ["linear_attention", "normalise"]
 
 _NEG = -1e30  # "no key yet" log scale: finite, so differences of two of them are 0, not NaN
 
 
 def normalise(num: Float[Array, "... Dv"], den: Float[Array, "... 1"], eps: float) -> Float[Array, "... Dv"]:
-    """``num / (den + eps)`` where ``den > 0``, else 0 (finite forward and backward)."""
+    """``num / (den + eps)`` where ``den > 0``; 0 where ``den <= 0`` (NaN if ``num`` is not
+    finite there); NaN where ``den`` is NaN. Finite forward and backward for finite inputs."""
     pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den + eps, 1.0), 0.0)
+    # 0 * num: 0 for a finite num, NaN for a non-finite one; NaN den: NaN
+    rest = jnp.where(jnp.isnan(den), jnp.nan, 0.0 * num)
+    return jnp.where(pos, num / jnp.where(pos, den + eps, 1.0), rest)
 
 
 def _pad_len(x, axis: int, size: int, value=0.0):
@@ -99,7 +115,7 @@ def _causal(phi_q, phi_k, v1, log_scale, chunk: int):
 
         def step(state, xs):
             q, k, v = xs
-            s = jnp.where(tri, jnp.einsum("bhif,bhjf->bhij", q, k), 0.0)
+            s = jnp.where(tri, jnp.einsum("bhif,bhjf->bhij", q, k), 0.0)  # future NaN: where, after the product
             out = jnp.einsum("bhij,bhje->bhie", s, v) + jnp.einsum("bhif,bhfe->bhie", q, state)
             return state + jnp.einsum("bhjf,bhje->bhfe", k, v), out
 
@@ -115,7 +131,7 @@ def _causal(phi_q, phi_k, v1, log_scale, chunk: int):
             row_top = jnp.maximum(top[..., None], lax.cummax(ls, axis=2))  # [B, H, C]
             # exponent l_j - row_top_i <= 0 for j <= i; masked before exp (no inf, no NaN grad)
             w = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], _NEG))
-            s = jnp.einsum("bhif,bhjf->bhij", q, k) * w
+            s = jnp.where(tri, jnp.einsum("bhif,bhjf->bhij", q, k) * w, 0.0)  # where after the product
             inter = jnp.einsum("bhif,bhfe->bhie", q, state) * jnp.exp(top[..., None] - row_top)[..., None]
             out = jnp.einsum("bhij,bhje->bhie", s, v) + inter
             new_top = jnp.maximum(top, jnp.max(ls, axis=2))
@@ -152,6 +168,8 @@ def linear_attention(
     phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
     if k_log_scale is not None:
         k_log_scale = k_log_scale.astype(jnp.float32)
+    v, bad = split_nonfinite(v)  # a bad value poisons (NaN features) exactly who sees its key
+    phi_k = jnp.where(bad[..., None], jnp.nan, phi_k)
     if kv_mask is not None:
         keep = kv_mask[:, :, None]
         phi_k = jnp.where(keep[..., None], phi_k, 0.0)

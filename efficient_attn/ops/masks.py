@@ -1,15 +1,32 @@
-"""Visibility of (query, key) pairs implied by a ``Mask``.
+"""Visibility of (query, key) pairs implied by a ``Mask``, and the rules for non-finite inputs.
 
 ``dense_visibility`` materialises the ``[B, H|1, T, S]`` boolean matrix: only quadratic
 variants ("full", the learned ones) may call it. Subquadratic engines build visibility per
 block from ``causal_block``/``kv_mask`` slices instead.
+
+Non-finite inputs (every engine follows these rules, so that no NaN or Inf ever comes out as
+a plausible finite number, and no masked or future position ever matters):
+
+- "Nothing visible" is a structural fact, known from the masks alone; it is never inferred
+  from a normaliser being 0 (a NaN normaliser is not "nothing visible"). A query that sees
+  no key gets exact zeros; a query that sees keys gets whatever the arithmetic gives,
+  NaN included (a row whose visible logits are all -inf is 0/0 = NaN, as in ``full``).
+- Masked and future positions are removed with ``where`` BEFORE any product (0 * NaN is
+  NaN): logits by ``where(visible, s, -inf)``, keys and values that no query may see are
+  replaced by zeros (``hide_keys``), so neither the forward nor the backward pass reads them.
+- Values enter products through ``split_nonfinite``: a value row with a NaN or Inf entry
+  is replaced by zeros in the product, and the query rows that SEE that key get NaN instead
+  (engines poison the key's logits, or its features). So a non-finite value poisons exactly
+  the rows that attend to it (all of their components: an Inf value gives NaN, not Inf),
+  while a row that cannot see it (a causal past row in the same block, whose weight on it
+  is an exact 0) is unchanged.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool
+from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Mask
 
@@ -41,10 +58,38 @@ def dense_visibility(mask: Mask | None, B: int, T: int, S: int) -> Bool[Array, "
     return jnp.broadcast_to(vis, (B,) + vis.shape[1:]) if vis.shape[0] == 1 else vis
 
 
-def masked_softmax(logits, visible, axis: int = -1):
-    """Softmax over ``axis`` that gives all-zero rows where nothing is visible (never NaN).
+def split_nonfinite(v: Float[Array, "B S H E"]) -> tuple[Float[Array, "B S H E"], Bool[Array, "B S H"]]:
+    """``(v with every non-finite row zeroed, which rows were non-finite)``.
 
-    ``visible`` is a boolean broadcastable to ``logits`` or None (all visible).
+    The zeroed copy goes into products; the flags go to the logits or features of those keys
+    (NaN there), so that only the queries that see a bad value are poisoned by it.
+    """
+    ok = jnp.isfinite(v)
+    bad = jnp.logical_not(jnp.all(ok, axis=-1))
+    return jnp.where(bad[..., None], jnp.zeros((), v.dtype), v), bad
+
+
+def poison_keys(k: Float[Array, "B S H D"], bad: Bool[Array, "B S H"]) -> Float[Array, "B S H D"]:
+    """``k`` with NaN rows where ``bad``: every logit of such a key is NaN, so each query that
+    sees it (and only those: invisible logits are replaced by -inf) is NaN."""
+    return jnp.where(bad[..., None], jnp.asarray(jnp.nan, k.dtype), k)
+
+
+def hide_keys(x: Float[Array, "B S H E"], keep: Bool[Array, "B S"] | None) -> Float[Array, "B S H E"]:
+    """Zero the rows of ``x`` at keys no query may see (``keep`` False): by ``where``, so NaN or
+    Inf there reaches neither the forward products nor the gradients (a double where)."""
+    if keep is None:
+        return x
+    return jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))
+
+
+def masked_softmax(logits, visible, axis: int = -1):
+    """Softmax over ``axis`` that gives all-zero rows where nothing is visible (never NaN there).
+
+    ``visible`` is a boolean broadcastable to ``logits`` or None (all visible). Whether a row
+    sees anything is read from ``visible``, not from the normaliser: a row with a NaN logit
+    among its visible ones is NaN (not zeros), and invisible logits never matter, whatever
+    their value.
     """
     if visible is None:
         return jax.nn.softmax(logits, axis=axis)
@@ -53,4 +98,5 @@ def masked_softmax(logits, visible, axis: int = -1):
     z = z - jnp.max(z, axis=axis, keepdims=True)
     e = jnp.where(visible, jnp.exp(z), 0.0)
     denom = jnp.sum(e, axis=axis, keepdims=True)
-    return e / jnp.where(denom > 0, denom, 1.0)
+    seen = jnp.any(visible, axis=axis, keepdims=True)
+    return e / jnp.where(seen, denom, 1.0)

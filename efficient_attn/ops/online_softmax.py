@@ -4,13 +4,19 @@ Forward (Milakov & Gimelshein 2018; Rabe & Staats 2021; Dao et al. 2022). For ea
 block Q_i and key blocks K_j, V_j in turn, with running max m, normaliser l and accumulator a:
 
     S   = Q_i K_j^T / sqrt(d)            (masked entries = -inf)
-    m'  = max(m, rowmax S)
+    m'  = max(m, rowmax S)               (m starts at -inf; a shift of -inf is taken as 0)
     P   = exp(S - m')
     l   = l exp(m - m') + rowsum P
     a   = a exp(m - m') + P V_j
-    O_i = a / l          (0 where l = 0: a query that sees no key gets zeros, not NaN)
+    O_i = a / l          (0 where query i sees no key: zeros, not NaN)
 
-and the log-normaliser L_i = m + log l is kept for the backward pass (+inf where l = 0).
+and the log-normaliser L_i = m + log l is kept for the backward pass (+inf where query i
+sees no key). Whether a query sees a key is carried as a flag from the masks, not read off
+l: a NaN in q or k makes m and l NaN, and that row's output NaN, exactly where "full" is
+NaN (a ``l > 0`` test would turn it into a plausible 0). Keys no query may see are zeroed
+before the kernel, and a value row with a NaN or Inf entry is zeroed and its key made NaN,
+so that only the queries that see it are NaN (the rules of ``ops.masks``); a causal past
+row of a diagonal tile never multiplies a future value.
 
 Backward (``jax.custom_vjp``): nothing of size T x S is stored. For each key block j and
 query block i the scores are recomputed, P = exp(S - L_i), and with D_i = rowsum(dO_i * O_i):
@@ -49,9 +55,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
+from efficient_attn.ops.masks import hide_keys, poison_keys, split_nonfinite
+
 __all__ = ["blockwise_attention", "balanced_block"]
 
-_NEG_INIT = -1e30  # running max start: finite, so exp(-inf - m) = 0 and exp(m0 - m) never NaN
 
 
 def balanced_block(length: int, block: int) -> int:
@@ -96,6 +103,12 @@ def _visible(rows0, cols0, nrows: int, ncols: int, valid_cols, diagonal: bool, t
     return vis
 
 
+def _finite_shift(m):
+    """The running max used as the exp shift: -inf (no visible key yet) becomes 0, so that
+    exp(-inf - shift) = 0 and never exp(-inf + inf); NaN and +inf pass through (and poison)."""
+    return jnp.where(m == -jnp.inf, 0.0, m)
+
+
 def _forward(q, k, v, valid, num_heads: int, causal: bool, block: int):
     """q [BH, T, D] (pre-scaled), k [BH, S, D], v [BH, S, Dv], valid [B, S] | None.
 
@@ -120,24 +133,28 @@ def _forward(q, k, v, valid, num_heads: int, causal: bool, block: int):
 
         def update(carry, q_rows, k_cols, v_cols, rows0, cols0, valid_cols, diagonal):
             """One online-softmax step of the rows ``q_rows`` over the keys ``k_cols``."""
-            m, l, acc = carry
+            m, l, acc, seen = carry
             s = jnp.dot(q_rows, k_cols.T, preferred_element_type=jnp.float32)
             vis = _visible(rows0, cols0, q_rows.shape[0], k_cols.shape[0], valid_cols, diagonal, transposed=False)
             if vis is not None:
                 s = jnp.where(vis, s, -jnp.inf)
+                seen = jnp.logical_or(seen, jnp.any(vis, axis=-1))
+            else:
+                seen = jnp.ones_like(seen)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_new[:, None])
-            corr = jnp.exp(m - m_new)
+            shift = _finite_shift(m_new)
+            p = jnp.exp(s - shift[:, None])
+            corr = jnp.exp(m - shift)
             l = l * corr + jnp.sum(p, axis=-1)
             acc = acc * corr[:, None] + jnp.dot(p, v_cols, preferred_element_type=jnp.float32)
-            return m_new, l, acc
+            return m_new, l, acc, seen
 
         def step(j, carry, diagonal):
             return update(carry, q_i, k_h[j], v_h[j], i * bq, j * bk, None if valid_h is None else valid_h[j],
                           diagonal)
 
-        carry = (jnp.full((bq,), _NEG_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32),
-                 jnp.zeros((bq, Dv), jnp.float32))
+        carry = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+                 jnp.zeros((bq, Dv), jnp.float32), jnp.zeros((bq,), bool))
         if causal and bq == bk and bq % 16 == 0:
             # square blocks (self-attention): key blocks j < i wholly visible, unmasked; the
             # diagonal tile in two row halves, so its invisible top-right quarter is never
@@ -149,7 +166,7 @@ def _forward(q, k, v, valid, num_heads: int, causal: bool, block: int):
             vi = None if valid_h is None else valid_h[i]
             top = update(top, q_i[:h], k_h[i][:h], v_h[i][:h], i * bq, i * bk, None if vi is None else vi[:h], True)
             bottom = update(bottom, q_i[h:], k_h[i], v_h[i], i * bq + h, i * bk, vi, True)
-            m, l, acc = (jnp.concatenate([a, b]) for a, b in zip(top, bottom))
+            m, l, acc, seen = (jnp.concatenate([a, b]) for a, b in zip(top, bottom))
         elif causal:
             # key blocks wholly at or before this block's first query: no mask; then the
             # blocks that straddle the diagonal (masked); later blocks are never visited.
@@ -157,12 +174,13 @@ def _forward(q, k, v, valid, num_heads: int, causal: bool, block: int):
             j_end = jnp.minimum(nk, last_q // bk + 1)
             j_full = jnp.minimum(j_end, (first_q + 1) // bk)
             carry = lax.fori_loop(0, j_full, functools.partial(step, diagonal=False), carry)
-            m, l, acc = lax.fori_loop(j_full, j_end, functools.partial(step, diagonal=True), carry)
+            m, l, acc, seen = lax.fori_loop(j_full, j_end, functools.partial(step, diagonal=True), carry)
         else:
-            m, l, acc = lax.fori_loop(0, nk, functools.partial(step, diagonal=False), carry)
-        seen = l > 0
+            m, l, acc, seen = lax.fori_loop(0, nk, functools.partial(step, diagonal=False), carry)
+        # seen: from the masks. A NaN l (NaN input) stays NaN; l = 0 with visible keys (all
+        # their logits -inf) is 0/0 = NaN, as in "full".
         out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+        lse = jnp.where(seen, _finite_shift(m) + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
         return out, lse
 
     # one flat loop over (head, query block): 1.4x faster than a loop over heads around a
@@ -284,6 +302,10 @@ def blockwise_attention(
     def head_major(x):  # [B, L, H, E] -> [B*H, L, E], float32
         return x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(B * H, x.shape[1], x.shape[-1])
 
+    # outside the custom_vjp, so that autodiff gives these where's zero gradients: masked
+    # keys are read by no product; a non-finite value poisons (NaN key) only who sees it
+    v, bad = split_nonfinite(hide_keys(v.astype(jnp.float32), kv_mask))
+    k = hide_keys(poison_keys(k.astype(jnp.float32), bad), kv_mask)
     out = _head_major_attention(head_major(q) * scale, head_major(k), head_major(v), kv_mask, H, bool(causal),
                                 int(block_size), int(backward_query_block))
     return out.reshape(B, H, T, Dv).transpose(0, 2, 1, 3)
