@@ -10,14 +10,13 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
+from conftest import make_qkv
 from efficient_attn import cli, registry
 
 
-def _qkv(B=1, T=8, H=2, D=4, S=None, dtype=jnp.float32):
-    S = T if S is None else S
-    ks = jax.random.split(jax.random.key(0), 3)
-    return (jax.random.normal(ks[0], (B, T, H, D), dtype), jax.random.normal(ks[1], (B, S, H, D), dtype),
-            jax.random.normal(ks[2], (B, S, H, D), dtype))
+def _qkv(B=1):
+    """q, k, v [B, 8, 2, 4] from the shared helper (the shapes every test here uses)."""
+    return make_qkv(8, B=B, H=2, D=4)
 
 
 def test_public_names():

@@ -1,9 +1,10 @@
-"""The block-sparse engine against its naive twin (a dense masked softmax built from the same table).
+"""The block-sparse engine against its reference (a dense masked softmax built from the same table).
 
-The twin materialises the [T, S] visibility implied by the table and the in-block masks;
-it is test-only and meant for small N. Both must agree forward (out and lse) and backward
-(jax.grad w.r.t. q, k, v), for odd lengths, causal, kv_mask, per-head tables, permuted
-positions, segments, bands, and both self modes.
+The reference, ``efficient_attn.ops.reference.softmax.block_sparse_reference``, materialises
+the [T, S] visibility implied by the table and the in-block masks; it is meant for small N.
+Both must agree forward (out and lse) and backward (dq, dk, dv, each by name), for odd
+lengths, causal, kv_mask, per-head tables, permuted positions, segments, bands, and both
+self modes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import assert_close, random_arrays
 from efficient_attn.ops.block_sparse import (
     SELF_PENALTY,
     banded_table,
@@ -20,51 +22,12 @@ from efficient_attn.ops.block_sparse import (
     merge_softmax,
     num_blocks,
 )
-
-
-def naive_block_sparse(q, k, v, table, *, block_q, block_k, causal=False, kv_valid=None, q_pos=None,
-                       k_pos=None, q_seg=None, k_seg=None, band=None, self_mode=None, scale=None):
-    """Dense twin: [B, H, T, S] visibility from the table, then a masked softmax."""
-    B, H, T, D = q.shape
-    S = k.shape[2]
-    table = jnp.asarray(table)
-    if table.ndim == 2:
-        table = jnp.broadcast_to(table, (H,) + table.shape)
-    qi, kj = jnp.arange(T), jnp.arange(S)
-    rows = table[:, qi // block_q]  # [H, T, r]
-    listed = jnp.any(rows[:, :, None, :] == (kj // block_k)[None, None, :, None], axis=-1)  # [H, T, S]
-    vis = jnp.broadcast_to(listed[None], (B, H, T, S))
-    bht = lambda x, L: jnp.broadcast_to(jnp.asarray(x).reshape((-1, 1, L) if jnp.ndim(x) == 2 else (1,) * (3 - jnp.ndim(x)) + jnp.shape(x)), (B, H, L))
-    qp = bht(qi if q_pos is None else q_pos, T)[..., :, None]
-    kp = bht(kj if k_pos is None else k_pos, S)[..., None, :]
-    if kv_valid is not None:
-        vis = vis & bht(kv_valid, S)[..., None, :]
-    if causal:
-        vis = vis & (kp <= qp)
-    if self_mode == "exclude":
-        vis = vis & (kp != qp)
-    if q_seg is not None:
-        vis = vis & (bht(q_seg, T)[..., :, None] == bht(k_seg, S)[..., None, :])
-    if band is not None:
-        vis = vis & (kj[None, :] >= qi[:, None] - band[0]) & (kj[None, :] <= qi[:, None] + band[1])
-    scale = 1.0 / np.sqrt(D) if scale is None else scale
-    logits = jnp.einsum("bhtd,bhsd->bhts", q, k) * scale
-    if self_mode == "fallback":
-        logits = jnp.where(kp == qp, logits - SELF_PENALTY, logits)
-    neg = jnp.where(vis, logits, -jnp.inf)
-    m = jnp.max(neg, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    e = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - m), 0.0)
-    den = jnp.sum(e, -1, keepdims=True)
-    p = e / jnp.where(den > 0, den, 1.0)
-    lse = jnp.where(den[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(den[..., 0] > 0, den[..., 0], 1.0)), -jnp.inf)
-    return jnp.einsum("bhts,bhse->bhte", p, v), lse
+from efficient_attn.ops.reference.softmax import block_sparse_reference
 
 
 def _data(B, H, T, S, D, E, seed):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (B, H, T, D)), jax.random.normal(ks[1], (B, H, S, D)),
-            jax.random.normal(ks[2], (B, H, S, E)))
+    """Head-major q [B, H, T, D], k [B, H, S, D], v [B, H, S, E]."""
+    return random_arrays(seed, (B, H, T, D), (B, H, S, D), (B, H, S, E))
 
 
 def _bsa(q, k, v, table, **kw):
@@ -83,7 +46,7 @@ def _random_table(rng, nq, nk, r, heads=None):
 
 
 def _check(q, k, v, table, **kw):
-    """Forward and backward agreement with the twin (each side jitted as one program)."""
+    """Forward and backward agreement with the reference (each side jitted as one program)."""
     w = jax.random.normal(jax.random.key(7), q.shape[:3] + v.shape[3:])
 
     def run(fn):
@@ -94,15 +57,15 @@ def _check(q, k, v, table, **kw):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
     (_, (out, lse)), g = run(block_sparse_attention)
-    (_, (ref, ref_lse)), g_ref = run(naive_block_sparse)
+    (_, (ref, ref_lse)), g_ref = run(block_sparse_reference)
     assert not np.any(np.isnan(np.asarray(out)))
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse))
+    assert_close("out", out, ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(ref_lse), err_msg="lse: rows that see nothing")
     fin = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=2e-4, rtol=1e-5)
-    for a, b in zip(g, g_ref):
-        assert np.all(np.isfinite(np.asarray(a)))
-        np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-4)
+    assert_close("lse", np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=2e-4, rtol=1e-5)
+    for name, a, b in zip(("dq", "dk", "dv"), g, g_ref):
+        assert np.all(np.isfinite(np.asarray(a))), f"{name} is not finite"
+        assert_close(name, a, b, atol=5e-5, rtol=5e-4)
     return out, lse
 
 
@@ -116,7 +79,7 @@ CASES = [  # T, S, block_q, block_k, causal, kv_mask
 
 
 @pytest.mark.parametrize("T,S,bq,bk,causal,use_kv_mask", CASES)
-def test_random_tables_match_twin(T, S, bq, bk, causal, use_kv_mask):
+def test_random_tables_match_reference(T, S, bq, bk, causal, use_kv_mask):
     B, H, D, E = 2, 3, 8, 5
     q, k, v = _data(B, H, T, S, D, E, seed=T * S)
     rng = np.random.default_rng(T + S + bq)
@@ -199,7 +162,7 @@ def test_fully_masked_rows_are_zero_not_nan():
 
 
 def test_full_table_equals_dense_softmax():
-    """Listing every block is plain softmax attention (independent of the twin's table logic)."""
+    """Listing every block is plain softmax attention (independent of the reference's table logic)."""
     B, H, T, S, D = 2, 2, 13, 17, 8
     q, k, v = _data(B, H, T, S, D, D, seed=4)
     table = np.tile(np.arange(num_blocks(S, 5), dtype=np.int32), (num_blocks(T, 3), 1))
@@ -236,7 +199,7 @@ def test_bad_tables_are_refused():
 
 
 @pytest.mark.parametrize("run_elements", [1, 700])
-def test_runs_of_query_blocks_match_twin(monkeypatch, run_elements):
+def test_runs_of_query_blocks_match_reference(monkeypatch, run_elements):
     """Long inputs are processed in runs of query blocks (lax.map / lax.scan); same results."""
     from efficient_attn.ops import block_sparse
 

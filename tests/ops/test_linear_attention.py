@@ -1,11 +1,12 @@
-"""The linear-attention engine against its naive twins, forward and backward.
+"""The linear-attention engine against its references, forward and backward.
 
-Twins (written here, independently of the engine):
+References (efficient_attn/ops/reference/linear.py, written independently of the engine):
   quadratic: W = phi(Q) (phi(K) * exp(l))^T, masked (causal, kv_mask) by zeroing, then
              out = W V / (rowsum W + eps) where rowsum W > 0, else 0;
   recurrent: token by token, S_t = S_{t-1} + phi(k_t) v_t^T, z_t = z_{t-1} + phi(k_t),
              out_t = phi(q_t) S_t / (phi(q_t) z_t + eps)   (causal only).
-Everything is jitted once per configuration (eager dispatch of a scan is slow on 2 cores).
+Gradients are compared by name (dphi_q, dphi_k, dv, dlog_scale). Everything is jitted once
+per configuration (eager dispatch of a scan is slow on 2 cores).
 """
 
 import functools
@@ -14,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
+from conftest import assert_close, random_arrays
 from efficient_attn.ops.linear_attention import linear_attention as _engine
+from efficient_attn.ops.reference.linear import linear_attention_quadratic, linear_attention_recurrent
 
 B, H, F, DV = 2, 2, 6, 5
 _STATIC = ("causal", "eps", "chunk_size")
@@ -24,14 +26,11 @@ engine = jax.jit(_engine, static_argnames=_STATIC)
 
 
 def _inputs(T, S, seed=0, positive=True):
-    kq, kk, kv, kl = jax.random.split(jax.random.key(seed), 4)
-    phi_q = jax.random.normal(kq, (B, T, H, F))
-    phi_k = jax.random.normal(kk, (B, S, H, F))
+    phi_q, phi_k, v, log_scale = random_arrays(seed, (B, T, H, F), (B, S, H, F), (B, S, H, DV), (B, S, H))
     if positive:  # positive features (as linear / performer), so every denominator is > 0
         phi_q, phi_k = jnp.exp(0.5 * phi_q), jnp.exp(0.5 * phi_k)
-    v = jax.random.normal(kv, (B, S, H, DV))
     # log scales on a 1/64 grid: adding a large integer to them is exact in float32
-    log_scale = jnp.round(128.0 * jax.random.normal(kl, (B, S, H))) / 64.0
+    log_scale = jnp.round(128.0 * log_scale) / 64.0
     return phi_q, phi_k, v, log_scale
 
 
@@ -41,40 +40,9 @@ def _kv_mask(S, seed=1):
     return jnp.asarray(m)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "eps"))
-def quadratic_twin(phi_q, phi_k, v, *, causal=False, kv_mask=None, k_log_scale=None, eps=0.0):
-    if k_log_scale is not None:
-        phi_k = phi_k * jnp.exp(k_log_scale)[..., None]
-    w = jnp.einsum("bthf,bshf->bhts", phi_q, phi_k)
-    T, S = w.shape[-2:]
-    if causal:
-        w = jnp.where(jnp.tril(jnp.ones((T, S), bool)), w, 0.0)
-    if kv_mask is not None:
-        w = jnp.where(kv_mask[:, None, None, :], w, 0.0)
-    num = jnp.einsum("bhts,bshe->bthe", w, v)
-    den = jnp.sum(w, axis=-1).transpose(0, 2, 1)[..., None]
-    return jnp.where(den > 0, num / jnp.where(den > 0, den + eps, 1.0), 0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("eps",))
-def recurrent_twin(phi_q, phi_k, v, *, kv_mask=None, eps=0.0):
-    if kv_mask is not None:
-        phi_k = jnp.where(kv_mask[:, :, None, None], phi_k, 0.0)
-        v = jnp.where(kv_mask[:, :, None, None], v, 0.0)
-
-    def step(carry, x):
-        s, z = carry
-        q_t, k_t, v_t = x  # [B, H, F], [B, H, F], [B, H, DV]
-        s = s + k_t[..., :, None] * v_t[..., None, :]
-        z = z + k_t
-        num = jnp.einsum("bhf,bhfe->bhe", q_t, s)
-        den = jnp.einsum("bhf,bhf->bh", q_t, z)[..., None]
-        return (s, z), jnp.where(den > 0, num / jnp.where(den > 0, den + eps, 1.0), 0.0)
-
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (phi_q, phi_k, v))
-    init = (jnp.zeros((B, H, F, DV)), jnp.zeros((B, H, F)))
-    _, out = lax.scan(step, init, xs)
-    return jnp.moveaxis(out, 0, 1)
+# the references (efficient_attn/ops/reference/linear.py), each jitted once per configuration
+quadratic_ref = jax.jit(linear_attention_quadratic, static_argnames=("causal", "eps"))
+recurrent_ref = jax.jit(linear_attention_recurrent, static_argnames=("eps",))
 
 
 def _grads(fn, w, phi_q, phi_k, v, log_scale, **kw):
@@ -98,15 +66,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,S,causal,use_kv,chunk,scaled", CASES)
-def test_engine_matches_quadratic_twin_forward_and_backward(T, S, causal, use_kv, chunk, scaled):
+def test_engine_matches_quadratic_reference_forward_and_backward(T, S, causal, use_kv, chunk, scaled):
     phi_q, phi_k, v, ls = _inputs(T, S)
     kv_mask = _kv_mask(S) if use_kv else None
     eps = 0.0 if scaled else 1e-3  # eps is refused with log scales (see the engine)
     kw = dict(causal=causal, kv_mask=kv_mask, eps=eps)
     ls = ls if scaled else jnp.zeros_like(ls)
     got = engine(phi_q, phi_k, v, k_log_scale=ls if scaled else None, chunk_size=chunk, **kw)
-    want = quadratic_twin(phi_q, phi_k, v, k_log_scale=ls, **kw)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    want = quadratic_ref(phi_q, phi_k, v, k_log_scale=ls if scaled else None, **kw)
+    assert_close("out", got, want, rtol=2e-5, atol=2e-6)
 
     w = jax.random.normal(jax.random.key(5), want.shape)
     if scaled:
@@ -114,28 +82,30 @@ def test_engine_matches_quadratic_twin_forward_and_backward(T, S, causal, use_kv
     else:  # without log scales: the engine's unscaled path (gradient w.r.t. l is then 0 for both)
         plain = lambda a, b, c, k_log_scale, **k: _engine(a, b, c, chunk_size=chunk, **k)  # noqa: E731
         g_got = _grads(plain, w, phi_q, phi_k, v, ls, **kw)[:3] + (jnp.zeros_like(ls),)
-    g_want = _grads(quadratic_twin, w, phi_q, phi_k, v, ls, **kw)
-    if not scaled:
-        g_want = g_want[:3] + (jnp.zeros_like(ls),)
-    for a, b in zip(g_got, g_want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if scaled:
+        g_want = _grads(quadratic_ref, w, phi_q, phi_k, v, ls, **kw)
+    else:  # the reference takes no log scale with eps > 0 (as the engine)
+        plain_ref = lambda a, b, c, k_log_scale, **k: quadratic_ref(a, b, c, **k)  # noqa: E731
+        g_want = _grads(plain_ref, w, phi_q, phi_k, v, ls, **kw)[:3] + (jnp.zeros_like(ls),)
+    for name, a, b in zip(("dphi_q", "dphi_k", "dv", "dlog_scale"), g_got, g_want):
+        assert_close(name, a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_kv", [False, True])
-def test_causal_engine_matches_recurrent_twin(use_kv):
+def test_causal_engine_matches_recurrent_reference(use_kv):
     T = 29
     phi_q, phi_k, v, _ = _inputs(T, T, seed=3)
     kv_mask = _kv_mask(T) if use_kv else None
     got = engine(phi_q, phi_k, v, causal=True, kv_mask=kv_mask, eps=1e-6, chunk_size=8)
-    want = recurrent_twin(phi_q, phi_k, v, kv_mask=kv_mask, eps=1e-6)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    want = recurrent_ref(phi_q, phi_k, v, kv_mask=kv_mask, eps=1e-6)
+    assert_close("out", got, want, rtol=2e-5, atol=2e-6)
     w = jax.random.normal(jax.random.key(2), want.shape)
     g1 = jax.jit(jax.grad(lambda a, b, c: jnp.sum(_engine(a, b, c, causal=True, kv_mask=kv_mask, chunk_size=8) * w),
                           argnums=(0, 1, 2)))(phi_q, phi_k, v)
-    g2 = jax.jit(jax.grad(lambda a, b, c: jnp.sum(recurrent_twin(a, b, c, kv_mask=kv_mask) * w),
+    g2 = jax.jit(jax.grad(lambda a, b, c: jnp.sum(recurrent_ref(a, b, c, kv_mask=kv_mask) * w),
                           argnums=(0, 1, 2)))(phi_q, phi_k, v)
-    for a, b in zip(g1, g2):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("dphi_q", "dphi_k", "dv"), g1, g2):
+        assert_close(name, a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_empty_rows_are_zero_and_masked_keys_cannot_leak_nan():
@@ -199,7 +169,7 @@ def test_signed_features_and_cancelling_denominators_stay_finite():
     phi_q, phi_k, v, _ = _inputs(T, T, seed=9, positive=False)
     for causal in (False, True):
         out = engine(phi_q, phi_k, v, causal=causal, eps=1e-6, chunk_size=8)
-        want = quadratic_twin(phi_q, phi_k, v, causal=causal, eps=1e-6)
+        want = quadratic_ref(phi_q, phi_k, v, causal=causal, eps=1e-6)
         assert bool(jnp.all(jnp.isfinite(out)))
         raw = jnp.einsum("bthf,bshf->bths", phi_q, phi_k)
         if causal:

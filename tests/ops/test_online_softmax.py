@@ -1,4 +1,5 @@
-"""Family tests of ``blockwise``: agreement with ``full`` forward and backward; O(N) memory."""
+"""The online-softmax (blockwise) engine: agreement with the dense softmax reference forward and
+backward (dq, dk, dv by name), blockings, refusals, zero rows, skipped blocks, O(N) memory."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from conftest import assert_close, random_arrays
 from efficient_attn.ops.online_softmax import blockwise_attention
-from efficient_attn.variants.full import full_attention
+from efficient_attn.ops.reference.softmax import softmax_attention
 
 CASES = [
     # T, S, causal, kv_mask, block_size
@@ -21,11 +23,7 @@ CASES = [
 
 
 def _data(T, S, kv, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (2, T, 3, 8))
-    k = jax.random.normal(ks[1], (2, S, 3, 8))
-    v = jax.random.normal(ks[2], (2, S, 3, 8))
-    w = jax.random.normal(ks[3], (2, T, 3, 8))
+    q, k, v, w = random_arrays(seed, (2, T, 3, 8), (2, S, 3, 8), (2, S, 3, 8), (2, T, 3, 8))  # w: a cotangent
     m = None
     if kv:
         m = np.random.default_rng(seed).random((2, S)) > 0.4
@@ -35,7 +33,7 @@ def _data(T, S, kv, seed=0):
 
 
 @pytest.mark.parametrize("T,S,causal,kv,bs", CASES)
-def test_forward_and_backward_match_full(T, S, causal, kv, bs):
+def test_forward_and_backward_match_dense_reference(T, S, causal, kv, bs):
     q, k, v, w, m = _data(T, S, kv)
     mask = ea.Mask(causal=causal, kv_mask=m)
 
@@ -43,18 +41,18 @@ def test_forward_and_backward_match_full(T, S, causal, kv, bs):
         return jnp.sum(blockwise_attention(q, k, v, causal=causal, kv_mask=m, block_size=bs) * w)
 
     def ref(q, k, v):
-        return jnp.sum(full_attention(q, k, v, mask) * w)
+        return jnp.sum(softmax_attention(q, k, v, mask) * w)
 
-    np.testing.assert_allclose(
-        blockwise_attention(q, k, v, causal=causal, kv_mask=m, block_size=bs), full_attention(q, k, v, mask),
-        rtol=1e-5, atol=1e-5)
-    for g_ours, g_ref in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+    assert_close("out", blockwise_attention(q, k, v, causal=causal, kv_mask=m, block_size=bs),
+                 softmax_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    grads = zip(("dq", "dk", "dv"), jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v))
+    for name, g_ours, g_ref in grads:
+        assert_close(name, g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("T,causal,block,bwd_block", [(37, True, 24, 16), (37, True, 16, 24), (50, False, 16, 7),
                                                       (64, True, 32, 8)])
-def test_mixed_blockings_match_full(T, causal, block, bwd_block):
+def test_mixed_blockings_match_dense_reference(T, causal, block, bwd_block):
     """Forward and backward blocks of different, non-dividing sizes; causal tiles straddle the diagonal."""
     q, k, v, w, m = _data(T, T, True)
     mask = ea.Mask(causal=causal, kv_mask=m)
@@ -64,10 +62,11 @@ def test_mixed_blockings_match_full(T, causal, block, bwd_block):
                                            backward_query_block=bwd_block) * w)
 
     def ref(q, k, v):
-        return jnp.sum(full_attention(q, k, v, mask) * w)
+        return jnp.sum(softmax_attention(q, k, v, mask) * w)
 
-    for g_ours, g_ref in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+    grads = zip(("dq", "dk", "dv"), jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v))
+    for name, g_ours, g_ref in grads:
+        assert_close(name, g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("length,block,expected", [(4096, 1024, 1024), (1100, 1024, 552), (37, 1024, 37),
@@ -117,7 +116,7 @@ def test_causal_skips_blocks_above_diagonal():
     q, k, v, w, _ = _data(T, T, False)
     poisoned = v.at[:, bs:].set(jnp.nan)  # every key block after the first
     out = blockwise_attention(q, k, poisoned, causal=True, block_size=bs, backward_query_block=bs)
-    ref = full_attention(q, k, v, ea.Mask(causal=True))
+    ref = softmax_attention(q, k, v, ea.Mask(causal=True))
     np.testing.assert_allclose(out[:, :bs], ref[:, :bs], rtol=1e-5, atol=1e-6)
     g = jax.grad(lambda q, k: jnp.sum(
         blockwise_attention(q, k, poisoned, causal=True, block_size=bs, backward_query_block=bs)[:, :bs]), (0, 1))

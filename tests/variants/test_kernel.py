@@ -1,5 +1,6 @@
 """The math of the kernel family: linear, performer (FAVOR+), cosformer."""
 
+import functools
 import math
 
 import jax
@@ -9,7 +10,13 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.variants.full import full_attention
+from conftest import build, jit_module, make_qkv
+from efficient_attn.ops.reference.linear import (
+    kernel_matrix_attention,
+    linear_attention_log_features,
+    linear_attention_recurrent,
+)
+from efficient_attn.ops.reference.softmax import softmax_attention
 from efficient_attn.variants.kernel import favor_log_features, orthogonal_gaussian
 from jaxpr_tools import max_intermediate_elems
 
@@ -17,23 +24,9 @@ B, H, D = 2, 2, 16
 KINDS = ("linear", "performer", "cosformer")
 
 
-def _qkv(T, S=None, seed=0, scale=1.0):
-    S = T if S is None else S
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        scale * jax.random.normal(kq, (B, T, H, D)),
-        scale * jax.random.normal(kk, (B, S, H, D)),
-        jax.random.normal(kv, (B, S, H, D)),
-    )
-
-
-def _build(name, max_len=128, seed=0, **kw):
-    return ea.build(name, num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(seed), **kw)
-
-
-def _jit(module):
-    graphdef, state = nnx.split(module)
-    return jax.jit(lambda q, k, v, mask=None: nnx.merge(graphdef, state, copy=True)(q, k, v, mask=mask))
+_qkv = functools.partial(make_qkv, B=B, H=H, D=D)  # the shared helpers at this file's sizes
+_build = functools.partial(build, H=H, D=D)
+_jit = jit_module
 
 
 def _kv_mask(S, seed=3):
@@ -42,34 +35,13 @@ def _kv_mask(S, seed=3):
     return jnp.asarray(m)
 
 
-def _weights_attention(w, v, causal, kv_mask):
-    """Row-normalised attention from an explicit [B, H, T, S] matrix of non-negative weights."""
-    T, S = w.shape[-2:]
-    if causal:
-        w = jnp.where(jnp.tril(jnp.ones((T, S), bool)), w, 0.0)
-    if kv_mask is not None:
-        w = jnp.where(kv_mask[:, None, None, :], w, 0.0)
-    den = w.sum(-1, keepdims=True)
-    return jnp.einsum("bhts,bshd->bthd", w / jnp.where(den > 0, den, 1.0), v), den
-
-
 # ------------------------------------------------------------------------------------ linear
 
 
 def recurrent_linear(q, k, v, eps):
-    """Katharopoulos et al. eq. (16)-(18), one token at a time in plain Python/numpy."""
-    phi = lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0)))  # noqa: E731  elu + 1
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    out = np.zeros_like(v)
-    for b in range(q.shape[0]):
-        for h in range(q.shape[2]):
-            s = np.zeros((q.shape[3], v.shape[3]))
-            z = np.zeros(q.shape[3])
-            for t in range(q.shape[1]):
-                s += np.outer(phi(k[b, t, h]), v[b, t, h])
-                z += phi(k[b, t, h])
-                out[b, t, h] = phi(q[b, t, h]) @ s / (phi(q[b, t, h]) @ z + eps)
-    return out
+    """Katharopoulos et al. eq. (16)-(18), one token at a time, with phi = elu + 1."""
+    phi = lambda x: jax.nn.elu(x) + 1.0  # noqa: E731
+    return jax.jit(linear_attention_recurrent, static_argnames=("eps",))(phi(q), phi(k), v, eps=eps)
 
 
 def test_causal_linear_equals_its_recurrent_form():
@@ -86,8 +58,7 @@ def test_linear_equals_quadratic_form_with_masks_and_cross():
         q, k, v = _qkv(T, S, seed=2)
         m = _kv_mask(S)
         w = jnp.einsum("bthd,bshd->bhts", phi(q), phi(k))
-        want, den = _weights_attention(w, v, causal, m)
-        want = want * (den / (den + 1e-6)).transpose(0, 2, 1, 3)  # eps in the denominator
+        want = kernel_matrix_attention(w, v, causal=causal, kv_mask=m, eps=1e-6)  # eps in the denominator
         np.testing.assert_allclose(f(q, k, v, ea.Mask(causal=causal, kv_mask=m)), want, rtol=2e-5, atol=2e-6)
 
 
@@ -142,7 +113,7 @@ def test_performer_error_falls_as_features_grow():
     """Relative error against full attention, averaged over 6 draws of W, falls with m."""
     T = 48
     q, k, v = _qkv(T, seed=4, scale=0.6)
-    ref = full_attention(q, k, v)
+    ref = softmax_attention(q, k, v)
     errors = []
     for m in (16, 64, 256, 1024):
         graphdef, _ = nnx.split(_build("performer", num_features=m, redraw=False))
@@ -158,19 +129,8 @@ def test_performer_error_falls_as_features_grow():
 
 def _performer_reference(q, k, v, w, causal, kv_mask):
     """The FAVOR+ estimate written quadratically in log space (no stabilisation tricks needed)."""
-    lq = favor_log_features(q, w)
-    lk = favor_log_features(k, w)
-    logits = jax.nn.logsumexp(lq[:, :, None, :, :] + lk[:, None, :, :, :], axis=-1)  # [B, T, S, H]
-    logits = logits.transpose(0, 3, 1, 2)
-    T, S = logits.shape[-2:]
-    vis = jnp.ones((1, 1, T, S), bool)
-    if causal:
-        vis = vis & jnp.tril(jnp.ones((T, S), bool))
-    if kv_mask is not None:
-        vis = vis & kv_mask[:, None, None, :]
-    z = jnp.where(vis, logits, -jnp.inf)
-    p = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-    return jnp.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+    return linear_attention_log_features(favor_log_features(q, w), favor_log_features(k, w), v, causal=causal,
+                                         kv_mask=kv_mask)
 
 
 @pytest.mark.parametrize("scale", [1.0, 12.0], ids=["normal", "huge_norms"])
@@ -222,8 +182,7 @@ def naive_cosformer(q, k, v, causal, kv_mask, eps=1e-6):
     i = jnp.arange(1, T + 1)[:, None]
     j = jnp.arange(1, S + 1)[None, :]
     w = jnp.einsum("bthd,bshd->bhts", jax.nn.relu(q), jax.nn.relu(k)) * jnp.cos(jnp.pi / 2 * (i - j) / M)
-    out, den = _weights_attention(w, v, causal, kv_mask)
-    return out * (den / (den + eps)).transpose(0, 2, 1, 3)
+    return kernel_matrix_attention(w, v, causal=causal, kv_mask=kv_mask, eps=eps)
 
 
 def test_cosformer_equals_its_quadratic_formula():

@@ -1,5 +1,7 @@
 """The math of the learned variants: ``synthesizer`` and ``sinkhorn``."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,24 +9,16 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.variants.full import full_attention
+from conftest import build, make_qkv
+from efficient_attn.ops.reference.sinkhorn import key_blocks, sinkhorn_attention_reference
+from efficient_attn.ops.reference.softmax import softmax_attention
 from efficient_attn.variants.learned import sinkhorn_log
 
 H, D = 2, 8
 
 
-def _qkv(T, S=None, *, seed=0, dv=D, batch=2):
-    S = T if S is None else S
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        jax.random.normal(kq, (batch, T, H, D)),
-        jax.random.normal(kk, (batch, S, H, D)),
-        jax.random.normal(kv, (batch, S, H, dv)),
-    )
-
-
-def _build(name, max_len=64, seed=0, **hp):
-    return ea.build(name, num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(seed), **hp)
+_qkv = functools.partial(make_qkv, H=H, D=D)  # the shared helpers at this file's sizes
+_build = functools.partial(build, H=H, D=D, max_len=64)
 
 
 _JITTED = {}
@@ -173,65 +167,41 @@ def test_sinkhorn_module_sort_matrix_is_balanced():
     assert float(p.max()) > 2.0 / 12  # not the uniform matrix
 
 
-def _naive_sinkhorn(attn, q, k, v, kv_mask, causal):
-    """Per-query numpy reference assembled from the module's own sort matrix."""
+def _dense_sinkhorn(attn, q, k, v, kv_mask, causal):
+    """The dense reference (ops/reference/sinkhorn.py) with the module's own sort matrix."""
     b = attn.config.block_size
-    B, N, _, _ = q.shape
-    nb = -(-N // b)
-    pad = nb * b - N
-    valid = np.ones((B, N), bool) if kv_mask is None else np.asarray(kv_mask)
-    valid = np.pad(valid, ((0, 0), (0, pad)))
-    qn, kn, vn = (np.pad(np.asarray(x, np.float64), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-    kn, vn = kn * valid[:, :, None, None], vn * valid[:, :, None, None]
-    kb = jnp.asarray(kn.reshape(B, nb, b, H, D).transpose(0, 3, 1, 2, 4), jnp.float32)
+    kv_mask = None if kv_mask is None else jnp.asarray(kv_mask)
     graphdef, state = nnx.split(attn)
-    sort = jax.jit(lambda kb, m: nnx.merge(graphdef, state).sort_matrix(kb, m, causal))
-    p = np.asarray(sort(kb, jnp.asarray(valid.reshape(B, nb, b))), np.float64)
-    out = np.zeros((B, N, H, v.shape[-1]))
-    for bi in range(B):
-        for h in range(H):
-            for t in range(N):
-                n = t // b
-                keys, vals, bias, vis = [], [], [], []
-                for s in range(b):  # own block
-                    j = n * b + s
-                    keys.append(kn[bi, j, h]); vals.append(vn[bi, j, h]); bias.append(0.0)
-                    vis.append(valid[bi, j] and (not causal or j <= t))
-                for s in range(b):  # sorted block: mixture of slot s over blocks
-                    w = np.array([p[bi, h, n, m] * valid[bi, m * b + s] for m in range(nb)])
-                    mass = w.sum()
-                    kk = sum(w[m] * kn[bi, m * b + s, h] for m in range(nb)) / (mass if mass > 0 else 1)
-                    vv = sum(w[m] * vn[bi, m * b + s, h] for m in range(nb)) / (mass if mass > 0 else 1)
-                    keys.append(kk); vals.append(vv); bias.append(np.log(mass) if mass > 0 else 0.0)
-                    vis.append(mass > 0)
-                logits = np.array([qn[bi, t, h] @ kk / np.sqrt(D) + bb for kk, bb in zip(keys, bias)])
-                vis = np.array(vis)
-                if vis.any():
-                    e = np.where(vis, np.exp(logits - logits[vis].max()), 0)
-                    out[bi, t, h] = (e / e.sum()) @ np.array(vals)
-    return out
+
+    @jax.jit
+    def dense(q, k, v):
+        kb, valid = key_blocks(k, kv_mask, b)
+        sort = nnx.merge(graphdef, state).sort_matrix(kb, valid, causal)
+        return sinkhorn_attention_reference(q, k, v, sort, block_size=b, kv_mask=kv_mask, causal=causal)
+
+    return dense(q, k, v)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_sinkhorn_matches_naive_reference(causal):
+def test_sinkhorn_matches_dense_reference(causal):
     attn = _build("sinkhorn", max_len=32, block_size=4, sort_hidden=6, temperature=0.5)
-    q, k, v = _qkv(18, dv=5)  # 18 = 4 blocks + 2 padded tokens, Dv != D
+    q, k, v = _qkv(18, Dv=5)  # 18 = 4 blocks + 2 padded tokens, Dv != D
     m = np.ones((2, 18), bool)
     m[0, 2:9] = False
     out = run(attn, q, k, v, ea.Mask(causal=causal, kv_mask=m))
-    want = _naive_sinkhorn(attn, q, k, v, m, causal)
+    want = _dense_sinkhorn(attn, q, k, v, m, causal)
     np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_sinkhorn_single_block_is_full_attention(causal):
+def test_sinkhorn_single_block_is_softmax_attention(causal):
     """With N <= b the sorted block is the own block again (P = [[1]]), so the output is exact."""
     attn = _build("sinkhorn", max_len=64)
     q, k, v = _qkv(40)
     m = np.ones((2, 40), bool)
     m[1, 30:] = False
     mask = ea.Mask(causal=causal, kv_mask=m)
-    np.testing.assert_allclose(run(attn, q, k, v, mask), full_attention(q, k, v, mask), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(attn, q, k, v, mask), softmax_attention(q, k, v, mask), rtol=1e-4, atol=1e-5)
 
 
 def test_sinkhorn_causal_no_leak_mid_block():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,14 +11,13 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.variants.full import full_attention
+from conftest import make_qkv
+from efficient_attn.ops.reference.softmax import softmax_attention
 
 H, D = 2, 8
 
 
-def _qkv(T, seed=0, B=2):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(kk, (B, T, H, D)) for kk in ks)
+_qkv = functools.partial(make_qkv, H=H, D=D)  # the shared helpers at this file's sizes
 
 
 def _run(attn, q, k, v, mask):
@@ -48,7 +49,7 @@ def test_equals_full_with_the_band_as_dense_mask(causal):
     attn = ea.build("local", num_heads=H, head_dim=D, max_len=64, window=w)
     got = _run(attn, q, k, v, ea.Mask(causal=causal, kv_mask=kv))
     dense = jnp.asarray(_band(T, w, causal))[None, None]
-    want = full_attention(q, k, v, ea.Mask(kv_mask=kv, dense=dense))
+    want = softmax_attention(q, k, v, ea.Mask(kv_mask=kv, dense=dense))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -59,13 +60,13 @@ def test_exact_when_window_covers_the_sequence(T, w, causal):
     kv = np.random.default_rng(T).random((2, T)) > 0.3
     attn = ea.build("local", num_heads=H, head_dim=D, max_len=64, window=w)
     mask = ea.Mask(causal=causal, kv_mask=kv)
-    np.testing.assert_allclose(_run(attn, q, k, v, mask), full_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(_run(attn, q, k, v, mask), softmax_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
 def test_smaller_window_is_not_full():
     q, k, v = _qkv(40)
     attn = ea.build("local", num_heads=H, head_dim=D, max_len=64, window=5)
-    assert not np.allclose(_run(attn, q, k, v, None), full_attention(q, k, v), atol=1e-3)
+    assert not np.allclose(_run(attn, q, k, v, None), softmax_attention(q, k, v), atol=1e-3)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])

@@ -1,5 +1,7 @@
 """The math of the low-rank family: linformer and nystromformer."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,30 +9,17 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.variants.full import full_attention
+from conftest import build, jit_module, make_qkv
+from efficient_attn.ops.reference.softmax import softmax_attention
 from efficient_attn.variants.lowrank import iterative_pinv, landmark_weights, pooling_projection
 from jaxpr_tools import max_intermediate_elems
 
 B, H, D = 2, 2, 16
 
 
-def _qkv(T, S=None, seed=0, scale=1.0):
-    S = T if S is None else S
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        scale * jax.random.normal(kq, (B, T, H, D)),
-        scale * jax.random.normal(kk, (B, S, H, D)),
-        jax.random.normal(kv, (B, S, H, D)),
-    )
-
-
-def _jit(module):
-    graphdef, state = nnx.split(module)
-    return jax.jit(lambda q, k, v, mask=None: nnx.merge(graphdef, state, copy=True)(q, k, v, mask=mask))
-
-
-def _build(name, max_len=128, seed=0, **kw):
-    return ea.build(name, num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(seed), **kw)
+_qkv = functools.partial(make_qkv, B=B, H=H, D=D)  # the shared helpers at this file's sizes
+_build = functools.partial(build, H=H, D=D)
+_jit = jit_module
 
 
 def _rel(a, b):
@@ -73,7 +62,7 @@ def test_linformer_pool_init_at_full_rank_is_softmax_attention():
     m[0, 10:30] = False
     m[1, 5:] = False
     for mask in (None, ea.Mask(kv_mask=jnp.asarray(m))):
-        np.testing.assert_allclose(f(q, k, v, mask), full_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f(q, k, v, mask), softmax_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 
 def test_linformer_error_falls_with_rank_on_low_rank_input():
@@ -81,7 +70,7 @@ def test_linformer_error_falls_with_rank_on_low_rank_input():
     errors = []
     for rank in (1, 2, 4, 8):
         f = _jit(_build("linformer", max_len=T, rank=rank, init="pool"))
-        errors.append(np.mean([_rel(f(*x), full_attention(*x)) for x in (_segmented(T, segments, s) for s in range(3))]))
+        errors.append(np.mean([_rel(f(*x), softmax_attention(*x)) for x in (_segmented(T, segments, s) for s in range(3))]))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.05 * errors[0], errors  # at rank == segments only the noise is lost
 
@@ -159,13 +148,13 @@ def test_nystromformer_with_n_landmarks_is_exact():
     k = q
     for m in (T, 64):  # m == N, and m > N (empty landmarks)
         f = _jit(_build("nystromformer", num_landmarks=m))
-        np.testing.assert_allclose(f(q, k, v), full_attention(q, k, v), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(f(q, k, v), softmax_attention(q, k, v), rtol=1e-4, atol=1e-4)
     # with padding, real queries (which are the landmarks) are exact too
     msk = np.ones((B, T), bool)
     msk[0, 25:] = False
     mask = ea.Mask(kv_mask=jnp.asarray(msk), q_mask=jnp.asarray(msk))
     f = _jit(_build("nystromformer", num_landmarks=T))
-    np.testing.assert_allclose(f(q, k, v, mask), full_attention(q, k, v, mask) * msk[:, :, None, None], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f(q, k, v, mask), softmax_attention(q, k, v, mask) * msk[:, :, None, None], rtol=1e-4, atol=1e-4)
     # (a generic input needs more iterations: see the cross-attention test)
 
 
@@ -180,13 +169,13 @@ def test_nystromformer_error_falls_with_landmarks():
     errors = []
     for m in (2, 4, 8):
         f = _jit(_build("nystromformer", num_landmarks=m))
-        errors.append(np.mean([_rel(f(*x), full_attention(*x)) for x in (_segmented(T, segments, s) for s in range(3))]))
+        errors.append(np.mean([_rel(f(*x), softmax_attention(*x)) for x in (_segmented(T, segments, s) for s in range(3))]))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.05 * errors[0], errors
     generic = []
     for m in (8, 16, 32):
         f = _jit(_build("nystromformer", num_landmarks=m))
-        generic.append(np.mean([_rel(f(*x), full_attention(*x)) for x in (_qkv(T, seed=s, scale=0.7) for s in range(3))]))
+        generic.append(np.mean([_rel(f(*x), softmax_attention(*x)) for x in (_qkv(T, seed=s, scale=0.7) for s in range(3))]))
     assert all(a > b for a, b in zip(generic, generic[1:])), generic
 
 
@@ -195,9 +184,9 @@ def test_nystromformer_cross_attention_and_uneven_segments():
     f = _jit(_build("nystromformer", num_landmarks=8))
     out = f(q, k, v)
     assert out.shape == (B, 29, H, D) and bool(jnp.all(jnp.isfinite(out)))
-    assert _rel(out, full_attention(q, k, v)) < 0.5
+    assert _rel(out, softmax_attention(q, k, v)) < 0.5
     f = _jit(_build("nystromformer", num_landmarks=45, pinv_iterations=25))  # m >= max(T, S)
-    np.testing.assert_allclose(f(q, k, v), full_attention(q, k, v), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(f(q, k, v), softmax_attention(q, k, v), rtol=2e-3, atol=2e-3)
 
 
 def test_nystromformer_masked_keys_are_out_of_landmarks_and_softmaxes():

@@ -1,11 +1,14 @@
 """reformer: angular LSH, sort by (bucket, position), chunked attention, self-exclusion, 1/sqrt(d).
 
-A NumPy twin (dense [T, T] masks written from the paper's description, small N) checks the
-whole pipeline, several hash rounds and masks included; separate tests check the hashing,
-the sort, self-exclusion, the scale, causal no-leak and memory growth.
+The dense reference (efficient_attn/ops/reference/lsh.py: the [T, T] visibility of every
+round written from the paper's description, small N) checks the whole pipeline, several hash
+rounds and masks included; separate tests check the hashing, the sort, self-exclusion, the
+scale, causal no-leak and memory growth.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +17,16 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.variants.full import full_attention
+from conftest import build, make_qkv
+from efficient_attn.ops.reference.lsh import angular_buckets, lsh_attention_reference
+from efficient_attn.ops.reference.softmax import softmax_attention
 from efficient_attn.variants.lsh import LSHRotations, lsh_buckets, num_buckets, sort_by_bucket
 
 H, D = 2, 8
 
 
-def _build(max_len=128, seed=0, **hp):
-    return ea.build("reformer", num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(seed), **hp)
-
-
-def _qkv(T, seed=0, B=2, Dv=D):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (B, T, H, D)), jax.random.normal(ks[1], (B, T, H, D)),
-            jax.random.normal(ks[2], (B, T, H, Dv)))
+_build = functools.partial(build, "reformer", H=H, D=D)  # the shared helpers at this file's sizes
+_qkv = functools.partial(make_qkv, H=H, D=D)
 
 
 def _run(attn, q, k, v, mask=None):
@@ -35,63 +34,24 @@ def _run(attn, q, k, v, mask=None):
 
 
 def np_buckets(x, R, nb):
-    """Reference angular LSH in NumPy: argmax over [x R ; -x R] (x: [B, H, T, D], R: [H, D, K])."""
-    if nb == 1:
-        return np.zeros(x.shape[:3], int)
-    rot = np.einsum("bhtd,hdk->bhtk", x, R[..., : nb // 2])
-    return np.argmax(np.concatenate([rot, -rot], -1), -1)
+    """Angular LSH of the dense reference (argmax over [x R ; -x R]) for one round R [H, D, K]."""
+    return np.asarray(angular_buckets(jnp.asarray(x), jnp.asarray(R)[None], nb))[0]
 
 
-def naive_reformer(q, v, rotations, m, causal, kv=None):
-    """Dense twin: per round a [T, T] mask in original positions, then logsumexp-weighted rounds."""
-    q, v, R = (np.asarray(a, np.float64) for a in (q, v, rotations))
-    B, T, _, _ = q.shape
-    x, vh = q.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    k = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-    logits = np.einsum("bhtd,bhsd->bhts", x, k) / np.sqrt(D)
-    logits = np.where(np.eye(T, dtype=bool), logits - 1e5, logits)  # self only as a last resort
-    nb, m = num_buckets(T, m), min(m, T)
-    outs, lses = [], []
-    for r in range(R.shape[0]):
-        bk = np_buckets(x, R[r], nb)
-        vis = np.zeros((B, H, T, T), bool)
-        for b in range(B):
-            for h in range(H):
-                order = np.lexsort((np.arange(T), bk[b, h]))  # by bucket, then by position
-                s = np.empty(T, int)
-                s[order] = np.arange(T)
-                if causal:
-                    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-                    same = bk[b, h][:, None] == bk[b, h][None, :]
-                    vis[b, h] = same & (j <= i) & (s[:, None] - s[None, :] <= m)
-                else:
-                    ci, cj = (s // m)[:, None], (s // m)[None, :]
-                    vis[b, h] = (cj == ci) | (cj == ci - 1)
-        if kv is not None:
-            vis &= np.asarray(kv)[:, None, None, :]
-        z = np.where(vis, logits, -np.inf)
-        mx = np.max(z, -1, keepdims=True)
-        mx = np.where(np.isfinite(mx), mx, 0.0)
-        e = np.exp(z - mx)
-        den = e.sum(-1, keepdims=True)
-        outs.append(np.einsum("bhts,bhse->bhte", e / np.where(den > 0, den, 1), vh))
-        lses.append(np.where(den[..., 0] > 0, mx[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1)), -np.inf))
-    lses = np.stack(lses)
-    top = np.max(lses, 0)
-    w = np.exp(lses - np.where(np.isfinite(top), top, 0))
-    den = w.sum(0)
-    out = (w[..., None] * np.stack(outs)).sum(0) / np.where(den > 0, den, 1)[..., None]
-    return out.transpose(0, 2, 1, 3)
+def dense_reformer(q, v, rotations, m, causal, kv=None):
+    """The dense reference (ops/reference/lsh.py): the [T, T] visibility of every round, made explicit."""
+    kv = None if kv is None else jnp.asarray(kv)
+    return jax.jit(lambda q, v: lsh_attention_reference(q, v, rotations, m, causal=causal, kv_mask=kv))(q, v)
 
 
 @pytest.mark.parametrize("T,m,hashes", [(53, 8, 3), (40, 5, 1), (30, 64, 2)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_the_numpy_twin(T, m, hashes, causal):
+def test_matches_the_dense_reference(T, m, hashes, causal):
     attn = _build(num_hashes=hashes, bucket_size=m)
     q, k, v = _qkv(T, seed=T)
     kv = np.random.default_rng(T).random((2, T)) > 0.2
     got = _run(attn, q, k, v, ea.Mask(causal=causal, kv_mask=kv))
-    want = naive_reformer(q, v, attn.rotations[...], m, causal, kv)
+    want = dense_reformer(q, v, attn.rotations[...], m, causal, kv)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -184,9 +144,9 @@ def test_one_chunk_is_full_attention_with_normalised_keys_divided_by_sqrt_d(caus
     kn = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     allowed = (j < i) | ((i == 0) & (j == 0)) if causal else (i != j)
-    want = full_attention(q, kn, v, ea.Mask(dense=jnp.asarray(allowed)[None, None]))
+    want = softmax_attention(q, kn, v, ea.Mask(dense=jnp.asarray(allowed)[None, None]))
     np.testing.assert_allclose(_run(attn, q, k, v, ea.Mask(causal=causal)), want, atol=2e-5, rtol=2e-5)
-    wrong_scale = full_attention(q * D, kn, v, ea.Mask(dense=jnp.asarray(allowed)[None, None]))  # LRA's * sqrt(d)
+    wrong_scale = softmax_attention(q * D, kn, v, ea.Mask(dense=jnp.asarray(allowed)[None, None]))  # LRA's * sqrt(d)
     assert not np.allclose(_run(attn, q, k, v, ea.Mask(causal=causal)), wrong_scale, atol=1e-3)
 
 

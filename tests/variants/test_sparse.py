@@ -8,6 +8,7 @@ definition (token level), not with the implementation's tables.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,19 +18,15 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.variants.full import full_attention
+from conftest import build, make_qkv
+from efficient_attn.ops.reference.softmax import softmax_attention
 from efficient_attn.variants.sparse import BigBirdRandom, bigbird_random_blocks
 
 H, D = 2, 8
 
 
-def _build(name, max_len=128, seed=0, **hp):
-    return ea.build(name, num_heads=H, head_dim=D, max_len=max_len, rngs=nnx.Rngs(seed), **hp)
-
-
-def _qkv(T, seed=0, B=2):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(kk, (B, T, H, D)) for kk in ks)
+_qkv = functools.partial(make_qkv, H=H, D=D)  # the shared helpers at this file's sizes
+_build = functools.partial(build, H=H, D=D)
 
 
 def _run(attn, q, k, v, mask=None):
@@ -54,7 +51,7 @@ def _assert_values_match(attn, T, dense_mask, causal):
     q, k, v = _qkv(T, seed=T)
     kv = np.random.default_rng(T).random((2, T)) > 0.25
     got = _run(attn, q, k, v, ea.Mask(causal=causal, kv_mask=kv))
-    want = full_attention(q, k, v, ea.Mask(kv_mask=kv, dense=jnp.asarray(dense_mask)[None]))
+    want = softmax_attention(q, k, v, ea.Mask(kv_mask=kv, dense=jnp.asarray(dense_mask)[None]))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -123,7 +120,7 @@ def test_sparse_transformer_exact_when_stride_covers_sequence(mode, causal):
     attn = _build("sparse_transformer", block_size=b, stride=math.ceil(T / b), mode=mode)
     q, k, v = _qkv(T)
     mask = ea.Mask(causal=causal, kv_mask=np.random.default_rng(1).random((2, T)) > 0.3)
-    np.testing.assert_allclose(_run(attn, q, k, v, mask), full_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(_run(attn, q, k, v, mask), softmax_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("hp,field", [({"mode": "dense"}, "mode"), ({"stride": 0}, "stride"), ({"block_size": 0}, "block_size"),
@@ -162,7 +159,7 @@ def test_longformer_exact_when_every_token_is_global(causal):
     attn = _build("longformer", window=2, global_tokens=tuple(range(T)))
     q, k, v = _qkv(T)
     mask = ea.Mask(causal=causal, kv_mask=np.random.default_rng(2).random((2, T)) > 0.3)
-    np.testing.assert_allclose(_run(attn, q, k, v, mask), full_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(_run(attn, q, k, v, mask), softmax_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
 def test_longformer_validation():
@@ -213,7 +210,7 @@ def test_bigbird_values_match_full_with_the_pattern(causal):
     q, k, v = _qkv(T, seed=3)
     kv = np.random.default_rng(3).random((2, T)) > 0.25
     got = _run(attn, q, k, v, ea.Mask(causal=causal, kv_mask=kv))
-    want = full_attention(q, k, v, ea.Mask(kv_mask=kv, dense=jnp.asarray(per_head)[None]))
+    want = softmax_attention(q, k, v, ea.Mask(kv_mask=kv, dense=jnp.asarray(per_head)[None]))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -261,7 +258,7 @@ def test_bigbird_exact_with_all_blocks_global(causal):
     attn = _build("bigbird", block_size=b, num_global_blocks=math.ceil(T / b), num_random_blocks=3)
     q, k, v = _qkv(T)
     mask = ea.Mask(causal=causal, kv_mask=np.random.default_rng(4).random((2, T)) > 0.3)
-    np.testing.assert_allclose(_run(attn, q, k, v, mask), full_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(_run(attn, q, k, v, mask), softmax_attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
 
 
 def test_bigbird_validation():

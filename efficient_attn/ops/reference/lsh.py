@@ -29,8 +29,9 @@ in float32 that weight is exactly 0 next to any other key):
     visible_ij = c_ij > 0  and  (j != i  or  no j' != i has c_ij' > 0)
     out_i      = sum_j softmax_j(s_ij + log c_ij over visible_ij) v_j
 
-``shared_qk_attention`` is the same with every pair in every round visible (full attention
-of the shared-QK model): the ground truth an LSH approximation is measured against.
+``shared_qk_weights`` / ``shared_qk_attention`` are the same with every pair in every round
+visible (full attention of the shared-QK model): the ground truth an LSH approximation is
+measured against.
 O(n T^2) memory: small inputs only. Float32.
 """
 
@@ -54,6 +55,7 @@ __all__ = [
     "not_self_unless_alone",
     "lsh_weights",
     "lsh_attention_reference",
+    "shared_qk_weights",
     "shared_qk_attention",
 ]
 
@@ -149,14 +151,19 @@ def lsh_attention_reference(
     return jnp.einsum("bhts,bshe->bthe", weights, v.astype(jnp.float32))
 
 
+def shared_qk_weights(q: Float[Array, "B T H D"], mask: Mask | None = None) -> Float[Array, "B H T T"]:
+    """The attention matrix of full attention in the shared-QK model: keys q / |q|, not self
+    unless alone, the mask's causal, kv_mask and q_mask (dense entries too, if any).
+    What LSH attention approximates."""
+    B, T, H, D = q.shape
+    vis = not_self_unless_alone(visibility(mask, B, T, T))
+    logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), shared_qk_keys(q)) / math.sqrt(D)
+    weights, _ = masked_softmax_lse(logits, vis)
+    return weights
+
+
 def shared_qk_attention(
     q: Float[Array, "B T H D"], v: Float[Array, "B T H Dv"], mask: Mask | None = None
 ) -> Float[Array, "B T H Dv"]:
-    """Full attention of the shared-QK model: keys q / |q|, not self unless alone, the mask's
-    causal and kv_mask (dense entries too, if any). What LSH attention approximates."""
-    B, T, H, D = q.shape
-    vis = not_self_unless_alone(visibility(mask, B, T, T))
-    x = q.astype(jnp.float32)
-    logits = jnp.einsum("bthd,bshd->bhts", x, shared_qk_keys(q)) / math.sqrt(D)
-    weights, _ = masked_softmax_lse(logits, vis)
-    return jnp.einsum("bhts,bshe->bthe", weights, v.astype(jnp.float32))
+    """``shared_qk_weights`` applied to v."""
+    return jnp.einsum("bhts,bshe->bthe", shared_qk_weights(q, mask), v.astype(jnp.float32))
