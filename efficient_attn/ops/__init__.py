@@ -7,7 +7,11 @@ online_softmax.py    exact blockwise softmax attention with a recomputing custom
 block_sparse.py      attention over a static table of key blocks per query block
                      (local, sparse_transformer, longformer, bigbird, reformer's chunks)
 linear_attention.py  phi(Q) (phi(K)^T V): reassociated, or causal by chunk-parallel prefix
-                     states (linear, performer, cosformer)
-
-Each engine has a naive twin in tests/ that it is checked against, forward and backward.
+                     states (linear, performer, cosformer, based)
+gated_linear.py      chunked gated recurrences S_t = diag(a_t) S_{t-1} + k_t v_t^T with decays
+                     in log space (retnet, gla, mamba2)
+delta_rule.py        the chunked delta rule (WY / UT transform), optionally gated
+                     (deltanet, gated_deltanet)
+reference/           one readable reference per engine (dense, quadratic or token by token);
+                     tests/ops/ checks every engine against it, forward and backward
 """
