@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,12 +29,24 @@ def built(name: str, seed: int = 0):
     return ea.build(name, num_heads=H, head_dim=D, max_len=MAX_LEN, rngs=nnx.Rngs(seed))
 
 
+def as_claimed(name: str, mask):
+    """The mask a test means, for a variant that is causal by construction (a recurrence:
+    ``capabilities.bidirectional=False``): the same request with ``causal=True``."""
+    if ea.get_spec(name).capabilities.bidirectional:
+        return mask
+    if mask is None:
+        return ea.Mask(causal=True)
+    return mask if mask.causal else dataclasses.replace(mask, causal=True)
+
+
 def pure(module):
-    """A pure function of (q, k, v, mask) over a snapshot of the module's state (jit/vmap/grad safe)."""
+    """A pure function of (q, k, v, mask) over a snapshot of the module's state (jit/vmap/grad
+    safe); causal-only variants get ``causal=True`` added (``as_claimed``)."""
     graphdef, state = nnx.split(module)
+    name = type(module).variant_name
 
     def f(q, k, v, mask=None):
-        return nnx.merge(graphdef, state, copy=True)(q, k, v, mask=mask)
+        return nnx.merge(graphdef, state, copy=True)(q, k, v, mask=as_claimed(name, mask))
 
     return f
 

@@ -77,19 +77,23 @@ def test_refusals_are_clear(variant):
     c = caps(variant)
     q, k, v = qkv(T)
     f = ea.build(variant, num_heads=H, head_dim=D, max_len=128)
+    causal = not c.bidirectional  # a causal-only variant is asked for everything else causally
+    if not c.bidirectional:
+        with pytest.raises(ea.CapabilityError, match=rf"{variant}.*bidirectional.*Mask\(causal=True\)"):
+            f(q, k, v)
     if not c.causal:
         with pytest.raises(ValueError, match=variant):
             f(q, k, v, mask=ea.Mask(causal=True))
     if not c.kv_mask:
         with pytest.raises(ValueError, match="kv_mask"):
-            f(q, k, v, mask=ea.Mask(kv_mask=np.ones((B, T), bool)))
+            f(q, k, v, mask=ea.Mask(causal=causal, kv_mask=np.ones((B, T), bool)))
     if not c.dense_mask:
         with pytest.raises(ValueError, match="dense"):
-            f(q, k, v, mask=ea.Mask(dense=np.ones((B, H, T, T), bool)))
+            f(q, k, v, mask=ea.Mask(causal=causal, dense=np.ones((B, H, T, T), bool)))
     if not c.cross:
         q2, k2, v2 = qkv(T, T + 5)
         with pytest.raises(ValueError, match="cross"):
-            f(q2, k2, v2)
+            f(q2, k2, v2, mask=ea.Mask(causal=causal) if causal else None)
 
 
 def test_cross_attention(variant):
