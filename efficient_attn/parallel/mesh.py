@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.extend import core as jex_core
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 __all__ = [
     "parse_mesh",
@@ -94,7 +94,7 @@ def axis_size(mesh: Mesh, axis: str | None, *, who: str = "sequence parallelism"
     """The number of devices along ``axis`` (1 for ``None``); an axis the mesh lacks is refused."""
     if axis is None:
         return 1
-    if not isinstance(mesh, Mesh):
+    if not isinstance(mesh, (Mesh, AbstractMesh)):  # an AbstractMesh traces (make_jaxpr) without devices
         raise TypeError(f"{who}: mesh must be a jax.sharding.Mesh (see efficient_attn.parallel.make_mesh), "
                         f"got {type(mesh).__name__}")
     if axis not in mesh.shape:

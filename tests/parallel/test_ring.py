@@ -1,0 +1,177 @@
+"""Ring attention (efficient_attn/parallel/ring.py).
+
+- On 2, 4 and 8 simulated devices (a child process: see spmd.py) the ring equals the
+  one-device blockwise kernel forward and backward (out, dq, dk, dv by name), causal and not,
+  with key padding (including queries that see no key: exact zeros), without a mask, for
+  cross attention, and with the batch split over a second mesh axis.
+- The zigzag plan: what each device computes at each step is exactly the visible pairs of
+  the global positions it holds, and the work is the same on every device at every step
+  (contiguous placement, for contrast, is not balanced).
+- The communication formula equals the bytes the traced program hands to ppermute.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+from conftest import assert_close
+from efficient_attn.parallel import collective_bytes, ring_attention
+from efficient_attn.parallel.ring import (
+    placement,
+    ring_communication_bytes,
+    ring_plan,
+    ring_work,
+    visible_pairs,
+    zigzag_order,
+)
+from parallel.spmd import run_on_devices
+
+# name: (devices along "seq", data-axis size, T, S, causal, key padding)
+CASES = {
+    "P2-causal-padded": (2, 1, 32, 32, True, True),
+    "P2-full-padded": (2, 1, 32, 32, False, True),
+    "P4-causal-padded": (4, 1, 32, 32, True, True),
+    "P4-full-padded": (4, 1, 32, 32, False, True),
+    "P8-causal-padded": (8, 1, 32, 32, True, True),
+    "P8-full-padded": (8, 1, 32, 32, False, True),
+    "P4-causal-unmasked": (4, 1, 32, 32, True, False),
+    "P4-cross-padded": (4, 1, 16, 32, False, True),
+    "data2-P4-causal-padded": (4, 2, 32, 32, True, True),
+}
+
+SCRIPT = f"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from efficient_attn.ops.online_softmax import blockwise_attention
+from efficient_attn.parallel import make_mesh, ring_attention
+
+assert jax.device_count() == 8, jax.devices()
+CASES = {CASES!r}
+B, H, D = 2, 2, 8
+BLOCKS = dict(block_size=8, backward_query_block=8)  # several kernel blocks per device at P = 2
+
+def inputs(T, S):
+    kq, kk, kv, kw = jax.random.split(jax.random.key(T * 100 + S), 4)
+    q = jax.random.normal(kq, (B, T, H, D))
+    k = jax.random.normal(kk, (B, S, H, D))
+    v = jax.random.normal(kv, (B, S, H, D))
+    w = jax.random.normal(kw, (B, T, H, D))  # the output cotangent
+    pos = np.arange(S)
+    # row 0: padded tail; row 1: keys [5, S - 11) only, so causal queries 0..4 see nothing
+    mask = jnp.asarray(np.stack([pos < S - 5, (pos >= 5) & (pos < S - 11)]))
+    return q, k, v, w, mask
+
+def fwd_bwd(attn, q, k, v, w):
+    def loss(q, k, v):
+        o = attn(q, k, v)
+        return jnp.sum(o * w), o
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return dict(zip(("out", "dq", "dk", "dv"), (o,) + grads))
+
+saved, refs = {{}}, {{}}
+for name, (P, data, T, S, causal, padded) in CASES.items():
+    q, k, v, w, mask = inputs(T, S)
+    mask = mask if padded else None
+    key = (T, S, causal, padded)
+    if key not in refs:
+        refs[key] = fwd_bwd(lambda q, k, v: blockwise_attention(q, k, v, causal=causal, kv_mask=mask, **BLOCKS),
+                            q, k, v, w)
+    spec = {{"data": data, "seq": P}} if data > 1 else {{"seq": P}}
+    mesh = make_mesh(spec, jax.devices()[: P * data])
+    batch_axis = "data" if data > 1 else None
+    got = fwd_bwd(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, batch_axis=batch_axis, causal=causal,
+                                                 kv_mask=mask, **BLOCKS), q, k, v, w)
+    for g in got:
+        saved[name + "/" + g] = np.asarray(got[g])
+        saved[name + "/ref_" + g] = np.asarray(refs[key][g])
+np.savez(sys.argv[1], **saved)
+"""
+
+
+@pytest.fixture(scope="module")
+def ring_results(tmp_path_factory):
+    return run_on_devices(SCRIPT, devices=8, out=tmp_path_factory.mktemp("ring") / "ring.npz")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ring_equals_blockwise_forward_and_backward(ring_results, case):
+    for name in ("out", "dq", "dk", "dv"):
+        got, want = ring_results[f"{case}/{name}"], ring_results[f"{case}/ref_{name}"]
+        assert np.all(np.isfinite(got)), f"{case}: {name} is not finite"
+        assert_close(f"{case}: {name}", got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_queries_that_see_no_key_get_zeros(ring_results):
+    # row 1 of the padded cases has keys 5.. only: causal queries 0..4 see none
+    for case, (_, _, _, _, causal, padded) in CASES.items():
+        if causal and padded:
+            out = ring_results[f"{case}/out"][1, :5]
+            assert np.array_equal(out, np.zeros_like(out)), f"{case}: rows without keys are not zeros"
+            assert np.abs(ring_results[f"{case}/out"][1, 5:]).max() > 0
+
+
+# ------------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_zigzag_placement_is_a_permutation_with_sorted_shards(devices):
+    T = 4 * devices
+    pos = placement(T, devices, "zigzag")
+    assert sorted(pos.ravel().tolist()) == list(range(T))
+    assert all(np.all(np.diff(row) > 0) for row in pos)  # local order = position order: local causal mask is right
+    np.testing.assert_array_equal(zigzag_order(T, devices), pos.ravel())
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_plan_computes_exactly_the_visible_pairs(devices, causal):
+    n = 6  # local length: chunks of 3
+    pos = placement(n * devices, devices, "zigzag" if causal else "contiguous")
+    plan = ring_plan(devices, n, causal)
+    for i in range(devices):
+        for s in range(devices):
+            rows, cols, local_causal = plan[i][s]
+            computed = np.zeros((n, n), bool)
+            computed[rows, cols] = True
+            if local_causal:
+                computed &= np.tril(np.ones((n, n), bool))
+            np.testing.assert_array_equal(computed, visible_pairs(pos, i, s, causal),
+                                          err_msg=f"device {i} step {s}")
+
+
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_zigzag_work_is_equal_on_every_device_at_every_step(devices):
+    n = 8
+    work = ring_work(devices, n, causal=True)  # [device, step]
+    assert np.all(work == work[0]), work
+    # steps >= 1 hand the kernel half a block (2c x c); step 0 a local causal block
+    assert np.all(work[:, 1:] == n * n // 2) and work[0, 0] == n * (n + 1) // 2
+    # all together, exactly the visible pairs of causal attention over n P positions
+    N = n * devices
+    assert work.sum() == N * (N + 1) // 2
+    # contrast: contiguous placement gives device 0 one block of work and device P - 1 all P
+    pos = placement(N, devices, "contiguous")
+    per_device = [sum(int(visible_pairs(pos, i, s, True).sum()) for s in range(devices)) for i in range(devices)]
+    assert per_device[0] < per_device[-1]
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+@pytest.mark.parametrize("padded", [True, False])
+def test_communication_formula_equals_the_program(devices, padded):
+    mesh = AbstractMesh((devices,), ("seq",))  # traced, not run: no devices needed
+    B, H, D, n = 2, 2, 8, 4
+    x = jnp.zeros((B, n * devices, H, D))
+    mask = jnp.ones((B, n * devices), bool) if padded else None
+
+    def f(q, k, v):
+        return ring_attention(q, k, v, mesh=mesh, causal=True, kv_mask=mask)
+
+    forward = collective_bytes(jax.make_jaxpr(f)(x, x, x))
+    both = collective_bytes(jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))(x, x, x))
+    want = ring_communication_bytes(B, n, H, D, D, devices, kv_mask=padded)
+    assert forward == {"ppermute": want["forward"]}
+    assert both == {"ppermute": want["forward"] + want["backward"]}
