@@ -13,6 +13,15 @@ Hashing. For each of ``num_hashes`` rounds, a fixed random Gaussian matrix R [d,
 of buckets is n_b = 2 ceil(N / (2 m)) with m = ``bucket_size`` (average bucket size about m),
 and n_b = 1 when N <= m. The rotations do not change between calls (no redraw).
 
+Factorised buckets (as the paper's Trax code allows, ``n_buckets=[n1, n2, ...]``): one R of
+n_b / 2 columns would make x R an N x N / (2 m) tensor, quadratic in N. Above
+n_b = 64 (N > 64 m) the buckets are therefore a product of angular hashes, each of at most 64
+buckets: h(x) = h_1(x) + 64 h_2(x) + ..., h_i(x) = argmax([x R_i ; -x R_i]), with the bucket
+count rounded up to 64 * 2^j (so the average bucket holds between m / 2 and m tokens). Each
+factor is the same angular LSH on its own rotations; the projections cost N x 32 per factor
+and there are ceil(log_64 n_b) of them: time O(N log N), memory O(N). Up to n_b = 64 the
+hash is the single-factor one, unchanged.
+
 Attention. Tokens are sorted by (bucket, position) (a stable sort: O(N log N)) and cut into
 chunks of m. In the sorted order, chunk c attends to chunks c - 1 and c (the first chunk only
 to itself), with logits q_i . k_j / sqrt(d): divided by sqrt(d), not multiplied as in LRA's
@@ -74,13 +83,47 @@ def num_buckets(length: int, bucket_size: int) -> int:
     return 1 if length <= bucket_size else 2 * math.ceil(length / (2 * bucket_size))
 
 
-def lsh_buckets(x: Float[Array, "B H T D"], rotations: Float[Array, "n H D K"], n_buckets: int) -> Int[Array, "n B H T"]:
-    """Angular LSH: bucket = argmax([x R ; -x R]) with R = rotations[..., : n_buckets // 2]."""
+MAX_FACTOR = 64  # buckets per angular hash; more are a product of hashes (module docstring)
+
+
+def bucket_factors(length: int, bucket_size: int) -> tuple[int, ...]:
+    """The bucket count as a product of angular hashes of at most ``MAX_FACTOR`` buckets each:
+    ``(n_b,)`` up to 64 buckets, else ``(64, ..., 64, 2^j)`` with a product >= n_b."""
+    nb = num_buckets(length, bucket_size)
+    if nb <= MAX_FACTOR:
+        return (nb,)
+    rest = 2 ** math.ceil(math.log2(math.ceil(nb / MAX_FACTOR)))
+    factors = [MAX_FACTOR]
+    while rest > 1:
+        f = min(rest, MAX_FACTOR)
+        factors.append(f)
+        rest //= f
+    return tuple(factors)
+
+
+def rotation_columns(max_len: int, bucket_size: int) -> int:
+    """Columns of the stored rotations: n_b / 2 for one hash, 32 per factor otherwise."""
+    factors = bucket_factors(max_len, bucket_size)
+    return max(1, factors[0] // 2) if len(factors) == 1 else (MAX_FACTOR // 2) * len(factors)
+
+
+def lsh_buckets(x: Float[Array, "B H T D"], rotations: Float[Array, "n H D K"], factors) -> Int[Array, "n B H T"]:
+    """Angular LSH, factorised: bucket = sum_i argmax([x R_i ; -x R_i]) * prod_{j<i} f_j, where
+    R_i are the f_i / 2 columns of ``rotations`` starting at 32 i (the first: at 0)."""
+    if isinstance(factors, int):
+        factors = (factors,)
     n, B, H, T = rotations.shape[0], x.shape[0], x.shape[1], x.shape[2]
-    if n_buckets == 1:
-        return jnp.zeros((n, B, H, T), jnp.int32)
-    rot = jnp.einsum("bhtd,nhdk->nbhtk", x, rotations[..., : n_buckets // 2])
-    return jnp.argmax(jnp.concatenate([rot, -rot], axis=-1), axis=-1).astype(jnp.int32)
+    bucket = jnp.zeros((n, B, H, T), jnp.int32)
+    stride = 1
+    for i, f in enumerate(factors):
+        if f == 1:
+            continue
+        start = i * (MAX_FACTOR // 2)
+        rot = jnp.einsum("bhtd,nhdk->nbhtk", x, rotations[..., start:start + f // 2])
+        h = jnp.argmax(jnp.concatenate([rot, -rot], axis=-1), axis=-1).astype(jnp.int32)
+        bucket = bucket + h * stride
+        stride *= f
+    return bucket
 
 
 def sort_by_bucket(buckets: Int[Array, "... T"]) -> Int[Array, "... T"]:
@@ -95,7 +138,7 @@ def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask):
     causal, kv = mask.causal, mask.kv_mask
     x = q.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, T, D]
     vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
-    buckets = lsh_buckets(x, rotations, num_buckets(T, bucket_size))  # [n, B, H, T]
+    buckets = lsh_buckets(x, rotations, bucket_factors(T, bucket_size))  # [n, B, H, T]
     perm = sort_by_bucket(buckets)
 
     def gather(a):  # a: [B, H, T, E] -> sorted copies [n * B, H, T, E]
@@ -142,8 +185,7 @@ class ReformerAttention(Attention):
 
     def __init__(self, config: ReformerConfig, dims, *, rngs: nnx.Rngs):
         super().__init__(config, dims, rngs=rngs)
-        half = max(1, num_buckets(dims.max_len, config.bucket_size) // 2)
-        shape = (config.num_hashes, dims.num_heads, dims.head_dim, half)
+        shape = (config.num_hashes, dims.num_heads, dims.head_dim, rotation_columns(dims.max_len, config.bucket_size))
         self.rotations = LSHRotations(jax.random.normal(rngs.params(), shape, jnp.float32))
 
     def attend(

@@ -204,3 +204,25 @@ def compiled_bytes(n, backward, *, max_len, H=2, D=32):
 def test_memory_grows_less_than_5x_from_n_to_4n(backward):
     small, large = compiled_bytes(1024, backward, max_len=4096), compiled_bytes(4096, backward, max_len=4096)
     assert large / small < 5.0, f"reformer: memory grew {large / small:.2f}x from N=1024 to 4096"
+
+
+def test_factorised_buckets_above_64():
+    """Above 64 buckets the hash is a product of angular hashes of <= 64 buckets each, so the
+    projection is N x 32 per factor instead of N x n_b / 2 (quadratic in N)."""
+    from efficient_attn.variants.lsh import MAX_FACTOR, bucket_factors, rotation_columns
+
+    assert bucket_factors(4096, 64) == (64,) and rotation_columns(4096, 64) == 32  # unchanged regime
+    for n, m in [(4097, 64), (16384, 64), (65536, 64), (65536, 8), (10**6, 64)]:
+        f = bucket_factors(n, m)
+        prod = int(np.prod(f))
+        assert all(1 < x <= MAX_FACTOR for x in f) and prod >= num_buckets(n, m) and prod < 2 * num_buckets(n, m)
+    assert rotation_columns(65536, 64) == 32 * len(bucket_factors(65536, 64))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, 1, 512, 16)), jnp.float32)
+    R = jnp.asarray(rng.normal(size=(1, 1, 16, 64)), jnp.float32)
+    factors = (64, 4)
+    got = np.asarray(lsh_buckets(x, R, factors))
+    assert got.min() >= 0 and got.max() < 256
+    # each factor is the angular hash on its own columns
+    np.testing.assert_array_equal(got % 64, np.asarray(lsh_buckets(x, R[..., :32], 64)))
+    np.testing.assert_array_equal(got // 64, np.asarray(lsh_buckets(x, R[..., 32:34], 4)))

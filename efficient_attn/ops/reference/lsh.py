@@ -120,11 +120,16 @@ def lsh_weights(
     *,
     causal: bool = False,
     kv_mask: Bool[Array, "B T"] | None = None,
+    buckets: Int[Array, "n B H T"] | None = None,
 ) -> Float[Array, "B H T T"]:
-    """The [T, T] attention matrix of LSH attention, every round merged (module docstring)."""
+    """The [T, T] attention matrix of LSH attention, every round merged (module docstring).
+
+    ``buckets`` defaults to the single angular hash of ``angular_buckets``; above 64 buckets
+    reformer factorises its hash (variants/lsh.py), and a caller passes those buckets here."""
     B, T, H, D = q.shape
     x = q.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, T, D]
-    buckets = angular_buckets(lax.stop_gradient(x), rotations, num_buckets(T, bucket_size))  # [n, B, H, T]
+    if buckets is None:
+        buckets = angular_buckets(lax.stop_gradient(x), rotations, num_buckets(T, bucket_size))  # [n, B, H, T]
     per_round = round_visibility(buckets, bucket_size, causal)  # [n, B, H, T, T]
     if kv_mask is not None:
         per_round = per_round & kv_mask[None, :, None, None, :]
