@@ -33,6 +33,21 @@ L + 1 positions) or mean pooling over real tokens, then a Dense -> ReLU -> Dense
 Defaults are LRA's text-task sizes (4 layers, width 256, 4 heads, MLP 1024); dropout
 defaults to 0 (LRA used 0.1) so that small CPU runs are deterministic and fast.
 
+Short convolution (``short_conv`` = kernel size K, 0 = off, the default): a causal depthwise
+convolution on the token embeddings, added to them before the positions and the first block,
+
+    x_t <- x_t + b + sum_{j=0}^{K-1} w_j * x_{t-j}      (x_{t-j} = 0 before the start; * per feature)
+
+so that one attention layer already sees each token together with its K - 1 predecessors.
+Zoology (Arora et al. 2023, "Zoology: Measuring and Improving Recall in Efficient Language
+Models") and Based (Arora et al. 2024) give every sequence mixer a short convolution for a
+fair comparison, and Mamba-2, Gated DeltaNet and Based blocks contain one: with it, the
+previous-token lookup that associative recall needs is learnable in a few hundred steps.
+Padded positions are zeroed before the convolution, so a real token never reads padding; being
+causal, it leaks nothing into a causal LM. The classifier convolves the tokens before its CLS
+vector is prepended. Each model creates it after all its other layers, so turning it on leaves
+the initialisation of the rest of the model unchanged.
+
 Masks: the token mask goes to the attention as ``Mask(kv_mask=...)`` (with ``causal=True``
 in the LM), so padded keys never reach a real token. No ``q_mask`` is passed: outputs at
 padded positions are never read (CLS pooling reads position 0, mean pooling gives padding
@@ -53,7 +68,7 @@ from jaxtyping import Array, Bool, Float, Int
 from efficient_attn.core import Capabilities, Mask, check_config, check_positive_int
 from efficient_attn.registry import build, get_spec
 
-__all__ = ["MultiHeadAttention", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM"]
+__all__ = ["MultiHeadAttention", "ShortConv", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM"]
 
 
 def _kwargs_dict(kwargs: Any) -> dict:
@@ -192,6 +207,8 @@ def _check_model_config(cfg: EncoderConfig | LMConfig) -> None:
                  f"attention_kwargs must be a tuple of (name, value) pairs, got {cfg.attention_kwargs!r}")
     check_config(name, isinstance(cfg.fast_exact, bool), f"fast_exact must be True or False, got {cfg.fast_exact!r}")
     check_config(name, cfg.position in POSITIONS, f"position must be one of {POSITIONS}, got {cfg.position!r}")
+    check_config(name, isinstance(cfg.short_conv, int) and not isinstance(cfg.short_conv, bool) and cfg.short_conv >= 0,
+                 f"short_conv is a kernel size (0 = no short convolution, else e.g. 3 or 4), got {cfg.short_conv!r}")
     get_spec(cfg.attention)  # unknown variant: fail now, with the registered names
 
 
@@ -217,6 +234,7 @@ class EncoderConfig:
     dropout: float = 0.0
     fast_exact: bool = True  # run on the variant's fast exact twin, if it has one (module docstring)
     position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
+    short_conv: int = 0  # kernel of the causal depthwise convolution on the embeddings; 0 = none
 
     def __post_init__(self):
         _check_model_config(self)
@@ -244,6 +262,7 @@ class LMConfig:
     dropout: float = 0.0
     fast_exact: bool = True  # run on the variant's fast exact twin, if it has one (module docstring)
     position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
+    short_conv: int = 0  # kernel of the causal depthwise convolution on the embeddings; 0 = none
 
     def __post_init__(self):
         if self.num_classes is None:
@@ -276,6 +295,32 @@ def _dropout(x, rate: float, key):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise convolution of kernel ``K`` over ``[B, T, F]``, added to its input:
+
+        y_t = x_t + b + sum_{j=0}^{K-1} w[j] * x_{t-j}     (x before position 0 is zero)
+
+    ``w`` is ``[K, F]`` (one filter per feature: depthwise), ``b`` is ``[F]``. Written as K
+    shifted products rather than a convolution primitive: K is 3 or 4, and the sum reads as
+    the formula."""
+
+    def __init__(self, features: int, kernel: int, *, rngs: nnx.Rngs):
+        check_positive_int("ShortConv", "kernel", kernel)
+        check_positive_int("ShortConv", "features", features)
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (kernel, features)) / np.sqrt(kernel))
+        self.bias = nnx.Param(jnp.zeros((features,)))
+
+    def __call__(self, x: Float[Array, "B T F"], mask: Bool[Array, "B T"] | None = None) -> Float[Array, "B T F"]:
+        if mask is not None:  # padding contributes nothing to a real token
+            x = jnp.where(mask[..., None], x, 0.0).astype(x.dtype)
+        w = self.kernel[...].astype(x.dtype)
+        T = x.shape[1]
+        padded = jnp.pad(x, ((0, 0), (w.shape[0] - 1, 0), (0, 0)))
+        start = w.shape[0] - 1
+        mixed = sum(w[j] * padded[:, start - j : start - j + T] for j in range(w.shape[0]))
+        return x + mixed + self.bias[...].astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -328,6 +373,16 @@ class _Trunk(nnx.Module):
         for block, key in zip(self.blocks, keys):
             x = block(x, mask, key)
         return self.ln_f(x)
+
+
+def _short_conv(cfg: EncoderConfig | LMConfig, rngs: nnx.Rngs) -> ShortConv | None:
+    """The model's short convolution, or None; each model creates it after all its other
+    layers, so that turning it on leaves their initialisation unchanged."""
+    return ShortConv(cfg.emb_dim, cfg.short_conv, rngs=rngs) if cfg.short_conv else None
+
+
+def _apply_conv(conv: ShortConv | None, x, mask):
+    return x if conv is None else conv(x, mask)
 
 
 def _check_tokens(tokens, mask, max_len: int, who: str):
@@ -400,6 +455,7 @@ class Classifier(nnx.Module):
             self.cls = nnx.Param(jax.random.normal(rngs.params(), (cfg.emb_dim,)) * 0.02)
         self.head_hidden = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
         self.head_out = nnx.Linear(cfg.mlp_dim, cfg.num_classes, rngs=rngs)
+        self.conv = _short_conv(cfg, rngs)
 
     def __call__(
         self,
@@ -411,6 +467,7 @@ class Classifier(nnx.Module):
         cfg = self.cfg
         _check_tokens(tokens, mask, cfg.max_len, "Classifier")
         x, bad = _embed_ids(self.trunk, tokens, "Classifier")
+        x = _apply_conv(self.conv, x, mask)  # on the tokens' embeddings, before the CLS vector
         B = x.shape[0]
         kv_mask = mask
         if cfg.pool == "cls":
@@ -445,6 +502,7 @@ class CausalLM(nnx.Module):
         self.cfg = cfg
         self.trunk = _Trunk(cfg, rngs=rngs)
         self.head = nnx.Linear(cfg.emb_dim, cfg.num_classes, rngs=rngs)
+        self.conv = _short_conv(cfg, rngs)
 
     def __call__(
         self,
@@ -459,6 +517,7 @@ class CausalLM(nnx.Module):
         and its softmax there only, not at all L."""
         _check_tokens(tokens, mask, self.cfg.max_len, "CausalLM")
         x, bad = _embed_ids(self.trunk, tokens, "CausalLM")
+        x = _apply_conv(self.conv, x, mask)
         h = self.trunk.run(x, Mask(causal=True, kv_mask=mask), dropout_key)
         if positions is not None:
             L = tokens.shape[1]

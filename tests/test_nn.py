@@ -339,3 +339,77 @@ def test_fast_exact_twin_is_the_registered_one():
         ea.registry.unregister("_test_slow_exact")
     assert ea.registry.get_spec("local").fast_exact is None
     assert MultiHeadAttention(2, 8, max_len=16, attention="local", rngs=nnx.Rngs(0)).fast_core is None
+
+
+# ----------------------------------------------------------------------------- short convolution
+
+
+def test_short_conv_is_the_causal_depthwise_formula():
+    from efficient_attn.nn import ShortConv
+
+    conv = ShortConv(6, 3, rngs=nnx.Rngs(0))
+    x = _rand(1, (2, 9, 6))
+    conv.bias[...] = jnp.asarray(np.arange(6, dtype=np.float32) * 0.1)  # a non-zero bias is applied
+    w, b = np.asarray(conv.kernel[...]), np.asarray(conv.bias[...])
+    xn = np.asarray(x)
+    want = xn + b + sum(w[j] * np.pad(xn, ((0, 0), (j, 0), (0, 0)))[:, :9] for j in range(3))
+    np.testing.assert_allclose(np.asarray(conv(x)), want, rtol=1e-5, atol=1e-6)
+    # position t reads x_t, x_{t-1}, x_{t-2} and nothing later or earlier
+    grad = jax.grad(lambda x: conv(x)[0, 5, 2])(x)
+    touched = np.flatnonzero(np.abs(np.asarray(grad[0, :, 2])) > 0)
+    others = np.delete(np.asarray(grad[0]), 2, axis=1)  # depthwise: no other feature is read
+    assert list(touched) == [3, 4, 5] and np.abs(others).max() == 0
+    # padded positions are read as zeros
+    mask = np.ones((2, 9), bool)
+    mask[1, :4] = False
+    other = np.asarray(x).copy()
+    other[1, :4] += 100.0
+    np.testing.assert_allclose(np.asarray(conv(jnp.asarray(other), jnp.asarray(mask)))[1, 4:],
+                               np.asarray(conv(x, jnp.asarray(mask)))[1, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_short_conv_option_off_by_default_and_leaves_other_layers_alone():
+    plain = CausalLM(_small_lm(), rngs=nnx.Rngs(3))
+    assert plain.cfg.short_conv == 0 and plain.conv is None
+    conv = CausalLM(_small_lm(short_conv=4), rngs=nnx.Rngs(3))
+    assert conv.conv.kernel[...].shape == (4, conv.cfg.emb_dim)
+    p_plain = nnx.state(plain, nnx.Param)
+    p_conv = nnx.state(conv, nnx.Param)
+    n_plain = sum(x.size for x in jax.tree.leaves(p_plain))
+    n_conv = sum(x.size for x in jax.tree.leaves(p_conv))
+    assert n_conv - n_plain == 5 * conv.cfg.emb_dim  # kernel 4 x F + bias F, nothing else
+    # created last: every other parameter is initialised as without it
+    np.testing.assert_array_equal(np.asarray(plain.head.kernel[...]), np.asarray(conv.head.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(plain.trunk.tok.embedding[...]), np.asarray(conv.trunk.tok.embedding[...]))
+    enc, enc_conv = Classifier(_small_enc(), rngs=nnx.Rngs(3)), Classifier(_small_enc(short_conv=3), rngs=nnx.Rngs(3))
+    np.testing.assert_array_equal(np.asarray(enc.head_out.kernel[...]), np.asarray(enc_conv.head_out.kernel[...]))
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="short_conv"):
+            _small_lm(short_conv=bad)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "lm"])
+def test_models_with_short_conv_stay_causal_and_padding_blind(kind):
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 11, (2, 16)).astype(np.int32)
+    if kind == "lm":
+        model = CausalLM(_small_lm(short_conv=3), rngs=nnx.Rngs(4))
+        logits = np.asarray(model(jnp.asarray(tokens)))
+        changed = tokens.copy()
+        changed[:, 10:] = (changed[:, 10:] + 1) % 11
+        logits2 = np.asarray(model(jnp.asarray(changed)))
+        np.testing.assert_allclose(logits2[:, :10], logits[:, :10], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(logits2[:, 10:], logits[:, 10:], atol=1e-4)
+        # with the convolution, position t depends on the token at t - 1 even with attention
+        # reading nothing but itself: a one-layer model's logits at 5 change with token 4
+        one = CausalLM(_small_lm(short_conv=3, num_layers=1), rngs=nnx.Rngs(4))
+        prev = tokens.copy()
+        prev[:, 4] = (prev[:, 4] + 1) % 11
+        assert not np.allclose(np.asarray(one(jnp.asarray(prev)))[:, 5], np.asarray(one(jnp.asarray(tokens)))[:, 5])
+    else:
+        model = Classifier(_small_enc(short_conv=3), rngs=nnx.Rngs(4))
+        mask = np.ones((2, 16), bool)
+        mask[:, 12:] = False  # right padding, as the tasks pad
+        out = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+        other = np.where(mask, tokens, (tokens + 5) % 11).astype(np.int32)
+        np.testing.assert_allclose(np.asarray(model(jnp.asarray(other), jnp.asarray(mask))), out, rtol=1e-5, atol=1e-5)
