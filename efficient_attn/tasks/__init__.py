@@ -1,7 +1,7 @@
 """Long-sequence tasks, generated or read locally (no downloads), deterministic given a seed.
 
     from efficient_attn import tasks
-    tasks.TASKS                     # ("listops", "pathfinder", "mqar", "bytes_lm")
+    tasks.TASKS                     # ("listops", "pathfinder", "mqar", "bytes_lm", "selective_copy")
     data = tasks.load("listops", seq_len=512, num_train=2000, num_val=200, num_test=200,
                       seed=0, max_depth=10)          # -> TaskData (see tasks/base.py)
 
@@ -14,6 +14,17 @@ listops     LRA's ListOps generator, 10 classes; ``seq_len`` = max length       
 pathfinder  Pathfinder images, binary; ``seq_len`` = side^2 (1024 = 32 x 32)      (pathfinder.py)
 mqar        Zoology's multi-query associative recall, next-token, causal        (mqar.py)
 bytes_lm    byte-level LM on the Python stdlib's sources, bits per byte, causal (bytes_lm.py)
+selective_copy  MAD's selective copying: K tokens among noise, copied after a marker (selective_copy.py)
+
+What experiments may ask of a task beyond its data (each a module-level declaration):
+
+``bidirectional_safe(name)``  the module's ``BIDIRECTIONAL_SAFE``: True when no answer is in the
+                              input at or after the position that predicts it, so that a
+                              bidirectional model cannot read it (MQAR: values never follow
+                              their query); default False.
+``eval_groups(data, split)``  the module's ``eval_groups``: a name and one integer per row of the
+                              split, to report the metric per group (MQAR: the pair count of the
+                              row); None when the task declares none.
 """
 
 from __future__ import annotations
@@ -26,15 +37,17 @@ from types import ModuleType
 from efficient_attn.tasks.base import IGNORE, Split, TaskData
 from efficient_attn.tasks.common import build_config, check_counts
 
-TASKS = ("listops", "pathfinder", "mqar", "bytes_lm")
+TASKS = ("listops", "pathfinder", "mqar", "bytes_lm", "selective_copy")
 _CONFIGS = {
     "listops": "ListOpsConfig",
     "pathfinder": "PathfinderConfig",
     "mqar": "MQARConfig",
     "bytes_lm": "BytesLMConfig",
+    "selective_copy": "SelectiveCopyConfig",
 }
 
-__all__ = ["TASKS", "load", "generate", "parameters", "TaskData", "Split", "IGNORE"]
+__all__ = ["TASKS", "load", "generate", "parameters", "bidirectional_safe", "eval_groups", "TaskData", "Split",
+           "IGNORE"]
 
 
 def _module(name: str) -> ModuleType:
@@ -47,6 +60,19 @@ def parameters(name: str) -> dict:
     """The generator parameters of task ``name`` and their defaults (None = depends on seq_len)."""
     cls = getattr(_module(name), _CONFIGS[name])
     return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def bidirectional_safe(name: str) -> bool:
+    """Whether a bidirectional model can be trained on task ``name`` without reading an answer
+    from its input (the module's ``BIDIRECTIONAL_SAFE``; False when it declares nothing)."""
+    return bool(getattr(_module(name), "BIDIRECTIONAL_SAFE", False))
+
+
+def eval_groups(data: TaskData, split: Split):
+    """``(name, groups)`` with one integer per row of ``split`` (a task's own grouping for
+    per-group scores, e.g. MQAR's pairs per row), or None when the task declares none."""
+    fn = getattr(_module(data.name), "eval_groups", None)
+    return None if fn is None else fn(data, split)
 
 
 def _prepare(name, seq_len, num_train, num_val, num_test, seed, params):

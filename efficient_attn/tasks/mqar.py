@@ -31,7 +31,14 @@ V = 1024, 3.9 at (512, 8, V = 128), the cpu preset's point, which full attention
 
 Training mixture: ``train_num_pairs`` = (4, 8, ..., 64) makes the training split a shuffled
 mixture of those pair counts at the same length (Zoology trains on several MQAR
-configurations at once); validation and test keep ``num_pairs``.
+configurations at once); validation and test keep ``num_pairs``, or, with ``eval_num_pairs``,
+are each a shuffled mixture (equal shares) of those counts, so that accuracy can be reported
+per pair count (``eval_groups``: a row's pair count is its number of scored positions, one
+query per key). Capacity is what MQAR measures: Zoology's Figure 2 plots accuracy as the pairs
+grow at a fixed model width.
+
+Bidirectional models: ``BIDIRECTIONAL_SAFE = True`` (no value follows its query, so a model
+reading the whole row learns nothing a causal one could not).
 
 Defaults: V = 8192 and a = 0.01 are Zoology's; P = 8 is Zoology's config default (its
 Figure 2 sweep uses (L, P) in {(64, 4), (128, 8), (256, 16), (512, 64)}).
@@ -50,6 +57,7 @@ from efficient_attn.tasks.common import rng, three_splits
 
 NAME = "mqar"
 VERSION = 1
+BIDIRECTIONAL_SAFE = True  # a value never follows its query: reading ahead finds no answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,7 @@ class MQARConfig:
     power_a: float = 0.01
     train_num_pairs: tuple = ()  # () = train on num_pairs; else a mixture of these pair counts
     random_non_queries: bool = True  # False: token 0 between the queries (Zoology's Figure 2)
+    eval_num_pairs: tuple = ()  # () = validate and test on num_pairs; else a mixture of these counts
 
     def __post_init__(self):
         check_positive_int(NAME, "vocab_size", self.vocab_size, minimum=4)
@@ -76,14 +85,18 @@ class MQARConfig:
             f"num_pairs={self.num_pairs} distinct keys need vocab_size//2 - 1 >= num_pairs "
             f"(keys come from [1, vocab_size/2)); raise vocab_size to at least {2 * self.num_pairs + 2}",
         )
-        if isinstance(self.train_num_pairs, list):  # accept a list, store a hashable tuple
-            object.__setattr__(self, "train_num_pairs", tuple(self.train_num_pairs))
-        check_config(
-            NAME,
-            isinstance(self.train_num_pairs, tuple)
-            and all(isinstance(p, int) and 0 < p <= self.vocab_size // 2 - 1 for p in self.train_num_pairs),
-            f"train_num_pairs must be a tuple of pair counts in [1, vocab_size//2 - 1], got {self.train_num_pairs!r}",
-        )
+        for field in ("train_num_pairs", "eval_num_pairs"):
+            value = getattr(self, field)
+            if isinstance(value, list):  # accept a list, store a hashable tuple
+                object.__setattr__(self, field, value := tuple(value))
+            check_config(
+                NAME,
+                isinstance(value, tuple)
+                and all(isinstance(p, int) and 0 < p <= self.vocab_size // 2 - 1 for p in value),
+                f"{field} must be a tuple of pair counts in [1, vocab_size//2 - 1], got {value!r}",
+            )
+        check_config(NAME, len(set(self.eval_num_pairs)) == len(self.eval_num_pairs),
+                     f"eval_num_pairs must not repeat a count, got {self.eval_num_pairs!r}")
         check_config(NAME, isinstance(self.random_non_queries, bool),
                      f"random_non_queries must be True or False, got {self.random_non_queries!r}")
 
@@ -155,32 +168,46 @@ def _sequences(gen: np.random.Generator, n: int, P: int, V: int, L: int, power_a
     return inputs, targets
 
 
+def _mixture(gen: np.random.Generator, n: int, counts: tuple, V: int, L: int, power_a: float, noise: bool):
+    """``n`` rows, equal shares (``np.array_split``) of each pair count in ``counts``, shuffled."""
+    shares = np.array_split(np.arange(n), len(counts))
+    parts = [_sequences(gen, len(idx), p, V, L, power_a, noise) for p, idx in zip(counts, shares)]
+    order = gen.permutation(n)
+    return np.concatenate([a for a, _ in parts])[order], np.concatenate([t for _, t in parts])[order]
+
+
 def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num_test: int, seed: int) -> TaskData:
     """Zoology's MQAR: P pairs, then each key queried once at a power-law distance.
 
     With ``cfg.train_num_pairs`` the training rows are a mixture (equal shares, shuffled) of
     those pair counts at the same length, as Zoology trains on several MQAR configurations at
-    once; validation and test rows always have ``num_pairs``."""
+    once; validation and test rows have ``num_pairs``, or with ``cfg.eval_num_pairs`` are each
+    such a mixture of those counts."""
     P, V, L = cfg.num_pairs, cfg.vocab_size, seq_len
     _check_fits(P, L)
-    for p in cfg.train_num_pairs:
-        _check_fits(p, L, "train_num_pairs")
+    for field in ("train_num_pairs", "eval_num_pairs"):
+        for p in getattr(cfg, field):
+            _check_fits(p, L, field)
     gen = rng(NAME, seed)
     noise = cfg.random_non_queries
-    if not cfg.train_num_pairs:
+    if cfg.eval_num_pairs:  # val, test, then train: each split its own mixture
+        va_in, va_tg = _mixture(gen, num_val, cfg.eval_num_pairs, V, L, cfg.power_a, noise)
+        te_in, te_tg = _mixture(gen, num_test, cfg.eval_num_pairs, V, L, cfg.power_a, noise)
+        tr_in, tr_tg = (_mixture(gen, num_train, cfg.train_num_pairs, V, L, cfg.power_a, noise) if cfg.train_num_pairs
+                        else _sequences(gen, num_train, P, V, L, cfg.power_a, noise))
+        inputs, targets = np.concatenate([tr_in, va_in, te_in]), np.concatenate([tr_tg, va_tg, te_tg])
+    elif not cfg.train_num_pairs:
         inputs, targets = _sequences(gen, num_train + num_val + num_test, P, V, L, cfg.power_a, noise)
-    else:
+    else:  # as before eval_num_pairs existed, so that stored rows keep their data
         ev_in, ev_tg = _sequences(gen, num_val + num_test, P, V, L, cfg.power_a, noise)
-        shares = np.array_split(np.arange(num_train), len(cfg.train_num_pairs))
-        parts = [_sequences(gen, len(idx), p, V, L, cfg.power_a, noise) for p, idx in zip(cfg.train_num_pairs, shares)]
-        order = gen.permutation(num_train)
-        inputs = np.concatenate([np.concatenate([a for a, _ in parts])[order], ev_in])
-        targets = np.concatenate([np.concatenate([t for _, t in parts])[order], ev_tg])
+        tr_in, tr_tg = _mixture(gen, num_train, cfg.train_num_pairs, V, L, cfg.power_a, noise)
+        inputs, targets = np.concatenate([tr_in, ev_in]), np.concatenate([tr_tg, ev_tg])
     mask = np.ones((inputs.shape[0], L), dtype=bool)
 
     train, val, test = three_splits(inputs, targets, mask, num_train, num_val)
     params = dataclasses.asdict(cfg)
     params["train_num_pairs"] = list(cfg.train_num_pairs)  # as JSON (the cache) gives it back
+    params["eval_num_pairs"] = list(cfg.eval_num_pairs)
     return TaskData(
         name=NAME,
         kind="token",
@@ -194,3 +221,8 @@ def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num
         metric="accuracy",
         params=params,
     )
+
+
+def eval_groups(data: TaskData, split) -> tuple[str, np.ndarray]:
+    """Each row's pair count: its number of scored positions (every key is queried once)."""
+    return "pairs", (np.asarray(split.targets) != IGNORE).sum(axis=1).astype(np.int64)
