@@ -19,7 +19,8 @@ from efficient_attn.train import TrainConfig
 
 __all__ = ["ModelSize", "TaskSetting", "AccuracyConfig", "TASK_TITLES", "current_rows", "data_fingerprint"]
 
-TASK_TITLES = {"listops": "ListOps", "pathfinder": "Pathfinder", "mqar": "MQAR", "bytes_lm": "bytes_lm"}
+TASK_TITLES = {"listops": "ListOps", "pathfinder": "Pathfinder", "mqar": "MQAR", "bytes_lm": "bytes_lm",
+               "selective_copy": "Selective copy"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +35,17 @@ class ModelSize:
     pool: str = "cls"  # classification only: "cls" or "mean"
     dropout: float = 0.0
     position: str = "learned"  # "learned", "sinusoidal" or "rotary" (efficient_attn.nn)
+    short_conv: int = 0  # kernel of the causal depthwise convolution on the embeddings (nn); 0 = none
 
     # fields added after rows were stored: left out of a fingerprint while at these values, so
     # that those rows still match (TaskSetting.fingerprint)
-    ADDED_LATER = (("position", "learned"),)
+    ADDED_LATER = (("position", "learned"), ("short_conv", 0))
 
     def __post_init__(self):
         for f in ("num_layers", "emb_dim", "num_heads", "mlp_dim"):
             check_positive_int("ModelSize", f, getattr(self, f))
         check_config("ModelSize", self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        check_positive_int("ModelSize", "short_conv", self.short_conv, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,9 @@ class AccuracyConfig:
     has passed since its last save; a run shorter than that never saves (its row is the record).
     ``task_notes``: ((task, text), ...) printed under that task's sanity line (e.g. why a preset
     chose its setting); not part of any fingerprint.
+    ``sanity``: ((task, least accuracy), ...) the reference variant's expected test accuracy
+    (MQAR: on its hardest reported pair count), stated before any run; tasks not named keep
+    the defaults of ``report.SANITY_DEFAULTS``. Not part of any fingerprint.
     """
 
     preset: str
@@ -101,6 +107,7 @@ class AccuracyConfig:
     data_seed: int = 0
     checkpoint_interval_s: float = 60.0  # orbax saves at evaluations at most this often
     task_notes: tuple = ()
+    sanity: tuple = ()
 
     def __post_init__(self):
         check_config("AccuracyConfig", len(self.tasks) > 0, "tasks must not be empty")

@@ -1,7 +1,12 @@
 """Running the accuracy sweep into its RowStore: plan, train, store one row per (variant, task, seed).
 
 A variant that cannot serve a task is skipped up front with the reason (``plan``, from its
-capabilities), never run wrongly. A run that raises is stored as an error row with its
+capabilities and the task's declarations), never run wrongly: a bidirectional-only variant on
+a causal task runs only where the task declares its layout leak-free (``tasks.bidirectional_safe``)
+and the LM can run without the causal mask; a causal-only variant (``bidirectional=False``)
+never runs in the bidirectional encoder, whose CLS token at position 0 a causal core would
+leave blind to the sequence. For a task that declares groups of rows (``tasks.eval_groups``,
+MQAR's pair counts) the row also holds the test accuracy per group (``groups.py``). A run that raises is stored as an error row with its
 message and retried on the next invocation; neither stops the sweep. A finished row whose
 fingerprint matches the config is never trained again (``--force`` recomputes). An
 interrupted run resumes from its last orbax checkpoint under the cache directory
@@ -23,19 +28,40 @@ from pathlib import Path
 import numpy as np
 
 from efficient_attn import report as ea_report
+from efficient_attn import tasks as ea_tasks
 from efficient_attn.registry import get_spec
 from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting, current_rows, data_fingerprint
+from efficient_attn.sweeps.accuracy.groups import grouped_accuracy
 from efficient_attn.sweeps.accuracy.report import write_outputs
 from efficient_attn.train import needs_kv_mask
 
 __all__ = ["plan", "run", "rows_of"]
 
 
-def plan(variant: str, data_causal: bool, data_needs_mask: bool) -> tuple[bool, str]:
-    """Whether ``variant`` can serve a task, from its capabilities; ``(False, reason)`` if not."""
+def lm_has_bidirectional_mode() -> bool:
+    """Whether ``nn.LMConfig`` can run its core without the causal mask (a ``causal`` field)."""
+    from efficient_attn.nn import LMConfig
+
+    return "causal" in {f.name for f in dataclasses.fields(LMConfig)}
+
+
+def plan(variant: str, data_causal: bool, data_needs_mask: bool, *, bidirectional_safe: bool = False
+         ) -> tuple[bool, str]:
+    """Whether ``variant`` can serve a task, from its capabilities and the task's declarations
+    (``bidirectional_safe``: no answer is readable from the input by looking ahead); ``(False,
+    reason)`` if not."""
     caps = get_spec(variant).capabilities
     if data_causal and not caps.causal:
-        return False, "non-causal variant on a causal (next-token) task"
+        if not bidirectional_safe:
+            return False, ("non-causal variant on a causal (next-token) task: the input holds the answers "
+                           "(the next tokens), which a bidirectional core would read")
+        if not lm_has_bidirectional_mode():
+            return False, ("non-causal variant on a causal (next-token) task whose layout cannot leak its answers "
+                           "bidirectionally, but the LM (nn.LMConfig) has no bidirectional mode to run it in yet")
+    if not data_causal and not caps.bidirectional:
+        return False, ("causal-only variant (capabilities.bidirectional=False) on a bidirectional encoder task: the "
+                       "classifier reads the CLS token at position 0, which a causal core would leave blind to the "
+                       "sequence")
     if data_needs_mask and not caps.kv_mask:
         return False, "task has padding a query could attend to, and the variant cannot mask keys (no kv_mask)"
     return True, ""
@@ -76,10 +102,14 @@ def _build_model(variant: str, kwargs: tuple, setting: TaskSetting, data, seed: 
     common = dict(vocab_size=data.vocab_size, max_len=data.seq_len, num_classes=data.num_classes,
                   num_layers=m.num_layers, emb_dim=m.emb_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                   attention=variant, attention_kwargs=tuple(kwargs), dropout=m.dropout, position=m.position)
+    if m.short_conv:  # passed only when on, so that models without the option still build
+        common["short_conv"] = m.short_conv
     if data.kind == "classify":
         return Classifier(EncoderConfig(pool=m.pool, **common), rngs=rngs)
     if not data.causal:
         raise ValueError(f"task {data.name!r}: a token task must be causal for CausalLM")
+    if not get_spec(variant).capabilities.causal:  # planned only where the layout is leak-free
+        common["causal"] = False
     return CausalLM(LMConfig(**common), rngs=rngs)
 
 
@@ -98,7 +128,12 @@ def _key(variant: str, task: str, seed: int) -> str:
 def _task_info(data) -> dict:
     """What planning and the notes need from a task's data, kept so reruns need not regenerate it."""
     return {"causal": bool(data.causal), "needs_kv_mask": bool(needs_kv_mask(data)), "metric": data.metric,
-            "kind": data.kind, "seq_len": int(data.seq_len), "baseline": _baseline(data)}
+            "kind": data.kind, "seq_len": int(data.seq_len), "baseline": _baseline(data),
+            "bidirectional_safe": ea_tasks.bidirectional_safe(data.name)}
+
+
+def _plan(variant: str, info: dict) -> tuple[bool, str]:
+    return plan(variant, info["causal"], info["needs_kv_mask"], bidirectional_safe=info.get("bidirectional_safe", False))
 
 
 def run(
@@ -144,7 +179,7 @@ def run(
                         data = _load_with_log(setting, cfg.data_seed, log)
                         infos[setting.task] = info = dict(_task_info(data), fingerprint=dfp)
                         ea_report.write_json(info_path, infos)
-                    ok, reason = plan(variant, info["causal"], info["needs_kv_mask"])
+                    ok, reason = _plan(variant, info)
                     if not ok:
                         skipped[(variant, setting.task)] = reason
                         break  # every seed of this (variant, task) is skipped alike
@@ -159,7 +194,7 @@ def run(
             info = infos.get(setting.task)
             if info is not None and info.get("fingerprint") == dfp:
                 for variant in variants:
-                    ok, reason = plan(variant, info["causal"], info["needs_kv_mask"])
+                    ok, reason = _plan(variant, info)
                     if not ok:
                         skipped[(variant, setting.task)] = reason
     finally:
@@ -197,6 +232,12 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
         res = train(model, data, tcfg, workdir=workdir, metrics_path=workdir / "metrics.jsonl",
                     use_mask=info["needs_kv_mask"], progress=progress, desc=f"{variant}/{setting.task}/s{seed}",
                     checkpoint_interval_s=cfg.checkpoint_interval_s)
+        found = ea_tasks.eval_groups(data, data.test)
+        if found is not None:
+            name, groups = found
+            scores = grouped_accuracy(res.model, data, data.test, groups, batch_size=tcfg.eval_batch,
+                                      use_mask=info["needs_kv_mask"])
+            row["groups"] = {"name": name, "test": {str(g): a for g, a in scores.items()}}
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # recorded and retried next time; the sweep goes on
@@ -206,6 +247,7 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
                    test=None)
         return row
     row.update(res.summary())
+    row["attention_causal"] = bool(data.causal and spec.capabilities.causal)
     row["wall_s"] = res.wall_s + res.compile_s
     row["train_wall_s"] = res.wall_s
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the row is the record
