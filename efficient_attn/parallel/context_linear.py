@@ -191,8 +191,11 @@ def _gated_shard(q, k, v, g, kv_mask, initial_state, *, axis, chunk, scale, diag
         a = jnp.exp(d)[..., None] if diagonal else jnp.exp(d)[..., None, None]
         return a * state + f, state
 
-    start = jnp.zeros_like(final) if initial_state is None else initial_state.astype(jnp.float32)
-    last, entering = lax.scan(across, lax.pcast(start, (axis,), to="varying"), (finals, decays))  # entering[i] = S_in(i)
+    if initial_state is None:
+        start = jnp.zeros_like(final)
+    else:  # the same on every device; typed varying, as the carry it starts becomes
+        start = lax.pcast(initial_state.astype(jnp.float32), (axis,), to="varying")
+    last, entering = lax.scan(across, start, (finals, decays))  # entering[i] = S_in(i)
     incoming = entering[lax.axis_index(axis)]
     decay = jnp.exp(jnp.cumsum(g, axis=1))  # from the device's start to t, inclusive
     q_in = q.astype(jnp.float32) * (decay if diagonal else decay[..., None])
