@@ -1,6 +1,8 @@
 """The accuracy sweep: a tiny run writes its tables, skips what a variant cannot do, resumes."""
 
 import argparse
+import dataclasses
+import hashlib
 import importlib
 import json
 import textwrap
@@ -22,7 +24,7 @@ def _tiny_cfg(variants):
     return acc.AccuracyConfig(
         preset="tiny",
         tasks=(acc.TaskSetting("mqar", 32, 32, 16, 16, TINY_MODEL, TINY_TRAIN,
-                               (("vocab_size", 32), ("num_pairs", 4))),),
+                               (("vocab_size", 32), ("num_pairs", 4), ("eval_num_pairs", (2, 4)))),),
         variants=tuple(variants),
     )
 
@@ -68,11 +70,19 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     (row,) = rows
     assert row["task"] == "mqar" and row["metric"] == "accuracy" and 0.0 <= row["test"] <= 1.0
     assert row["steps"] == 4 and len(row["history"]) == 2 and row["tokens_per_s"] > 0
+    # per pair count: 8 test rows of each count; the groups' correct answers add up to the split's
+    assert row["groups"]["name"] == "pairs" and set(row["groups"]["test"]) == {"2", "4"}
+    queries = {2: 8 * 2, 4: 8 * 4}
+    pooled = sum(row["groups"]["test"][str(p)] * n for p, n in queries.items()) / sum(queries.values())
+    assert pooled == pytest.approx(row["test"], abs=1e-6)
     for name in ("table.md", "rows.csv", "rows.json", "curves.png", "pareto.png"):
         assert (out / name).stat().st_size > 0, name
     table = (out / "table.md").read_text()
-    assert "| full |" in table and "skip [" in table
-    assert "_acc_test_bidirectional on mqar: skipped: non-causal variant on a causal" in table
+    assert "| full |" in table and "n/a [" in table and "MQAR pairs=4 (acc %)" in table
+    assert "## MQAR: test accuracy (%) per pairs count" in table
+    # MQAR's layout is leak-free bidirectionally, but the LM has no bidirectional mode to run it in
+    assert "_acc_test_bidirectional on mqar: n/a: non-causal variant on a causal (next-token) task" in table
+    assert "no bidirectional mode" in table
     assert "cost results missing: run cost_scaling first" in table
     saved = json.loads((out / "rows.json").read_text())
     assert saved["environment"]["preset"] == "tiny" and saved["config"]["preset"] == "tiny"
@@ -89,7 +99,7 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     monkeypatch.setattr(run_module, "_run_one", boom)
     again = acc.run(_tiny_cfg(["full", "_acc_test_bidirectional"]), out, progress=False, log=logs.append)
     assert again == rows
-    assert "skip [" in (out / "table.md").read_text()
+    assert "n/a [" in (out / "table.md").read_text()
 
     # with the cost experiment's rows present, the Pareto plot uses the cost at the task's length
     cost = [{"variant": "full", "n": n, "pass": p, "causal": c, "status": "ok", "time_median_s": 1e-3 * n,
@@ -127,10 +137,16 @@ def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):
 
 
 def test_presets_and_cli_parsing():
+    lra_tasks = {"listops", "pathfinder", "mqar", "bytes_lm"}
     for name, make in acc.PRESETS.items():
         cfg = make()
-        assert cfg.preset == name and {t.task for t in cfg.tasks} == {"listops", "pathfinder", "mqar", "bytes_lm"}
-    assert len(acc.PRESETS["cpu"]().seeds) == 3
+        want = {"mqar", "selective_copy", "bytes_lm", "listops"} if name == "cpu" else lra_tasks
+        assert cfg.preset == name and {t.task for t in cfg.tasks} == want
+    cpu = acc.PRESETS["cpu"]()
+    assert cpu.seeds == (0, 1, 2) and all(t.model.short_conv == 3 for t in cpu.tasks)
+    mqar = dict(next(t for t in cpu.tasks if t.task == "mqar").params)
+    assert mqar["vocab_size"] >= 1024 and max(mqar["eval_num_pairs"]) >= 16 and len(mqar["train_num_pairs"]) > 1
+    assert dict(cpu.sanity) == {"mqar": 0.95, "selective_copy": 0.95, "listops": 0.30}
     lra = {t.task: t for t in acc.PRESETS["lra"]().tasks}
     assert lra["listops"].seq_len == 2000 and lra["listops"].model.emb_dim == 512
     assert lra["listops"].train.schedule == "rsqrt" and lra["pathfinder"].model.pool == "mean"
@@ -155,7 +171,7 @@ def test_the_package_keeps_the_module_names():
                  "TASK_TITLES", "CSV_COLUMNS", "plan", "run", "markdown", "plot_pareto", "plot_curves",
                  "write_outputs", "config_from_args", "main"):
         assert hasattr(acc, name), name
-    assert acc.PRESETS == {"quick": presets.quick, "cpu": presets.cpu, "lra": presets.lra}
+    assert acc.PRESETS == {"quick": presets.quick, "cpu": presets.cpu, "cpu_v1": presets.cpu_v1, "lra": presets.lra}
     assert acc.PRESETS["quick"]() == presets.quick()  # a factory: a fresh, equal config per call
     assert acc.run is run_module.run and acc.plan("full", True, True) == (True, "")
 
@@ -200,3 +216,99 @@ def test_main_exits_1_when_a_row_of_its_run_errored(isolated, monkeypatch, capsy
     assert acc.main(argv) == 0
     rows = [json.loads(line)["row"] for line in (isolated / "out" / "rows.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["status"]) for r in rows] == [("full", "error"), ("local", "ok"), ("full", "ok")]
+
+
+CAUSAL_ONLY_PLUGIN = textwrap.dedent(
+    """
+    import dataclasses
+    import efficient_attn as ea
+    from efficient_attn.variants.full import full_attention
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        pass
+
+    @ea.register("_acc_test_causal_only", config=Cfg)
+    class CausalOnly(ea.Attention):
+        '''Softmax attention refusing bidirectional calls (a recurrence's capabilities).'''
+        capabilities = ea.Capabilities(causal=True, bidirectional=False, kv_mask=True)
+
+        def attend(self, q, k, v, mask):
+            return full_attention(q, k, v, mask)
+    """
+)
+
+
+def _write(tmp, name, text):
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def test_plan_reads_capabilities_and_task_declarations(isolated):
+    ea.registry.load_plugin(_write(isolated, "bi.py", NONCAUSAL_PLUGIN))
+    ea.registry.load_plugin(_write(isolated, "co.py", CAUSAL_ONLY_PLUGIN))
+    try:
+        bi, co = "_acc_test_bidirectional", "_acc_test_causal_only"
+        # a causal-only core is never put in the bidirectional encoder
+        ok, why = acc.plan(co, False, True)
+        assert not ok and "causal-only" in why and "CLS" in why
+        assert acc.plan(co, True, False) == (True, "")
+        # a bidirectional-only core: never where the input holds the answers
+        ok, why = acc.plan(bi, True, False, bidirectional_safe=False)
+        assert not ok and "would read" in why
+        ok, why = acc.plan(bi, True, False, bidirectional_safe=True)
+        assert ok == run_module.lm_has_bidirectional_mode()
+        assert ok or "no bidirectional mode" in why
+        assert acc.plan(bi, False, True) == (True, "")
+    finally:
+        ea.registry.unregister("_acc_test_causal_only")
+
+
+def _row(cfg, variant, seed, test, groups=None, task="mqar"):
+    setting = next(t for t in cfg.tasks if t.task == task)
+    row = {"variant": variant, "task": task, "seed": seed, "status": "ok", "metric": "accuracy", "test": test,
+           "tokens_per_s": 1.0, "wall_s": 1.0, "fingerprint": setting.fingerprint((), 0), "causal": True,
+           "baseline": {"majority": 0.1}}
+    if groups is not None:
+        row["groups"] = {"name": "pairs", "test": {str(k): v for k, v in groups.items()}}
+    return row
+
+
+def test_report_headlines_the_hardest_group_counts_what_is_missing_and_states_sanity_first():
+    from efficient_attn.sweeps.accuracy.report import reference_variant
+
+    ref = reference_variant()
+    cfg = dataclasses.replace(_tiny_cfg([ref, "local"]), seeds=(0, 1), sanity=(("mqar", 0.95),))
+    # before any row: the table lists every variant, the sanity line is stated, all cells pending
+    text = acc.markdown([], cfg, {}, {}, "none")
+    assert f"| {ref} |" in text and "| local |" in text
+    assert "attention solves MQAR" in text and "(threshold 95%): not run yet" in text
+    assert "Not finished: 2 of 2 cells" in text and "0 of 4 runs are done" in text
+    rows = [_row(cfg, ref, 0, 0.90, {2: 1.0, 4: 0.96}), _row(cfg, ref, 1, 0.92, {2: 1.0, 4: 0.98}),
+            _row(cfg, "local", 0, 0.5, {2: 0.75, 4: 0.25})]
+    text = acc.markdown(rows, cfg, {}, {}, "none")
+    assert "MQAR pairs=4 (acc %)" in text
+    line = next(x for x in text.splitlines() if x.startswith(f"| {ref} |"))
+    assert "97.0 ± 1.4" in line  # the hardest count's mean ± std, not the mixture's 91%
+    assert "| local | 75.0 | 25.0 | 1 |" in text  # the per-count table
+    assert "on its hardest pairs count (4): 97.0% -> holds (threshold 95%)" in text
+    assert "Not finished: 1 of 2 cells" in text and "3 of 4 runs are done" in text and "local/mqar (1/2)" in text
+    complete = rows + [_row(cfg, "local", 1, 0.5, {2: 0.75, 4: 0.25})]
+    assert "Not finished" not in acc.markdown(complete, cfg, {}, {}, "none")
+    # n/a cells are neither blank nor counted as missing
+    text = acc.markdown(rows[:2], cfg, {("local", "mqar"): "a reason"}, {}, "none")
+    assert "n/a [1]" in text and "local on mqar: n/a: a reason" in text and "Not finished" not in text
+
+
+def test_short_conv_reaches_the_model_and_keeps_old_fingerprints(isolated):
+    setting = _tiny_cfg(["full"]).tasks[0]
+    with_conv = dataclasses.replace(setting, model=dataclasses.replace(TINY_MODEL, short_conv=3))
+    # a field at its old default stays out of the hash, so rows stored before it still match
+    blob = dataclasses.asdict(setting)
+    del blob["model"]["short_conv"], blob["model"]["position"]
+    old = hashlib.sha256(json.dumps([blob, (), 0], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert setting.fingerprint((), 0) == old and with_conv.fingerprint((), 0) != old
+    data = run_module._load_task(setting, 0)
+    assert run_module._build_model("full", (), with_conv, data, 0).conv is not None
+    assert run_module._build_model("full", (), setting, data, 0).conv is None
