@@ -32,7 +32,7 @@ SANITY_DEFAULTS = {"mqar": 0.99, "selective_copy": 0.95}
 CSV_COLUMNS = [
     "variant", "task", "seed", "status", "reason", "metric", "test", "test_accuracy", "test_loss", "best_val",
     "best_step", "steps", "wall_s", "compile_s", "tokens_per_s", "num_params", "seq_len", "causal", "kv_mask_used",
-    "family", "exact", "fingerprint",
+    "family", "exact", "fingerprint", "cpu_s",
 ]
 
 
@@ -230,12 +230,21 @@ def _throughput(by, cfg: AccuracyConfig, variants: list[str]) -> list[str]:
         line = [v]
         for s in cfg.tasks:
             ok = [r for r in by.get((v, s.task), []) if r["status"] == "ok"]
+            cpu = [r["cpu_s"] for r in ok if r.get("cpu_s") is not None]
             line.append(f"{np.mean([r['tokens_per_s'] for r in ok]) / 1e3:.0f}k / {np.mean([r['wall_s'] for r in ok]):.0f} s"
-                        if ok else "-")
+                        + (f" / cpu {np.mean(cpu):.0f} s" if cpu else "") if ok else "-")
         tp_rows.append(line)
     lines.append(ea_report.markdown_table(["variant"] + [f"{TASK_TITLES.get(s.task, s.task)} tok/s / wall"
                                                          for s in cfg.tasks], tp_rows))
-    lines.append("Training tokens (batch x length) per second, compile excluded; wall = compile + train + eval.")
+    lines.append("Training tokens (batch x length) per second, compile excluded; wall = compile + train + eval; "
+                 "cpu = CPU seconds of the run's process, all threads (where recorded).")
+    loaded = [r for rs in by.values() for r in rs if r.get("status") == "ok" and r.get("load_1min") is not None]
+    shared = [r for r in loaded if r["load_1min"] > (r.get("cores") or 1)]
+    if shared:
+        lines.append(f"Contended: {len(shared)} of {len(loaded)} runs ended with the 1-minute load average above the "
+                     f"core count (up to {max(r['load_1min'] for r in shared):.1f}), i.e. other processes shared the "
+                     "CPU: their tok/s and wall times are inflated and rank nothing; cpu seconds are not inflated "
+                     "by waiting, though shared caches still slow them.")
     lines.append("")
     return lines
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -226,7 +227,7 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
         "variant_kwargs": dict(kwargs), "model": dataclasses.asdict(setting.model), "train": dataclasses.asdict(tcfg),
         "baseline": info["baseline"], "metric": data.metric,
     }
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         model = _build_model(variant, kwargs, setting, data, seed)
         res = train(model, data, tcfg, workdir=workdir, metrics_path=workdir / "metrics.jsonl",
@@ -248,6 +249,10 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
         return row
     row.update(res.summary())
     row["attention_causal"] = bool(data.causal and spec.capabilities.causal)
+    # CPU seconds of this process (every thread) for the whole run: unlike wall time, not
+    # inflated by other processes sharing the machine (it does not count a resumed run's past)
+    row["cpu_s"] = time.process_time() - c0
+    row["load_1min"], row["cores"] = os.getloadavg()[0], os.cpu_count()  # was the machine shared?
     row["wall_s"] = res.wall_s + res.compile_s
     row["train_wall_s"] = res.wall_s
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the row is the record
