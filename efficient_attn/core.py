@@ -29,6 +29,7 @@ __all__ = [
     "Attention",
     "Capabilities",
     "CapabilityError",
+    "DecodeState",
     "Dims",
     "Mask",
     "check_config",
@@ -137,6 +138,36 @@ class Mask:
     dense: Bool[Array, "B H T S"] | None = None
     q_segment_ids: Int[Array, "B T"] | None = None
     kv_segment_ids: Int[Array, "B S"] | None = None
+
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["position", "data"],
+    meta_fields=["variant", "config", "dims", "batch", "max_len", "dtype"],
+)
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What a variant carries from one decoded token to the next (a pytree: jit/scan it).
+
+    position: ``[]`` int32, the number of tokens consumed so far (the next token's position).
+    data:     the variant's own arrays (a KV cache, a ring buffer of its window, a recurrent
+              state); their size is fixed at ``init_state``, whatever the position.
+    The other fields are static and say whose state it is: ``variant``, its ``config`` and
+    ``dims``, the ``batch`` size, ``max_len`` (the positions the state can hold) and the
+    storage ``dtype`` of cached keys and values. ``step`` and ``prefill`` refuse a state whose
+    static fields differ from what the module would make (another variant, configuration,
+    batch or size).
+    """
+
+    variant: str
+    config: Any
+    dims: Dims
+    batch: int
+    max_len: int
+    dtype: str
+    position: Int[Array, ""]
+    data: Any
 
 
 def _fmt_shape(x) -> str:
@@ -435,6 +466,201 @@ class Attention(nnx.Module):
     ) -> Float[Array, "B T H Dv"]:
         """The attention itself, on validated inputs; ``mask`` is never None."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend(q, k, v, mask)")
+
+    # ------------------------------------------------------------------------ decoding
+    # The state API (capability ``decode``). The base class validates, keeps the position and
+    # refuses what cannot be honoured; a variant implements three protected hooks, called on
+    # validated inputs:
+    #   _init_decode_state(batch, max_len, dtype) -> data     fixed-size arrays (a pytree)
+    #   _prefill(q, k, v, mask, state) -> (out [B, T, H, Dv], data)   mask.causal; state empty
+    #   _step(q_t, k_t, v_t, state) -> (out_t [B, H, Dv], data)       q_t [B, H, D]
+    # (``state`` a DecodeState: its data, position, max_len). A step is the causal forward's
+    # output at ``state.position`` (the number of tokens before it), every stepped token real.
+
+    def init_state(self, batch: int, max_len: int | None = None, dtype: Any = jnp.float32) -> "DecodeState":
+        """An empty decoding state for ``batch`` sequences of at most ``max_len`` tokens.
+
+        ``max_len`` (default ``dims.max_len``, the most allowed) bounds the positions: a KV
+        cache has that many slots; a recurrent state or a window's ring buffer has a size
+        independent of it. ``dtype`` stores cached keys and values (a recurrent state is
+        accumulated in float32 whatever it is).
+        """
+        name = self.variant_name
+        self._require_decode("init_state")
+        dims = self._decode_dims()
+        if not _is_int(batch) or batch < 1:
+            raise ValueError(f"{name}: init_state(batch=...) must be a positive int, got {batch!r}")
+        max_len = dims.max_len if max_len is None else max_len
+        if not _is_int(max_len) or max_len < 1:
+            raise ValueError(f"{name}: init_state(max_len=...) must be a positive int, got {max_len!r}")
+        if max_len > dims.max_len:
+            raise ValueError(
+                f"{name}: init_state(max_len={max_len}) exceeds max_len={dims.max_len} given to build(); "
+                f"build with max_len >= {max_len}"
+            )
+        try:
+            dt = jnp.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"{name}: init_state(dtype=...) must be a floating dtype, got {dtype!r}") from None
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(f"{name}: init_state(dtype=...) must be a floating dtype (float32, bfloat16), got {dt}")
+        data = self._init_decode_state(int(batch), int(max_len), dt)
+        return DecodeState(
+            variant=name, config=repr(self.config), dims=dims, batch=int(batch), max_len=int(max_len),
+            dtype=dt.name, position=jnp.zeros((), jnp.int32), data=data,
+        )
+
+    def prefill(
+        self,
+        q: Float[Array, "B T H D"],
+        k: Float[Array, "B T H D"],
+        v: Float[Array, "B T H Dv"],
+        state: "DecodeState",
+        *,
+        mask: Mask | None = None,
+    ) -> tuple[Float[Array, "B T H Dv"], "DecodeState"]:
+        """Consume a prompt of T tokens from an empty ``state``: ``(out, state)``, where ``out``
+        is the causal attention of the prompt (what ``self(q, k, v, mask=Mask(causal=True,
+        ...))`` returns) and ``state`` holds it for ``step``.
+
+        ``mask``: None (every token real) or ``Mask(causal=True, kv_mask=...)`` for key padding
+        in the prompt (a padded key stays invisible to every later step); ``q_mask`` zeroes
+        outputs as in a call. Dense masks and packed segments are refused: a cache cannot
+        carry them into the steps. ``state`` must be empty; under ``jit`` (where that cannot
+        raise) a used state gives NaN outputs.
+        """
+        name = self.variant_name
+        self._require_decode("prefill")
+        mask = normalise_mask(name, Mask(causal=True) if mask is None else mask)
+        if not mask.causal:
+            raise ValueError(
+                f"{name}: prefill attends causally (a decoded token never sees later ones): pass "
+                "mask=Mask(causal=True, kv_mask=...) or mask=None"
+            )
+        if mask.dense is not None or mask.q_segment_ids is not None or mask.kv_segment_ids is not None:
+            raise ValueError(
+                f"{name}: prefill takes key padding (Mask.kv_mask) and Mask.q_mask only; a dense mask or "
+                "packed segments cannot be carried into the steps: decode one sequence per batch row"
+            )
+        q, k, v, mask = self._prepare(q, k, v, mask)
+        _check_value_width(name, v, self.dims)
+        self._check_state(state, q.shape[0], "prefill")
+        T = q.shape[1]
+        if T > state.max_len:
+            raise ValueError(
+                f"{name}: a prompt of {T} tokens does not fit a state of max_len={state.max_len}; "
+                f"make it with init_state(batch, max_len >= {T} + the tokens to generate)"
+            )
+        position = state.position
+        if not isinstance(position, jax.core.Tracer) and int(position) != 0:
+            raise ValueError(
+                f"{name}: prefill starts a sequence, but this state already holds {int(position)} tokens; "
+                "pass a fresh init_state(...), and continue a sequence with step()"
+            )
+        out, data = self._prefill(q, k, v, mask, state)
+        out = self._finish(out, q, v, mask)
+        out = jnp.where(position == 0, out, jnp.full((), jnp.nan, out.dtype))
+        return out, dataclasses.replace(state, position=position + T, data=data)
+
+    def step(
+        self,
+        q_t: Float[Array, "B 1 H D"],
+        k_t: Float[Array, "B 1 H D"],
+        v_t: Float[Array, "B 1 H Dv"],
+        state: "DecodeState",
+    ) -> tuple[Float[Array, "B 1 H Dv"], "DecodeState"]:
+        """One token at position ``state.position``: ``(out_t, state)``, where ``out_t`` is the
+        causal attention of this query over every key so far (the prompt's real keys and all
+        stepped ones, this one included). Pure: jit it, scan it.
+
+        A step at position >= ``state.max_len`` raises when the position is concrete. Under
+        ``jit`` it cannot raise: its output is NaN (every entry), and so is every later
+        step's, since the position only grows; the state's arrays are then undefined.
+        """
+        name = self.variant_name
+        self._require_decode("step")
+        dims = self._decode_dims()
+        q_t, k_t, v_t = (_as_array(name, arg, x) for arg, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)))
+        for arg, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+            if getattr(x, "ndim", 0) != 4 or x.shape[1] != 1:
+                raise ValueError(
+                    f"{name}: step takes one token: {arg} must be [B, 1, H, D], got shape {_fmt_shape(x)}; "
+                    "give a prompt to prefill()"
+                )
+        validate_inputs(name, self.capabilities, dims, q_t, k_t, v_t, None)
+        _check_value_width(name, v_t, dims)
+        B = q_t.shape[0]
+        self._check_state(state, B, "step")
+        position = state.position
+        if not isinstance(position, jax.core.Tracer) and int(position) >= state.max_len:
+            raise ValueError(
+                f"{name}: step at position {int(position)} is past the state's max_len={state.max_len}; "
+                "make the state with init_state(batch, max_len=...) for the whole sequence (prompt + new tokens)"
+            )
+        out, data = self._step(q_t[:, 0], k_t[:, 0], v_t[:, 0], state)
+        expected = (B, q_t.shape[2], v_t.shape[3])
+        if not hasattr(out, "shape") or tuple(out.shape) != expected:
+            got = type(out).__name__ if not hasattr(out, "shape") else tuple(out.shape)
+            raise RuntimeError(f"{name}: _step returned {got}, expected {expected} [B, H, Dv] (a bug in the variant)")
+        out = jnp.where(position < state.max_len, out, jnp.full((), jnp.nan, out.dtype))
+        return out[:, None].astype(q_t.dtype), dataclasses.replace(state, position=position + 1, data=data)
+
+    def _require_decode(self, method: str) -> None:
+        if not self.capabilities.decode:
+            raise CapabilityError(self.variant_name, f"decoding ({method}: the init_state / prefill / step API)", "decode")
+
+    def _decode_dims(self) -> Dims:
+        dims = getattr(self, "dims", None)
+        if not isinstance(dims, Dims):
+            raise AttributeError(
+                f"{type(self).__name__} has no dims: call super().__init__(config, dims, rngs=rngs) in __init__, "
+                "or construct it with ea.build(name, ...)"
+            )
+        return dims
+
+    def _check_state(self, state: "DecodeState", batch: int, method: str) -> None:
+        """Refuse a state that this module did not make for this batch (clear messages)."""
+        name = self.variant_name
+        if not isinstance(state, DecodeState):
+            raise TypeError(f"{name}: {method} needs the state made by init_state(...), got {type(state).__name__}")
+        if state.variant != name:
+            raise ValueError(
+                f"{name}: {method} got a state of variant {state.variant!r}; a variant decodes only its own "
+                "state: make one with this module's init_state(...)"
+            )
+        if state.config != repr(self.config) or state.dims != self.dims:
+            raise ValueError(
+                f"{name}: {method} got a state made for another configuration or size "
+                f"({state.config}, {state.dims}); this module has {self.config!r}, {self.dims}: make the state "
+                "with this module's init_state(...)"
+            )
+        if state.batch != batch:
+            raise ValueError(
+                f"{name}: {method} got batch {batch} but the state holds {state.batch} sequences; "
+                f"make it with init_state(batch={batch}, ...)"
+            )
+        if jnp.shape(state.position) != ():
+            raise ValueError(f"{name}: state.position must be a scalar, got shape {jnp.shape(state.position)}")
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype: Any) -> Any:
+        """The variant's empty decoding arrays (a pytree whose sizes never change)."""
+        raise NotImplementedError(f"{type(self).__name__} declares decode=True but does not implement _init_decode_state")
+
+    def _prefill(self, q, k, v, mask: Mask, state: "DecodeState") -> tuple[Any, Any]:
+        """(causal attention of the prompt [B, T, H, Dv], data holding it); ``state`` is empty."""
+        raise NotImplementedError(f"{type(self).__name__} declares decode=True but does not implement _prefill")
+
+    def _step(self, q_t, k_t, v_t, state: "DecodeState") -> tuple[Any, Any]:
+        """(output of the token at ``state.position`` [B, H, Dv], data with it); q_t [B, H, D]."""
+        raise NotImplementedError(f"{type(self).__name__} declares decode=True but does not implement _step")
+
+
+def _check_value_width(name: str, v, dims: Dims) -> None:
+    if v.shape[3] != dims.head_dim:
+        raise ValueError(
+            f"{name}: decoding states hold values of width head_dim={dims.head_dim}, got v of shape "
+            f"{_fmt_shape(v)}; project values to head_dim"
+        )
 
 
 def _wrap_legacy_call(call):

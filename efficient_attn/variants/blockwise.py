@@ -14,6 +14,7 @@ import dataclasses
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.online_softmax import blockwise_attention
 from efficient_attn.registry import register
 
@@ -46,7 +47,7 @@ class BlockwiseAttention(Attention):
     """Exact softmax attention, online softmax over key blocks, recomputing backward: O(N) memory."""
 
     capabilities = Capabilities(
-        causal=True, cross=True, kv_mask=True, dense_mask=False, exact=True, time="O(N^2)", memory="O(N)"
+        causal=True, cross=True, kv_mask=True, dense_mask=False, exact=True, time="O(N^2)", memory="O(N)", decode=True
     )
 
     def attend(
@@ -60,3 +61,17 @@ class BlockwiseAttention(Attention):
             q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, block_size=self.config.block_size,
             backward_query_block=self.config.backward_query_block,
         )
+
+    # decoding: a KV cache of max_len slots read by an online softmax over blocks of
+    # ``block_size`` slots; blocks past the position are skipped, so a step reads O(p) slots
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return self.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        cache = kv_cache.write(state.data, k_t[:, None], v_t[:, None], state.position)
+        return kv_cache.attend_blocks(q_t, cache, state.position, block=self.config.block_size), cache

@@ -62,7 +62,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
-from efficient_attn.ops.delta_rule import delta_rule_attention
+from efficient_attn.ops.delta_rule import delta_rule_attention, delta_rule_step
 from efficient_attn.registry import register
 
 __all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNet", "GatedDeltaNet", "l2_normalise"]
@@ -74,7 +74,7 @@ _CAPS = Capabilities(
     kv_mask=True,
     exact=False,
     time="O(N (c d + d^2))",
-    memory="O(N (c + d))",
+    memory="O(N (c + d))", decode=True,
 )
 
 
@@ -164,6 +164,18 @@ class DeltaNet(Attention):
     ) -> Float[Array, "B T H Dv"]:
         return _delta_attend(self, q, k, v, mask)
 
+    # decoding: the [d, d] fast-weight memory per head (``delta_rule_step``)
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return jnp.zeros((batch, d.num_heads, d.head_dim, d.head_dim), jnp.float32)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return _delta_prefill(self, q, k, v, mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        return _delta_step(self, q_t, k_t, v_t, state.data)
+
 
 # -------------------------------------------------------------------------- gated_deltanet
 
@@ -242,6 +254,18 @@ class GatedDeltaNet(Attention):
     ) -> Float[Array, "B T H Dv"]:
         return _delta_attend(self, q, k, v, mask)
 
+    # decoding: the [d, d] fast-weight memory per head, forgotten by alpha_t at each step
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return jnp.zeros((batch, d.num_heads, d.head_dim, d.head_dim), jnp.float32)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return _delta_prefill(self, q, k, v, mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        return _delta_step(self, q_t, k_t, v_t, state.data)
+
 
 def _delta_attend(module, q, k, v, mask: Mask):
     """Gates from the raw keys, L2-normalised q and k, then the chunked delta rule."""
@@ -257,4 +281,26 @@ def _delta_attend(module, q, k, v, mask: Mask):
         kv_mask=mask.kv_mask,
         chunk=cfg.chunk_size,
         scale=cfg.scale,
+    )
+
+
+def _delta_prefill(module, q, k, v, mask: Mask):
+    """``_delta_attend`` with the memory after the prompt: (out, state [B, H, d, d])."""
+    cfg = module.config
+    q, k, v = _real_tokens(q, k, v, mask)
+    beta, log_decay = module.gates(k)
+    return delta_rule_attention(
+        l2_normalise(q, cfg.norm_eps), l2_normalise(k, cfg.norm_eps), v, beta, log_decay,
+        kv_mask=mask.kv_mask, chunk=cfg.chunk_size, scale=cfg.scale, output_final_state=True,
+    )
+
+
+def _delta_step(module, q_t, k_t, v_t, memory):
+    """One token of the delta rule, gates from its own raw key: (out [B, H, d], memory)."""
+    cfg = module.config
+    q_t, k_t, v_t = (x.astype(jnp.float32) for x in (q_t, k_t, v_t))
+    beta, log_decay = module.gates(k_t[:, None])
+    return delta_rule_step(
+        l2_normalise(q_t, cfg.norm_eps), l2_normalise(k_t, cfg.norm_eps), v_t, beta[:, 0],
+        None if log_decay is None else log_decay[:, 0], memory, scale=cfg.scale,
     )

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.masks import dense_visibility, masked_softmax
 from efficient_attn.registry import register
 
@@ -45,7 +46,7 @@ class FullAttention(Attention):
     """Softmax attention, materialised [B,H,T,S] scores: the reference of every exact path."""
 
     capabilities = Capabilities(
-        causal=True, cross=True, kv_mask=True, dense_mask=True, exact=True, time="O(N^2)", memory="O(N^2)"
+        causal=True, cross=True, kv_mask=True, dense_mask=True, exact=True, time="O(N^2)", memory="O(N^2)", decode=True
     )
 
     def attend(
@@ -56,3 +57,17 @@ class FullAttention(Attention):
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         return full_attention(q, k, v, mask)
+
+    # decoding: a KV cache of max_len slots, one masked softmax over it per step (O(p d))
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return self.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        cache = kv_cache.write(state.data, k_t[:, None], v_t[:, None], state.position)
+        visible = kv_cache.causal_visible(cache, state.position)
+        return kv_cache.attend_dense(q_t, cache.k, cache.v, visible), cache

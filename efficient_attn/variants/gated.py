@@ -77,7 +77,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
-from efficient_attn.ops.gated_linear import gated_linear_attention
+from efficient_attn.ops.gated_linear import gated_linear_attention, gated_linear_step
 from efficient_attn.registry import register
 
 __all__ = [
@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 _CAPS = Capabilities(
-    causal=True, bidirectional=False, cross=False, kv_mask=True, exact=False, time="O(N)", memory="O(N)"
+    causal=True, bidirectional=False, cross=False, kv_mask=True, exact=False, time="O(N)", memory="O(N)", decode=True
 )
 
 
@@ -167,6 +167,29 @@ class RetNet(Attention):
         )
         return head_norm(out, self.config.norm_eps) if self.config.group_norm else out
 
+    # decoding: the [d, d_v] state per head (``gated_linear_step``), the same size everywhere
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        return _empty_state(self.dims, batch)
+
+    def _norm(self, out):
+        return head_norm(out, self.config.norm_eps) if self.config.group_norm else out
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        B, T, H, _ = q.shape
+        log_decay = jnp.broadcast_to(jnp.asarray(retnet_log_decays(H), jnp.float32), (B, T, H))
+        out, s = gated_linear_attention(
+            q, k, v, log_decay, causal=True, kv_mask=mask.kv_mask, chunk=self.config.chunk_size,
+            output_final_state=True,
+        )
+        return self._norm(out), s
+
+    def _step(self, q_t, k_t, v_t, state):
+        B, H, _ = q_t.shape
+        log_decay = jnp.broadcast_to(jnp.asarray(retnet_log_decays(H), jnp.float32), (B, H))
+        out, s = gated_linear_step(q_t, k_t, v_t, log_decay, state.data)
+        return self._norm(out), s
+
 
 # ---------------------------------------------------------------------------------- gla
 
@@ -229,6 +252,26 @@ class GLA(Attention):
             q, k, v, self.log_gate(k), causal=mask.causal, kv_mask=mask.kv_mask, chunk=self.config.chunk_size
         )
         return head_norm(out, self.config.norm_eps) if self.config.output_norm else out
+
+    # decoding: the [d, d_v] state per head; the gate of a step comes from its own key
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        return _empty_state(self.dims, batch)
+
+    def _norm(self, out):
+        return head_norm(out, self.config.norm_eps) if self.config.output_norm else out
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        k, v = _real_keys(k, v, mask.kv_mask)
+        out, s = gated_linear_attention(
+            q, k, v, self.log_gate(k), causal=True, kv_mask=mask.kv_mask, chunk=self.config.chunk_size,
+            output_final_state=True,
+        )
+        return self._norm(out), s
+
+    def _step(self, q_t, k_t, v_t, state):
+        out, s = gated_linear_step(q_t, k_t, v_t, self.log_gate(k_t[:, None])[:, 0], state.data)
+        return self._norm(out), s
 
 
 # ---------------------------------------------------------------------------------- mamba2
@@ -304,3 +347,29 @@ class Mamba2(Attention):
         if self.config.skip:
             y = y + self.D[...][:, None] * x
         return y
+
+    # decoding: the [d, d_v] SSM state h per head; dt of a step from its own key
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        return _empty_state(self.dims, batch)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        k, v = _real_keys(k, v, mask.kv_mask)
+        x = v.astype(jnp.float32)
+        dt = self.step_sizes(k)
+        y, s = gated_linear_attention(
+            q, k, x * dt[..., None], -dt * jnp.exp(self.A_log[...]), causal=True, kv_mask=mask.kv_mask,
+            chunk=self.config.chunk_size, scale=1.0, output_final_state=True,
+        )
+        return (y + self.D[...][:, None] * x if self.config.skip else y), s
+
+    def _step(self, q_t, k_t, v_t, state):
+        x = v_t.astype(jnp.float32)
+        dt = self.step_sizes(k_t[:, None])[:, 0]  # [B, H]
+        y, s = gated_linear_step(q_t, k_t, x * dt[..., None], -dt * jnp.exp(self.A_log[...]), state.data, scale=1.0)
+        return (y + self.D[...][:, None] * x if self.config.skip else y), s
+
+
+def _empty_state(dims: Dims, batch: int) -> Float[Array, "B H Dk Dv"]:
+    """The recurrent state before any token: zeros, float32 whatever the input dtype."""
+    return jnp.zeros((batch, dims.num_heads, dims.head_dim, dims.head_dim), jnp.float32)

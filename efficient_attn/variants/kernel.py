@@ -76,6 +76,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
+from efficient_attn.ops import linear_state, masks
 from efficient_attn.ops.linear_attention import linear_attention
 from efficient_attn.registry import Budget, register
 
@@ -130,7 +131,7 @@ class LinearConfig:
 class LinearAttention(Attention):
     """Linear attention with the elu(x) + 1 feature map; O(N d^2) time, O(N d) memory."""
 
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)")
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)", decode=True)
 
     def attend(
         self,
@@ -145,6 +146,20 @@ class LinearAttention(Attention):
         return linear_attention(
             phi_q, phi_k, v, causal=causal, kv_mask=kv_mask, eps=self.config.eps, chunk_size=self.config.chunk_size
         )
+
+    # decoding: the running sums of phi(k) [v | 1]^T, [F, Dv + 1] per head at every position
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return linear_state.init_state(batch, d.num_heads, d.head_dim, d.head_dim)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        phi_k = jax.nn.elu(masks.hide_keys(k, mask.kv_mask).astype(jnp.float32)) + 1.0
+        return self.attend(q, k, v, mask), linear_state.summarise(phi_k, v, kv_mask=mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        phi_q, phi_k = (jax.nn.elu(x.astype(jnp.float32)) + 1.0 for x in (q_t, k_t))
+        return linear_state.step(phi_q, phi_k, v_t, state.data, eps=self.config.eps)
 
 
 # ------------------------------------------------------------------------------- performer
@@ -218,7 +233,7 @@ class PerformerConfig:
 class Performer(Attention):
     """FAVOR+: positive orthogonal random features for the softmax kernel; O(N m d) time."""
 
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N m d)", memory="O(N m)")
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N m d)", memory="O(N m)", decode=True)
 
     def __init__(self, config: PerformerConfig, dims: Dims, *, rngs: nnx.Rngs):
         super().__init__(config, dims, rngs=rngs)
@@ -266,6 +281,39 @@ class Performer(Attention):
             chunk_size=self.config.chunk_size,
         )
 
+    # decoding: one projection W per decoded sequence, drawn by init_state (a forward call
+    # draws one per call) and kept in the state with the running sums; the sums are kept at
+    # the scale of the largest key log-feature seen so far (``ops.linear_state``)
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        sums = linear_state.init_state(batch, d.num_heads, self.config.num_features, d.head_dim)
+        return {"projection": self.draw(), "sums": sums}
+
+    def _favor(self, x, w):
+        """(phi(x) with its max log-feature taken out, that max): FAVOR+ as ``attend`` computes it."""
+        lx = favor_log_features(x, w)
+        top = lax.stop_gradient(jnp.max(lx, axis=-1))
+        return jnp.exp(lx - top[..., None]), top
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        w = state.data["projection"]
+        phi_q, _ = self._favor(q, w)
+        phi_k, k_scale = self._favor(masks.hide_keys(k, mask.kv_mask), w)
+        out = linear_attention(
+            phi_q, phi_k, v, causal=True, kv_mask=mask.kv_mask, k_log_scale=k_scale, eps=0.0,
+            chunk_size=self.config.chunk_size,
+        )
+        sums = linear_state.summarise(phi_k, v, kv_mask=mask.kv_mask, k_log_scale=k_scale)
+        return out, {"projection": w, "sums": sums}
+
+    def _step(self, q_t, k_t, v_t, state):
+        w = state.data["projection"]
+        phi_q, _ = self._favor(q_t[:, None], w)
+        phi_k, k_scale = self._favor(k_t[:, None], w)
+        out, sums = linear_state.step(phi_q[:, 0], phi_k[:, 0], v_t, state.data["sums"], k_log_scale_t=k_scale[:, 0])
+        return out, {"projection": w, "sums": sums}
+
 
 # ------------------------------------------------------------------------------- cosformer
 
@@ -301,7 +349,7 @@ class CosformerConfig:
 class Cosformer(Attention):
     """ReLU linear attention re-weighted by cos(pi/2 (i - j) / M); O(N d^2) time."""
 
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)")
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)", decode=True)
 
     def attend(
         self,
@@ -321,3 +369,32 @@ class Cosformer(Attention):
             eps=self.config.eps,
             chunk_size=self.config.chunk_size,
         )
+
+    # decoding: the running sums of phi(k_j) [v_j | 1]^T, where phi(k_j) carries the position
+    # j through its sin/cos weights, so the state stays [2d, Dv + 1] per head; the position of
+    # a step comes from the state (``state.position``). The re-weighting needs the length M
+    # in a_i = pi i / (2M): the forward takes the call's length, decoding the state's
+    # max_len, so a decoded sequence equals the causal forward over max_len tokens (and a
+    # step past M would turn its cosines negative: init_state refuses max_len > dims.max_len)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        M = state.max_len
+        phi_k = cosformer_features(masks.hide_keys(k, mask.kv_mask), M)
+        out = linear_attention(
+            cosformer_features(q, M), phi_k, v, causal=True, kv_mask=mask.kv_mask, eps=self.config.eps,
+            chunk_size=self.config.chunk_size,
+        )
+        return out, linear_state.summarise(phi_k, v, kv_mask=mask.kv_mask)
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return linear_state.init_state(batch, d.num_heads, 2 * d.head_dim, d.head_dim)
+
+    def _step(self, q_t, k_t, v_t, state):
+        a = (math.pi / 2) * (state.position + 1).astype(jnp.float32) / state.max_len  # positions count from 1
+
+        def phi(x):
+            r = jax.nn.relu(x.astype(jnp.float32))
+            return jnp.concatenate([r * jnp.sin(a), r * jnp.cos(a)], axis=-1)
+
+        return linear_state.step(phi(q_t), phi(k_t), v_t, state.data, eps=self.config.eps)

@@ -30,6 +30,7 @@ import dataclasses
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.block_sparse import band_block_size, banded_table, block_sparse_attention, num_blocks
 from efficient_attn.registry import Budget, register
 
@@ -71,7 +72,7 @@ def sliding_window_attention(q, k, v, window: int, mask: Mask):
 class LocalAttention(Attention):
     """Sliding-window attention: each query sees the keys within `window` tokens of it."""
 
-    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N w)", memory="O(N + w^2)")
+    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N w)", memory="O(N + w^2)", decode=True)
 
     def attend(
         self,
@@ -81,3 +82,18 @@ class LocalAttention(Attention):
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         return sliding_window_attention(q, k, v, self.config.window, mask)
+
+    # decoding: a ring buffer of window + 1 slots (the keys i - w .. i), whatever the context
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        slots = min(self.config.window + 1, max_len)
+        return kv_cache.init_ring(batch, slots, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return self.attend(q, k, v, mask), kv_cache.ring_fill(state.data, k, v, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        ring = kv_cache.ring_push(state.data, k_t, v_t, state.position)
+        visible = ring.valid & ((ring.pos >= 0) & (ring.pos >= state.position - self.config.window))[None]
+        return kv_cache.attend_dense(q_t, ring.k, ring.v, visible[:, None]), ring

@@ -41,6 +41,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.block_sparse import (
     band_block_size,
     banded_table,
@@ -115,7 +116,7 @@ class StreamingAttention(Attention):
     """StreamingLLM: the first `num_sinks` tokens plus a sliding window of `window` recent ones."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + s))", memory="O(N + w^2)"
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + s))", memory="O(N + w^2)", decode=True
     )
 
     def attend(
@@ -129,3 +130,37 @@ class StreamingAttention(Attention):
         return streaming_attention(
             q, k, v, window=cfg.window, num_sinks=cfg.num_sinks, causal=mask.causal, kv_mask=mask.kv_mask
         )
+
+    # decoding: the sinks in s fixed slots and the window in a ring buffer of w slots (memory
+    # O((s + w) d), independent of the context), one softmax over both per step
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d, cfg = self.dims, self.config
+        s = min(cfg.num_sinks, max_len)
+        shape = (d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+        sinks = kv_cache.init_cache(batch, s, *shape) if s else None
+        return {"sinks": sinks, "ring": kv_cache.init_ring(batch, min(cfg.window, max_len), *shape)}
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        sinks = state.data["sinks"]
+        if sinks is not None:
+            s = min(sinks.valid.shape[1], k.shape[1])
+            kv = None if mask.kv_mask is None else mask.kv_mask[:, :s]
+            sinks = kv_cache.write(sinks, k[:, :s], v[:, :s], 0, kv)
+        ring = kv_cache.ring_fill(state.data["ring"], k, v, mask.kv_mask)
+        return self.attend(q, k, v, mask), {"sinks": sinks, "ring": ring}
+
+    def _step(self, q_t, k_t, v_t, state):
+        p = state.position
+        ring = kv_cache.ring_push(state.data["ring"], k_t, v_t, p)
+        sinks = state.data["sinks"]
+        s = 0 if sinks is None else sinks.valid.shape[1]
+        # the window part leaves the sinks out (they are counted once, in their own slots)
+        visible = ring.valid & ((ring.pos >= s) & (ring.pos > p - self.config.window))[None]
+        k, v = ring.k, ring.v
+        if sinks is not None:
+            sinks = kv_cache.write(sinks, k_t[:, None], v_t[:, None], jnp.minimum(p, s - 1), enabled=p < s)
+            visible = jnp.concatenate([sinks.valid & (jnp.arange(s) <= p)[None], visible], axis=1)
+            k, v = jnp.concatenate([sinks.k, k], axis=1), jnp.concatenate([sinks.v, v], axis=1)
+        out = kv_cache.attend_dense(q_t, k, v, visible[:, None])
+        return out, {"sinks": sinks, "ring": ring}
