@@ -55,9 +55,18 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from efficient_attn.core import check_config
 from efficient_attn.ops.masks import hide_keys, poison_keys, split_nonfinite
 
-__all__ = ["blockwise_attention", "balanced_block"]
+__all__ = ["blockwise_attention", "balanced_block", "check_softcap"]
+
+
+def check_softcap(variant: str, softcap) -> None:
+    """A config's soft cap is None or a finite number > 0 (c tanh(s / c) with c <= 0 is no cap)."""
+    if softcap is None:
+        return
+    ok = isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and 0 < float(softcap) < float("inf")
+    check_config(variant, ok, f"softcap must be None or a finite number > 0 (e.g. 50.0, Gemma 2's), got {softcap!r}")
 
 
 

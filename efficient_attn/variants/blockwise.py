@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
 from efficient_attn.ops import kv_cache
-from efficient_attn.ops.online_softmax import blockwise_attention
+from efficient_attn.ops.online_softmax import blockwise_attention, check_softcap
 from efficient_attn.registry import register
 
 
@@ -31,10 +33,18 @@ class BlockwiseConfig:
 
     block_size: int = 1024
     backward_query_block: int = 256
+    softcap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self):
         check_positive_int("blockwise", "block_size", self.block_size)
         check_positive_int("blockwise", "backward_query_block", self.backward_query_block)
+        check_softcap("blockwise", self.softcap)
+
+
+def sink_logits(num_heads: int, enabled: bool):
+    """The learned per-head sink logits (zeros at start: each adds e^0 to every denominator), or None."""
+    return nnx.Param(jnp.zeros((num_heads,), jnp.float32)) if enabled else None
 
 
 @register(
@@ -44,11 +54,18 @@ class BlockwiseConfig:
     citation="Rabe & Staats 2021; Dao et al. 2022 (FlashAttention)",
 )
 class BlockwiseAttention(Attention):
-    """Exact softmax attention, online softmax over key blocks, recomputing backward: O(N) memory."""
+    """Exact softmax attention, online softmax over key blocks, recomputing backward: O(N) memory.
+
+    Grouped-query k/v, packed segments, ``softcap`` and ``sinks`` are native in the engine."""
 
     capabilities = Capabilities(
-        causal=True, cross=True, kv_mask=True, dense_mask=False, exact=True, time="O(N^2)", memory="O(N)", decode=True
+        causal=True, cross=True, kv_mask=True, dense_mask=False, exact=True, time="O(N^2)", memory="O(N)",
+        gqa=True, segments=True, softcap=True, sinks=True, decode=True
     )
+
+    def __init__(self, config, dims, *, rngs):
+        super().__init__(config, dims, rngs=rngs)
+        self.sinks = sink_logits(dims.num_heads, config.sinks)
 
     def attend(
         self,
@@ -58,7 +75,9 @@ class BlockwiseAttention(Attention):
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         return blockwise_attention(
-            q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, block_size=self.config.block_size,
+            q, k, v, causal=mask.causal, kv_mask=mask.kv_mask, q_segment_ids=mask.q_segment_ids,
+            kv_segment_ids=mask.kv_segment_ids, softcap=self.config.softcap,
+            sinks=None if self.sinks is None else self.sinks[...], block_size=self.config.block_size,
             backward_query_block=self.config.backward_query_block,
         )
 
@@ -66,6 +85,8 @@ class BlockwiseAttention(Attention):
     # ``block_size`` slots; blocks past the position are skipped, so a step reads O(p) slots
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
+        if getattr(self.config, "softcap", None) is not None or getattr(self.config, "sinks", False):
+            raise ValueError("blockwise: decoding with softcap or sinks is not implemented; build without them to decode")
         d = self.dims
         return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
 
