@@ -52,8 +52,9 @@ passes ``zigzag_input=True`` and pays nothing for it.
 
 What experiments need to know: the result is exact (equal to "full" / "blockwise" to float32
 rounding, forward and backward, tests at P = 2, 4, 8); T and S must be multiples of P (causal:
-of 2P) -- pad and mask with ``kv_mask`` otherwise; key padding (``kv_mask``) is supported,
-dense masks, segments and grouped-query heads are not (yet); compute is float32.
+of 2P) -- pad and mask with ``kv_mask`` otherwise; key padding (``kv_mask``), packed segments
+(the ids travel with their keys), grouped-query heads (the ring carries Hkv heads) and a
+logit soft cap are supported; dense masks and attention sinks are not; compute is float32.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops.masks import hide_keys, poison_keys, split_nonfinite
@@ -163,13 +164,15 @@ def visible_pairs(positions: np.ndarray, device: int, step: int, causal: bool) -
     return kpos <= qpos if causal else np.ones((qpos.size, kpos.size), bool)
 
 
-def ring_communication_bytes(batch: int, local_len: int, heads: int, head_dim: int, value_dim: int,
-                             devices: int, *, kv_mask: bool, itemsize: int = 4) -> dict[str, int]:
-    """Bytes one device sends along the ring: ``forward`` (its k, v and key-mask block, P - 1
-    hops) and ``backward`` (k, v, mask, dk, dv for P - 1 hops, then dk, dv home). Blocks are
-    float32 (``itemsize``) whatever the input dtype; a mask entry is one byte."""
-    kv = batch * local_len * heads * (head_dim + value_dim) * itemsize
-    mask = batch * local_len if kv_mask else 0
+def ring_communication_bytes(batch: int, local_len: int, kv_heads: int, head_dim: int, value_dim: int,
+                             devices: int, *, kv_mask: bool, segments: bool = False,
+                             itemsize: int = 4) -> dict[str, int]:
+    """Bytes one device sends along the ring: ``forward`` (its k, v block with its key mask and
+    segment ids, P - 1 hops) and ``backward`` (k, v, mask, ids, dk, dv for P - 1 hops, then dk,
+    dv home). k and v are float32 (``itemsize``) whatever the input dtype, with the kv heads
+    (grouped-query attention sends Hkv, not H); a mask entry is one byte, an id four."""
+    kv = batch * local_len * kv_heads * (head_dim + value_dim) * itemsize
+    mask = batch * local_len * ((1 if kv_mask else 0) + (4 if segments else 0))
     hops = devices - 1
     return {"forward": hops * (kv + mask), "backward": hops * (2 * kv + mask) + (kv if devices > 1 else 0)}
 
@@ -211,24 +214,27 @@ def _pad_back(x, rows: int):
     return jnp.concatenate([x, jnp.zeros(x.shape[:1] + (rows,) + x.shape[2:], x.dtype)], axis=1)
 
 
-def _ring_forward(q, k, v, valid, axis, devices, heads, causal, block):
-    """Per device: q [BH, n, D] (pre-scaled), k [BH, m, D], v [BH, m, Dv], valid [B, m] | None.
-    Returns the merged out [BH, n, Dv] and log-normaliser [BH, n]."""
+def _ring_forward(q, k, v, valid, q_seg, k_seg, axis, devices, heads, group, causal, block, softcap):
+    """Per device: q [b H, n, D] (pre-scaled), k [b Hkv, m, D], v [b Hkv, m, Dv], valid [b, m],
+    q_seg [b, n], k_seg [b, m] (each may be None). Returns the merged out [b H, n, Dv] and
+    log-normaliser [b H, n]. The key block (k, v, valid, k_seg) travels; q and q_seg stay."""
     n = q.shape[1]
 
-    def attend(q_, k_, v_, valid_, local_causal):
-        return _forward(q_, k_, v_, valid_, heads, local_causal, block)
+    def attend(rows, k_, v_, valid_, k_seg_, local_causal):
+        return _forward(q[:, rows], k_, v_, valid_, _cut(q_seg, rows), k_seg_, None, heads, group, local_causal,
+                        block, softcap)
 
-    def lower(k_s, v_s, valid_s):
+    def lower(k_s, v_s, valid_s, k_seg_s):
         rows, cols = _half_slices(True, n)
-        return attend(q[:, rows], k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), False)
+        return attend(rows, k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), _cut(k_seg_s, cols), False)
 
-    def upper(k_s, v_s, valid_s):
+    def upper(k_s, v_s, valid_s, k_seg_s):
         rows, cols = _half_slices(False, n)
-        o, lse = attend(q[:, rows], k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), False)
+        o, lse = attend(rows, k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), _cut(k_seg_s, cols), False)
         return _pad_front(o, rows.start, 0.0), _pad_front(lse, rows.start, jnp.inf)
 
-    o, lse = attend(q, k, v, valid, causal)
+    everything = slice(0, n)
+    o, lse = attend(everything, k, v, valid, k_seg, causal)
     if devices == 1:
         return o, lse
     me = lax.axis_index(axis)
@@ -239,32 +245,35 @@ def _ring_forward(q, k, v, valid, axis, devices, heads, causal, block):
         if causal:
             o_s, lse_s = lax.cond(takes_lower(s, me), lower, upper, *kv)
         else:
-            o_s, lse_s = attend(q, *kv, False)
+            o_s, lse_s = attend(everything, *kv, False)
         o, lse = _merge(o, lse, o_s, lse_s)
         return o, lse, kv
 
-    o, lse, _ = lax.fori_loop(1, devices, step, (o, lse, (k, v, valid)))
+    o, lse, _ = lax.fori_loop(1, devices, step, (o, lse, (k, v, valid, k_seg)))
     return o, lse
 
 
-def _ring_backward(q, k, v, valid, o, lse, d_o, axis, devices, heads, causal, block, block_q):
+def _ring_backward(q, k, v, valid, q_seg, k_seg, o, lse, d_o, axis, devices, heads, group, causal, block, block_q,
+                   softcap):
     """Per device: gradients of q, k, v for the ring's output, dk and dv brought home."""
     n = q.shape[1]
 
-    def grads(q_, k_, v_, valid_, o_, lse_, do_, local_causal):
-        return _backward(q_, k_, v_, valid_, o_, lse_, do_, heads, local_causal, block, block_q)
+    def grads(rows, k_, v_, valid_, k_seg_, local_causal):
+        return _backward(q[:, rows], k_, v_, valid_, _cut(q_seg, rows), k_seg_, o[:, rows], lse[:, rows],
+                         d_o[:, rows], heads, group, local_causal, block, block_q, softcap)
 
-    def lower(k_s, v_s, valid_s):
+    def lower(k_s, v_s, valid_s, k_seg_s):
         rows, cols = _half_slices(True, n)
-        dq, dk, dv = grads(q, k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), o, lse, d_o, False)
+        dq, dk, dv = grads(rows, k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), _cut(k_seg_s, cols), False)
         return dq, _pad_back(dk, n - cols.stop), _pad_back(dv, n - cols.stop)
 
-    def upper(k_s, v_s, valid_s):
+    def upper(k_s, v_s, valid_s, k_seg_s):
         rows, cols = _half_slices(False, n)
-        dq, dk, dv = grads(q[:, rows], k_s, v_s, valid_s, o[:, rows], lse[:, rows], d_o[:, rows], False)
+        dq, dk, dv = grads(rows, k_s[:, cols], v_s[:, cols], _cut(valid_s, cols), _cut(k_seg_s, cols), False)
         return _pad_front(dq, rows.start, 0.0), dk, dv
 
-    dq, dk, dv = grads(q, k, v, valid, o, lse, d_o, causal)
+    everything = slice(0, n)
+    dq, dk, dv = grads(everything, k, v, valid, k_seg, causal)
     if devices == 1:
         return dq, dk, dv
     me = lax.axis_index(axis)
@@ -275,62 +284,66 @@ def _ring_backward(q, k, v, valid, o, lse, d_o, axis, devices, heads, causal, bl
         if causal:
             dq_s, dk_s, dv_s = lax.cond(takes_lower(s, me), lower, upper, *kv)
         else:
-            dq_s, dk_s, dv_s = grads(q, *kv, o, lse, d_o, False)
+            dq_s, dk_s, dv_s = grads(everything, *kv, False)
         return dq + dq_s, kv, (dkv[0] + dk_s, dkv[1] + dv_s)
 
-    dq, _, dkv = lax.fori_loop(1, devices, step, (dq, (k, v, valid), (dk, dv)))
+    dq, _, dkv = lax.fori_loop(1, devices, step, (dq, (k, v, valid, k_seg), (dk, dv)))
     dk, dv = _shift(dkv, axis, devices)  # the accumulators of the block held last go home
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _ring(q, k, v, valid, axis, devices, heads, causal, block, block_q):
-    return _ring_forward(q, k, v, valid, axis, devices, heads, causal, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12, 13))
+def _ring(q, k, v, valid, q_seg, k_seg, axis, devices, heads, group, causal, block, block_q, softcap):
+    return _ring_forward(q, k, v, valid, q_seg, k_seg, axis, devices, heads, group, causal, block, softcap)[0]
 
 
-def _ring_fwd(q, k, v, valid, axis, devices, heads, causal, block, block_q):
-    o, lse = _ring_forward(q, k, v, valid, axis, devices, heads, causal, block)
-    return o, (q, k, v, valid, o, lse)
+def _ring_fwd(q, k, v, valid, q_seg, k_seg, axis, devices, heads, group, causal, block, block_q, softcap):
+    o, lse = _ring_forward(q, k, v, valid, q_seg, k_seg, axis, devices, heads, group, causal, block, softcap)
+    return o, (q, k, v, valid, q_seg, k_seg, o, lse)
 
 
-def _ring_bwd(axis, devices, heads, causal, block, block_q, res, d_o):
-    q, k, v, valid, o, lse = res
-    dq, dk, dv = _ring_backward(q, k, v, valid, o, lse, d_o.astype(jnp.float32), axis, devices, heads, causal,
-                                block, block_q)
-    return dq, dk, dv, None
+def _ring_bwd(axis, devices, heads, group, causal, block, block_q, softcap, res, d_o):
+    q, k, v, valid, q_seg, k_seg, o, lse = res
+    dq, dk, dv = _ring_backward(q, k, v, valid, q_seg, k_seg, o, lse, d_o.astype(jnp.float32), axis, devices, heads,
+                                group, causal, block, block_q, softcap)
+    return dq, dk, dv, None, None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _ring_shard(q, k, v, kv_mask, *, axis, devices, causal, block, block_q):
-    """One device's part: its q [b, n, H, D], k, v [b, m, H, .] and key mask [b, m] | None."""
+def _ring_shard(q, k, v, kv_mask, q_seg, k_seg, *, axis, devices, causal, block, block_q, softcap):
+    """One device's part: its q [b, n, H, D], k, v [b, m, Hkv, .], key mask [b, m] and
+    segment ids [b, n] / [b, m] (each may be None)."""
     B, n, H, D = q.shape
-    Dv = v.shape[-1]
+    Hkv, Dv = k.shape[2], v.shape[-1]
     # the kernel's input rules (ops.masks), outside the custom_vjp so that their where's get
     # zero gradients: masked keys are read by no product, a non-finite value poisons its key
     v, bad = split_nonfinite(hide_keys(v.astype(jnp.float32), kv_mask))
     k = hide_keys(poison_keys(k.astype(jnp.float32), bad), kv_mask)
 
-    def head_major(x):  # [b, L, H, E] -> [b H, L, E]
-        return x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(B * H, x.shape[1], x.shape[-1])
+    def head_major(x):  # [b, L, heads, E] -> [b heads, L, E]
+        return x.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(B * x.shape[2], x.shape[1], x.shape[-1])
 
     scale = 1.0 / jnp.sqrt(jnp.float32(D))
-    out = _ring(head_major(q) * scale, head_major(k), head_major(v), kv_mask, axis, devices, H, causal, block,
-                block_q)
+    out = _ring(head_major(q) * scale, head_major(k), head_major(v), kv_mask, q_seg, k_seg, axis, devices, H,
+                H // Hkv, causal, block, block_q, softcap)
     return out.reshape(B, H, n, Dv).transpose(0, 2, 1, 3)
 
 
 def ring_attention(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B S H D"],
-    v: Float[Array, "B S H Dv"],
+    k: Float[Array, "B S Hkv D"],
+    v: Float[Array, "B S Hkv Dv"],
     *,
     mesh: Mesh,
     axis: str = "seq",
     batch_axis: str | None = None,
     causal: bool = False,
     kv_mask: Bool[Array, "B S"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
+    softcap: float | None = None,
     block_size: int = 1024,
     backward_query_block: int = 256,
     zigzag_input: bool = False,
@@ -339,18 +352,24 @@ def ring_attention(
 
     ``batch_axis``: a mesh axis that splits the batch too (e.g. ``"data"``), or None (the
     batch is replicated over the other axes). ``causal`` needs T == S, a multiple of 2P;
-    otherwise T and S must be multiples of P. ``zigzag_input``: q, k, v and ``kv_mask`` are
-    already in ``zigzag_order`` (causal only; the output is then in that order too). Block
-    sizes are the kernel's (``ops.online_softmax``), per device. Returns float32.
+    otherwise T and S must be multiples of P. Grouped-query k, v (Hkv heads dividing H),
+    packed segments (both id arrays or neither) and ``softcap`` are the kernel's
+    (``ops.online_softmax.blockwise_attention``); attention sinks are not supported.
+    ``zigzag_input``: q, k, v, the mask and the ids are already in ``zigzag_order`` (causal
+    only; the output is then in that order too). Block sizes are the kernel's, per device.
+    Returns float32.
     """
     who = "ring_attention"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{who}: {name} must be [B, T|S, H, D], got shape {getattr(x, 'shape', None)}")
+            raise ValueError(f"{who}: {name} must be [B, T|S, heads, D], got shape {getattr(x, 'shape', None)}")
     B, T, H, _ = q.shape
-    S = k.shape[1]
-    if k.shape[0] != B or v.shape[0] != B or k.shape[2] != H or v.shape[2] != H or v.shape[1] != S:
-        raise ValueError(f"{who}: q {q.shape}, k {k.shape}, v {v.shape} disagree on batch, heads or length")
+    S, Hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != S:
+        raise ValueError(f"{who}: q {q.shape}, k {k.shape}, v {v.shape} disagree on batch or length")
+    if H % Hkv or v.shape[2] != Hkv:
+        raise ValueError(f"{who}: q has {H} heads, k {Hkv}, v {v.shape[2]}; k and v need the same head count, "
+                         "dividing q's (grouped-query attention)")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"{who}: q and k widths differ: {q.shape[3]} and {k.shape[3]}")
     if not isinstance(causal, bool):
@@ -361,6 +380,13 @@ def ring_attention(
         raise ValueError(f"{who}: zigzag_input applies to causal attention only (non-causal rings use the natural order)")
     if kv_mask is not None and (tuple(kv_mask.shape) != (B, S) or kv_mask.dtype != jnp.bool_):
         raise ValueError(f"{who}: kv_mask must be bool [B, S] = [{B}, {S}], got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError(f"{who}: give both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None and (tuple(q_segment_ids.shape) != (B, T) or tuple(kv_segment_ids.shape) != (B, S)):
+        raise ValueError(f"{who}: segment ids must be [B, T] = [{B}, {T}] and [B, S] = [{B}, {S}], got "
+                         f"{tuple(q_segment_ids.shape)} and {tuple(kv_segment_ids.shape)}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"{who}: softcap must be a finite number > 0 or None, got {softcap!r}")
     for name, value in (("block_size", block_size), ("backward_query_block", backward_query_block)):
         check_positive_int(who, name, value)
     P = axis_size(mesh, axis, who=who)
@@ -372,20 +398,25 @@ def ring_attention(
             raise ValueError(f"{who}: batch_axis and axis are both {axis!r}; the batch needs its own mesh axis or None")
         check_divisible(who, "the batch size B", B, mesh, batch_axis)
 
+    arrays = {"q": q, "k": k, "v": v, "kv_mask": kv_mask, "q_seg": q_segment_ids, "k_seg": kv_segment_ids}
     order = zigzag_order(T, P) if causal and not zigzag_input else None
     if order is not None:
-        q, k, v = (x[:, order] for x in (q, k, v))
-        kv_mask = None if kv_mask is None else kv_mask[:, order]
-    spec, mask_spec = PartitionSpec(batch_axis, axis), PartitionSpec(batch_axis, axis)
+        arrays = {name: None if x is None else x[:, order] for name, x in arrays.items()}
+    given = {name: x for name, x in arrays.items() if x is not None}
     body = functools.partial(_ring_shard, axis=axis, devices=P, causal=causal, block=int(block_size),
-                             block_q=int(backward_query_block))
-    if kv_mask is None:
-        fn = jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
-                           out_specs=spec, check_vma=False)
-        out = fn(q, k, v)
-    else:
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec, check_vma=False)
-        out = fn(q, k, v, kv_mask)
+                             block_q=int(backward_query_block), softcap=None if softcap is None else float(softcap))
+
+    def shard(*xs):
+        kw = dict.fromkeys(arrays)
+        kw.update(zip(given, xs))
+        return body(**kw)
+
+    # every input is split along the sequence (and the batch): nothing is replicated, so the
+    # varying-type check has nothing to add; it is off because the kernel's loops start from
+    # constants (its checks would refuse them as carries of a varying loop)
+    spec = PartitionSpec(batch_axis, axis)
+    out = jax.shard_map(shard, mesh=mesh, in_specs=tuple(spec for _ in given), out_specs=spec,
+                        check_vma=False)(*given.values())
     if order is not None:
         out = out[:, np.argsort(order)]
     return out
@@ -419,7 +450,7 @@ class RingAttention(Attention):
     """
 
     variant_name = "ring"
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=True,
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=True, gqa=True, segments=True,
                                 time="O(N^2 / P) per device", memory="O(N / P) per device")
 
     def __init__(self, config: RingConfig, dims: Dims, *, mesh: Mesh):
@@ -438,5 +469,6 @@ class RingAttention(Attention):
     ) -> Float[Array, "B T H Dv"]:
         c = self.config
         return ring_attention(q, k, v, mesh=self.mesh, axis=c.axis, batch_axis=c.batch_axis, causal=mask.causal,
-                              kv_mask=mask.kv_mask, block_size=c.block_size,
+                              kv_mask=mask.kv_mask, q_segment_ids=mask.q_segment_ids,
+                              kv_segment_ids=mask.kv_segment_ids, block_size=c.block_size,
                               backward_query_block=c.backward_query_block)

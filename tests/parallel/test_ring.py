@@ -3,7 +3,8 @@
 - On 2, 4 and 8 simulated devices (a child process: see spmd.py) the ring equals the
   one-device blockwise kernel forward and backward (out, dq, dk, dv by name), causal and not,
   with key padding (including queries that see no key: exact zeros), without a mask, for
-  cross attention, and with the batch split over a second mesh axis.
+  cross attention, with the batch split over a second mesh axis, grouped-query heads,
+  packed segments and a logit soft cap.
 - The zigzag plan: what each device computes at each step is exactly the visible pairs of
   the global positions it holds, and the work is the same on every device at every step
   (contiguous placement, for contrast, is not balanced).
@@ -30,17 +31,19 @@ from efficient_attn.parallel.ring import (
 )
 from parallel.spmd import run_on_devices
 
-# name: (devices along "seq", data-axis size, T, S, causal, key padding)
+# name: (devices along "seq", data-axis size, T, S, causal, key padding, extras)
 CASES = {
-    "P2-causal-padded": (2, 1, 32, 32, True, True),
-    "P2-full-padded": (2, 1, 32, 32, False, True),
-    "P4-causal-padded": (4, 1, 32, 32, True, True),
-    "P4-full-padded": (4, 1, 32, 32, False, True),
-    "P8-causal-padded": (8, 1, 32, 32, True, True),
-    "P8-full-padded": (8, 1, 32, 32, False, True),
-    "P4-causal-unmasked": (4, 1, 32, 32, True, False),
-    "P4-cross-padded": (4, 1, 16, 32, False, True),
-    "data2-P4-causal-padded": (4, 2, 32, 32, True, True),
+    "P2-causal-padded": (2, 1, 32, 32, True, True, ""),
+    "P2-full-padded": (2, 1, 32, 32, False, True, ""),
+    "P4-causal-padded": (4, 1, 32, 32, True, True, ""),
+    "P4-full-padded": (4, 1, 32, 32, False, True, ""),
+    "P8-causal-padded": (8, 1, 32, 32, True, True, ""),
+    "P8-full-padded": (8, 1, 32, 32, False, True, ""),
+    "P4-causal-unmasked": (4, 1, 32, 32, True, False, ""),
+    "P4-cross-padded": (4, 1, 16, 32, False, True, ""),
+    "data2-P4-causal-padded": (4, 2, 32, 32, True, True, ""),
+    "P4-causal-gqa": (4, 1, 32, 32, True, True, "gqa"),
+    "P8-causal-segments-softcap": (8, 1, 32, 32, True, False, "segments,softcap"),
 }
 
 SCRIPT = f"""
@@ -54,37 +57,47 @@ CASES = {CASES!r}
 B, H, D = 2, 2, 8
 BLOCKS = dict(block_size=8, backward_query_block=8)  # several kernel blocks per device at P = 2
 
-def inputs(T, S):
+def inputs(T, S, kv_heads):
     kq, kk, kv, kw = jax.random.split(jax.random.key(T * 100 + S), 4)
     q = jax.random.normal(kq, (B, T, H, D))
-    k = jax.random.normal(kk, (B, S, H, D))
-    v = jax.random.normal(kv, (B, S, H, D))
+    k = jax.random.normal(kk, (B, S, kv_heads, D))
+    v = jax.random.normal(kv, (B, S, kv_heads, D))
     w = jax.random.normal(kw, (B, T, H, D))  # the output cotangent
     pos = np.arange(S)
     # row 0: padded tail; row 1: keys [5, S - 11) only, so causal queries 0..4 see nothing
     mask = jnp.asarray(np.stack([pos < S - 5, (pos >= 5) & (pos < S - 11)]))
     return q, k, v, w, mask
 
-def fwd_bwd(attn, q, k, v, w):
+def fwd_bwd(attn, q, k, v, w, jit=True):
     def loss(q, k, v):
         o = attn(q, k, v)
         return jnp.sum(o * w), o
-    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    f = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, o), grads = (jax.jit(f) if jit else f)(q, k, v)
     return dict(zip(("out", "dq", "dk", "dv"), (o,) + grads))
 
+def segment_ids(L):  # packed rows, sorted ids: row 0 two segments, row 1 three
+    pos = np.arange(L)
+    return jnp.asarray(np.stack([(pos >= 12).astype(np.int32), (pos >= 5).astype(np.int32) + (pos >= 20)]))
+
 saved, refs = {{}}, {{}}
-for name, (P, data, T, S, causal, padded) in CASES.items():
-    q, k, v, w, mask = inputs(T, S)
-    mask = mask if padded else None
-    key = (T, S, causal, padded)
+for name, (P, data, T, S, causal, padded, extras) in CASES.items():
+    q, k, v, w, mask = inputs(T, S, 1 if "gqa" in extras else H)
+    opts = dict(kv_mask=mask if padded else None, **BLOCKS)
+    if "segments" in extras:
+        opts.update(q_segment_ids=segment_ids(T), kv_segment_ids=segment_ids(S))
+    if "softcap" in extras:
+        opts.update(softcap=2.0)  # logits of these inputs reach about 3: the cap bends them
+    key = (T, S, causal, padded, extras)
     if key not in refs:
-        refs[key] = fwd_bwd(lambda q, k, v: blockwise_attention(q, k, v, causal=causal, kv_mask=mask, **BLOCKS),
-                            q, k, v, w)
+        # blockwise_attention checks softcap with jnp.isfinite, which fails under jit: eager there
+        refs[key] = fwd_bwd(lambda q, k, v: blockwise_attention(q, k, v, causal=causal, **opts), q, k, v, w,
+                            jit="softcap" not in extras)
     spec = {{"data": data, "seq": P}} if data > 1 else {{"seq": P}}
     mesh = make_mesh(spec, jax.devices()[: P * data])
     batch_axis = "data" if data > 1 else None
-    got = fwd_bwd(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, batch_axis=batch_axis, causal=causal,
-                                                 kv_mask=mask, **BLOCKS), q, k, v, w)
+    got = fwd_bwd(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, batch_axis=batch_axis, causal=causal, **opts),
+                  q, k, v, w)
     for g in got:
         saved[name + "/" + g] = np.asarray(got[g])
         saved[name + "/ref_" + g] = np.asarray(refs[key][g])
@@ -107,7 +120,7 @@ def test_ring_equals_blockwise_forward_and_backward(ring_results, case):
 
 def test_queries_that_see_no_key_get_zeros(ring_results):
     # row 1 of the padded cases has keys 5.. only: causal queries 0..4 see none
-    for case, (_, _, _, _, causal, padded) in CASES.items():
+    for case, (_, _, _, _, causal, padded, _) in CASES.items():
         if causal and padded:
             out = ring_results[f"{case}/out"][1, :5]
             assert np.array_equal(out, np.zeros_like(out)), f"{case}: rows without keys are not zeros"
@@ -160,18 +173,20 @@ def test_zigzag_work_is_equal_on_every_device_at_every_step(devices):
 
 
 @pytest.mark.parametrize("devices", [2, 8])
-@pytest.mark.parametrize("padded", [True, False])
-def test_communication_formula_equals_the_program(devices, padded):
+@pytest.mark.parametrize("padded, segments, kv_heads", [(True, False, 2), (False, False, 1), (False, True, 2)])
+def test_communication_formula_equals_the_program(devices, padded, segments, kv_heads):
     mesh = AbstractMesh((devices,), ("seq",))  # traced, not run: no devices needed
     B, H, D, n = 2, 2, 8, 4
     x = jnp.zeros((B, n * devices, H, D))
+    kv = jnp.zeros((B, n * devices, kv_heads, D))
     mask = jnp.ones((B, n * devices), bool) if padded else None
+    ids = jnp.zeros((B, n * devices), jnp.int32) if segments else None
 
     def f(q, k, v):
-        return ring_attention(q, k, v, mesh=mesh, causal=True, kv_mask=mask)
+        return ring_attention(q, k, v, mesh=mesh, causal=True, kv_mask=mask, q_segment_ids=ids, kv_segment_ids=ids)
 
-    forward = collective_bytes(jax.make_jaxpr(f)(x, x, x))
-    both = collective_bytes(jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))(x, x, x))
-    want = ring_communication_bytes(B, n, H, D, D, devices, kv_mask=padded)
+    forward = collective_bytes(jax.make_jaxpr(f)(x, kv, kv))
+    both = collective_bytes(jax.make_jaxpr(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))(x, kv, kv))
+    want = ring_communication_bytes(B, n, kv_heads, D, D, devices, kv_mask=padded, segments=segments)
     assert forward == {"ppermute": want["forward"]}
     assert both == {"ppermute": want["forward"] + want["backward"]}
