@@ -257,3 +257,7 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
     row["train_wall_s"] = res.wall_s
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the row is the record
     return row
+
+
+# what another experiment trains with (the recall sweep): the same model, data and planning
+build_model, load_task, task_info, plan_for_task, cache_root = _build_model, _load_task, _task_info, _plan, _cache_root

@@ -1,0 +1,135 @@
+"""Running the recall sweep into its RowStore: one row per (variant, axis, value, seed).
+
+Each point trains the accuracy experiment's model (``accuracy.run.build_model``: the same LM,
+short convolution included) on the sweep's MQAR setting with ``train.train``, then scores
+the best-validation model per pair count (``accuracy.groups``) and records the state the
+variant keeps per layer (``state.py``). Variants that cannot serve the task are skipped with
+the reason (``accuracy.run.plan_for_task``); a failing point is an error row, retried next
+time; finished points are never retrained; the outputs are rebuilt from the store at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from efficient_attn import report as ea_report
+from efficient_attn import tasks as ea_tasks
+from efficient_attn.registry import get_spec
+from efficient_attn.sweeps.accuracy.config import data_fingerprint
+from efficient_attn.sweeps.accuracy.groups import grouped_accuracy
+from efficient_attn.sweeps.recall.config import Point, RecallConfig, points
+from efficient_attn.sweeps.recall.report import write_outputs
+from efficient_attn.sweeps.recall.state import state_floats
+
+__all__ = ["run", "key_of"]
+
+# the module (the package's attribute ``run`` is the accuracy sweep's function of that name)
+acc_run = importlib.import_module("efficient_attn.sweeps.accuracy.run")
+
+
+def key_of(point: Point, seed: int) -> str:
+    return ea_report.RowStore.make_key(point.variant, point.axis, point.value, seed)
+
+
+def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bool | None = None,
+        log=print) -> list[dict]:
+    """Train every pending point of ``cfg``; write the outputs; return the stored rows."""
+    out = Path(out)
+    store = ea_report.RowStore(out / "rows.jsonl", force=force)
+    variants = cfg.variant_names()
+    for v in variants:
+        get_spec(v)
+    dfp = data_fingerprint(cfg.task, cfg.data_seed)
+    info_path = out / "task_info.json"
+    info = None
+    if info_path.exists() and not force:
+        try:
+            info = json.loads(info_path.read_text())
+        except json.JSONDecodeError:
+            info = None
+    data = None
+    skipped: dict[str, str] = {}
+    todo = [(p, s) for v in variants for p in points(cfg, v) for s in cfg.seeds]
+    runs_dir = acc_run.cache_root() / "runs" / "recall" / cfg.preset
+    t_start = time.perf_counter()
+    try:
+        for count, (point, seed) in enumerate(todo, 1):
+            fp = point.fingerprint(cfg.data_seed)
+            prev = store.get(key_of(point, seed))
+            if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
+                continue
+            if info is None or info.get("fingerprint") != dfp:
+                data = acc_run.load_task(cfg.task, cfg.data_seed)
+                info = dict(acc_run.task_info(data), fingerprint=dfp)
+                ea_report.write_json(info_path, info)
+            ok, reason = acc_run.plan_for_task(point.variant, info)
+            if not ok:
+                skipped[point.variant] = reason
+                continue
+            if data is None:
+                data = acc_run.load_task(cfg.task, cfg.data_seed)
+            row = _run_point(cfg, point, seed, data, info, fp, runs_dir, progress, force)
+            store.add(key_of(point, seed), row)
+            done = f"acc {row['test']:.3f}" if row["status"] == "ok" else f"ERROR {row['reason']}"
+            log(f"[{count}/{len(todo)}] {point.variant} {point.axis}={point.value} seed {seed}: {done} "
+                f"({row['wall_s']:.0f} s, total {time.perf_counter() - t_start:.0f} s)")
+        if info is not None:
+            for v in variants:
+                ok, reason = acc_run.plan_for_task(v, info)
+                if not ok:
+                    skipped[v] = reason
+    finally:
+        rows = write_outputs(out, store.rows(), cfg, skipped)
+    return rows
+
+
+def _run_point(cfg: RecallConfig, point: Point, seed: int, data, info, fp, runs_dir, progress, force) -> dict:
+    from efficient_attn.train import train
+
+    spec = get_spec(point.variant)
+    setting = point.setting
+    tcfg = dataclasses.replace(setting.train, seed=seed)
+    m = setting.model
+    floats, kind = state_floats(point.variant, point.kwargs, num_heads=m.num_heads, head_dim=m.emb_dim // m.num_heads,
+                                max_len=data.seq_len)
+    row = {"variant": point.variant, "family": spec.family, "axis": point.axis, "value": point.value,
+           "width": point.width, "variant_kwargs": dict(point.kwargs), "seed": seed, "status": "ok", "reason": "",
+           "fingerprint": fp, "state_floats": floats, "state_kind": kind, "num_layers": m.num_layers,
+           "seq_len": data.seq_len, "metric": data.metric, "model": dataclasses.asdict(m),
+           "train": dataclasses.asdict(tcfg)}
+    workdir = runs_dir / f"{point.variant}__{point.axis}{point.value}__s{seed}__{fp}"
+    if force and workdir.exists():
+        shutil.rmtree(workdir)
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        model = acc_run.build_model(point.variant, point.kwargs, setting, data, seed)
+        res = train(model, data, tcfg, workdir=workdir, metrics_path=workdir / "metrics.jsonl",
+                    use_mask=info["needs_kv_mask"], progress=progress,
+                    desc=f"{point.variant}/{point.axis}={point.value}/s{seed}",
+                    checkpoint_interval_s=cfg.checkpoint_interval_s)
+        name, groups = ea_tasks.eval_groups(data, data.test)
+        scores = grouped_accuracy(res.model, data, data.test, groups, batch_size=tcfg.eval_batch,
+                                  use_mask=info["needs_kv_mask"])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # recorded and retried next time; the sweep goes on
+        traceback.print_exc(file=sys.stderr)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        row.update(status="error", reason=f"{type(err).__name__}: {msg}"[:300], wall_s=time.perf_counter() - t0,
+                   test=None)
+        return row
+    row.update(test=res.test, best_val=res.best_val, best_step=res.best_step, steps=res.steps,
+               num_params=res.num_params, tokens_per_s=res.tokens_per_s, history=res.history,
+               groups={"name": name, "test": {str(g): a for g, a in scores.items()}},
+               wall_s=res.wall_s + res.compile_s, cpu_s=time.process_time() - c0,
+               load_1min=os.getloadavg()[0], cores=os.cpu_count())
+    shutil.rmtree(workdir, ignore_errors=True)
+    return row

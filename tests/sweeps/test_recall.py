@@ -1,0 +1,126 @@
+"""The recall-against-state-size sweep (sweeps/recall): its points, the state it measures, and a
+tiny run that writes its table and plot from rows, skips what a variant cannot do, and resumes."""
+
+import dataclasses
+import importlib
+import json
+import textwrap
+
+import pytest
+
+import efficient_attn as ea
+from efficient_attn.sweeps import recall
+from efficient_attn.sweeps.accuracy import ModelSize, TaskSetting
+from efficient_attn.sweeps.accuracy.report import reference_variant
+from efficient_attn.sweeps.recall.state import DECODE, KV_BOUND
+from efficient_attn.train import TrainConfig
+
+run_module = importlib.import_module("efficient_attn.sweeps.recall.run")
+
+TINY = TaskSetting("mqar", 32, 32, 16, 16, ModelSize(num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32, short_conv=3),
+                   TrainConfig(lr=3e-3, warmup=1, steps=4, batch_size=8, eval_every=2, eval_batch_size=8),
+                   (("vocab_size", 32), ("num_pairs", 4), ("eval_num_pairs", (2, 4))))
+
+PLUGIN = textwrap.dedent(
+    """
+    import dataclasses
+    import efficient_attn as ea
+    from efficient_attn.variants.full import full_attention
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        window: int = 8
+
+    @ea.register("_recall_test_windowed", config=Cfg, budget=ea.Budget("window", (4, 8, 64), length_like=True))
+    class Windowed(ea.Attention):
+        '''Softmax attention (the window is only a declared knob here), no decoding state.'''
+        capabilities = ea.Capabilities(causal=True, kv_mask=True)
+
+        def attend(self, q, k, v, mask):
+            return full_attention(q, k, v, mask)
+
+    @ea.register("_recall_test_bidirectional", config=Cfg)
+    class Bidirectional(ea.Attention):
+        capabilities = ea.Capabilities(causal=False, kv_mask=True)
+
+        def attend(self, q, k, v, mask):
+            return full_attention(q, k, v, mask)
+    """
+)
+
+
+@pytest.fixture()
+def plugins(tmp_path, monkeypatch):
+    monkeypatch.setenv("EA_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "plugin.py"
+    path.write_text(PLUGIN)
+    ea.registry.load_plugin(path)
+    yield tmp_path
+    ea.registry.unregister("_recall_test_windowed")
+    ea.registry.unregister("_recall_test_bidirectional")
+
+
+def test_points_cover_widths_and_the_declared_budget(plugins):
+    cfg = recall.RecallConfig(preset="tiny", task=TINY, widths=(8, 16), budget_width=16)
+    pts = recall.points(cfg, "_recall_test_windowed")
+    assert [(p.axis, p.value) for p in pts] == [("width", 8), ("width", 16), ("budget", 4), ("budget", 8)]  # 64 > N
+    assert [p.width for p in pts] == [8, 16, 16, 16] and pts[1].setting.model.mlp_dim == 32
+    assert pts[2].kwargs == (("window", 4),) and len({p.fingerprint(0) for p in pts}) == 4
+    assert [p.axis for p in recall.points(cfg, reference_variant())] == ["width", "width"]  # no budget declared
+    with pytest.raises(ValueError, match="multiple of the model's 2 heads"):
+        recall.RecallConfig(preset="tiny", task=TINY, widths=(7,))
+    with pytest.raises(ValueError, match="MQAR"):
+        recall.RecallConfig(preset="tiny", task=dataclasses.replace(TINY, task="bytes_lm"))
+
+
+def test_state_is_measured_from_the_decoding_state_or_bounded_by_a_kv_cache(plugins):
+    N, H, d = 32, 2, 8
+    assert recall.state_floats("_recall_test_windowed", (), num_heads=H, head_dim=d, max_len=N) == (2 * N * H * d,
+                                                                                                   KV_BOUND)
+    exact_decoders = [v for v in ea.list_variants()
+                      if ea.get_spec(v).capabilities.decode and ea.get_spec(v).capabilities.exact]
+    assert exact_decoders  # exact attention decodes with a KV cache: keys and values of every position
+    for v in exact_decoders:
+        floats, kind = recall.state_floats(v, (), num_heads=H, head_dim=d, max_len=N)
+        assert kind == DECODE and floats >= 2 * N * H * d, v
+
+
+def test_tiny_run_writes_table_and_plot_skips_and_resumes(plugins, monkeypatch):
+    ref = reference_variant()
+    cfg = recall.RecallConfig(preset="tiny", task=TINY, widths=(8, 16), budget_width=None,
+                              variants=(ref, "_recall_test_bidirectional"))
+    out = plugins / "results" / "recall" / "tiny"
+    rows = recall.run(cfg, out, progress=False, log=lambda *_: None)
+    assert sorted((r["variant"], r["value"], r["status"]) for r in rows) == [(ref, 8, "ok"), (ref, 16, "ok")]
+    for r in rows:
+        assert set(r["groups"]["test"]) == {"2", "4"} and r["state_floats"] > 0 and r["cpu_s"] > 0
+        pooled = (r["groups"]["test"]["2"] * 16 + r["groups"]["test"]["4"] * 32) / 48  # 8 rows of each count
+        assert pooled == pytest.approx(r["test"], abs=1e-6)
+    assert rows[0]["state_floats"] < rows[1]["state_floats"]  # a wider head keeps more
+    table = (out / "table.md").read_text()
+    assert "pairs=2 | pairs=4" in table and f"| {ref} |" in table and "width 16" in table
+    assert "_recall_test_bidirectional: n/a: non-causal variant" in table
+    assert (out / "recall.png").stat().st_size > 0
+    saved = json.loads((out / "rows.json").read_text())
+    assert saved["config"]["preset"] == "tiny" and len(saved["rows"]) == 2
+
+    def boom(*a, **k):
+        raise AssertionError("a finished point was retrained")
+
+    monkeypatch.setattr(run_module, "_run_point", boom)
+    again = recall.run(cfg, out, progress=False, log=lambda *_: None)
+    assert again == rows and (out / "table.md").read_text().split("Environment")[0] == table.split("Environment")[0]
+    # a third width is pending and said so, never silently missing
+    wider = dataclasses.replace(cfg, widths=(8, 16, 32))
+    text = recall.markdown(rows, wider, {"_recall_test_bidirectional": "non-causal"}, {})
+    assert "Not finished: 1 points" in text and f"{ref} width=32 (0/1)" in text
+
+
+def test_presets_and_cli():
+    for name, make in recall.PRESETS.items():
+        cfg = make()
+        assert cfg.preset == name and cfg.task.task == "mqar" and cfg.task.model.short_conv == 3
+    cpu = recall.PRESETS["cpu"]()
+    assert cpu.widths == (32, 64, 128) and cpu.budget_width == 64
+    with pytest.raises(SystemExit):
+        recall.main(["--preset", "nope"])
