@@ -299,6 +299,10 @@ def test_report_headlines_the_hardest_group_counts_what_is_missing_and_states_sa
     # n/a cells are neither blank nor counted as missing
     text = acc.markdown(rows[:2], cfg, {("local", "mqar"): "a reason"}, {}, "none")
     assert "n/a [1]" in text and "local on mqar: n/a: a reason" in text and "Not finished" not in text
+    # a variant whose hyperparameters meet its declared exact limit at the task's length is named
+    assert "meet their declared exact limit" not in text
+    wide = dataclasses.replace(cfg, variant_kwargs=(("local", (("window", 32),)),))
+    assert "local at N=32." in acc.markdown([], wide, {}, {}, "none")
 
 
 def test_short_conv_reaches_the_model_and_keeps_old_fingerprints(isolated):

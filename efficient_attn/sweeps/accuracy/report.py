@@ -158,11 +158,41 @@ def markdown(rows: Sequence[dict], cfg: AccuracyConfig, skipped: dict, env: dict
     lines += ["## Notes", ""]
     lines += _sanity_notes(by, cfg)
     lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    lines += _exact_at_length(cfg, variants)
     lines.append(f"- Pareto plot: {cost_note}")
     lines.append("")
     lines.append(f"Environment: jax {env.get('jax')}, flax {env.get('flax')}, {env.get('backend')} "
                  f"({env.get('device')}, {env.get('cpu')}, {env.get('cpu_cores')} cores), commit {env.get('commit')}.")
     return "\n".join(lines) + "\n"
+
+
+def _covers(value, limit) -> bool:
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and isinstance(value, (int, float)):
+        return value >= limit
+    return value == limit
+
+
+def _exact_at_length(cfg: AccuracyConfig, variants: list[str]) -> list[str]:
+    """Variants whose hyperparameters in this sweep meet their declared exact limit at a task's
+    length (``exact_limit``): there they compute full attention by another kernel."""
+    out = []
+    for v in variants:
+        try:
+            spec = get_spec(v)
+        except ValueError:
+            continue
+        if spec.exact_limit is None or spec.capabilities.exact:
+            continue
+        setting = {f.name: f.default for f in dataclasses.fields(spec.config)} | dict(cfg.kwargs_for(v))
+        lengths = sorted({s.seq_len for s in cfg.tasks
+                          if all(_covers(setting.get(k), x) for k, x in spec.exact_limit(s.seq_len).items())})
+        if lengths:
+            out.append(f"{v} at N={', '.join(map(str, lengths))}")
+    if not out:
+        return []
+    return [f"- At their hyperparameters here, these variants meet their declared exact limit (they equal full "
+            f"attention) at the task lengths named, so those cells measure full attention through another kernel: "
+            + "; ".join(out) + "."]
 
 
 def _progress(by, cfg: AccuracyConfig, skipped: dict) -> list[str]:
