@@ -12,6 +12,14 @@
 
 from efficient_attn.parallel.mesh import axis_size, check_divisible, collective_bytes, format_mesh, make_mesh, parse_mesh
 from efficient_attn.parallel.ring import RingAttention, RingConfig, ring_attention, zigzag_order
+from efficient_attn.parallel.context_linear import context_gated_linear_attention, context_linear_attention
+from efficient_attn.parallel.models import (
+    ONE_DEVICE,
+    ContextParallelEngines,
+    has_sequence_parallel_form,
+    sequence_parallel,
+    sequence_parallel_core,
+)
 
 __all__ = [
     "parse_mesh",
@@ -24,4 +32,11 @@ __all__ = [
     "zigzag_order",
     "RingAttention",
     "RingConfig",
+    "context_linear_attention",
+    "context_gated_linear_attention",
+    "sequence_parallel",
+    "sequence_parallel_core",
+    "has_sequence_parallel_form",
+    "ContextParallelEngines",
+    "ONE_DEVICE",
 ]

@@ -176,8 +176,16 @@ def context_linear_attention(
 # ------------------------------------------------------------------------ gated linear attention
 
 
+def _varying_like(x, like):
+    """``x`` typed as varying over the mesh axes ``like`` varies over (a scan carry must keep
+    its type: a constant start state of a loop whose body mixes in per-device data)."""
+    have, want = (set(jax.typeof(a).manual_axis_type.varying) for a in (x, like))
+    axes = tuple(sorted(want - have))
+    return lax.pcast(x, axes, to="varying") if axes else x
+
+
 def _gated_shard(q, k, v, g, kv_mask, initial_state, *, axis, chunk, scale, diagonal):
-    zero = lax.pcast(jnp.zeros(q.shape[:1] + q.shape[2:] + v.shape[3:], jnp.float32), (axis,), to="varying")
+    zero = _varying_like(jnp.zeros(q.shape[:1] + q.shape[2:] + v.shape[3:], jnp.float32), q)
     out, final = gated_linear_attention(q, k, v, g, kv_mask=kv_mask, chunk=chunk, initial_state=zero,
                                         output_final_state=True, scale=scale)  # zero incoming state
     g = g.astype(jnp.float32)
@@ -194,7 +202,7 @@ def _gated_shard(q, k, v, g, kv_mask, initial_state, *, axis, chunk, scale, diag
     if initial_state is None:
         start = jnp.zeros_like(final)
     else:  # the same on every device; typed varying, as the carry it starts becomes
-        start = lax.pcast(initial_state.astype(jnp.float32), (axis,), to="varying")
+        start = _varying_like(initial_state.astype(jnp.float32), final)
     last, entering = lax.scan(across, start, (finals, decays))  # entering[i] = S_in(i)
     incoming = entering[lax.axis_index(axis)]
     decay = jnp.exp(jnp.cumsum(g, axis=1))  # from the device's start to t, inclusive
