@@ -63,6 +63,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_positive_int
+from efficient_attn.ops import kv_cache, linear_state, masks
 from efficient_attn.ops.block_sparse import (
     band_block_size,
     banded_table,
@@ -177,7 +178,7 @@ class Based(Attention):
     """Based: exact sliding-window softmax plus 2nd-order Taylor linear attention outside the window."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w d + d'^2 d))", memory="O(N d'^2)"
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w d + d'^2 d))", memory="O(N d'^2)", decode=True
     )
 
     def __init__(self, config: BasedConfig, dims: Dims, *, rngs: nnx.Rngs):
@@ -200,3 +201,42 @@ class Based(Attention):
             q, k, v, self.q_proj[...], self.k_proj[...], window=cfg.window, causal=mask.causal,
             kv_mask=mask.kv_mask, chunk_size=cfg.chunk_size,
         )
+
+    # decoding: the window in a ring buffer of w slots, and the Taylor sums of every key that
+    # has left it (a key joins the sums at the step that evicts it from the ring): memory
+    # O(w d + d'^2 d) per head, independent of the context; one normaliser, as in ``attend``
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d, cfg = self.dims, self.config
+        features = 1 + cfg.feature_dim + cfg.feature_dim**2
+        ring = kv_cache.init_ring(batch, min(cfg.window, max_len), d.num_heads, d.head_dim, d.head_dim, dtype)
+        return {"ring": ring, "sums": linear_state.init_state(batch, d.num_heads, features, d.head_dim)}
+
+    def _taylor(self, x, proj):
+        return based_features(x.astype(jnp.float32), proj[...].astype(jnp.float32))
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        T = k.shape[1]
+        real = jnp.ones(k.shape[:2], bool) if mask.kv_mask is None else mask.kv_mask
+        phi_k = self._taylor(masks.hide_keys(k, real), self.k_proj)
+        before = real & (jnp.arange(T) <= T - 1 - self.config.window)[None]  # already out of the next window
+        sums = linear_state.summarise(phi_k, v, kv_mask=before)
+        ring = kv_cache.ring_fill(state.data["ring"], k, v, mask.kv_mask)
+        return self.attend(q, k, v, mask), {"ring": ring, "sums": sums}
+
+    def _step(self, q_t, k_t, v_t, state):
+        p, w = state.position, self.config.window
+        ring, sums = state.data["ring"], state.data["sums"]
+        k_old, v_old, live, held = kv_cache.ring_slot(ring, p)
+        leaving = live & (held <= p - w)  # the key this push evicts leaves the window now
+        sums = linear_state.write(sums, self._taylor(k_old[:, None], self.k_proj)[:, 0], v_old, keep_t=leaving)
+        ring = kv_cache.ring_push(ring, k_t, v_t, p)
+        visible = ring.valid & ((ring.pos >= 0) & (ring.pos > p - w))[None]
+        out_w, lse_w = kv_cache.attend_dense_lse(q_t, ring.k, ring.v, visible[:, None])
+        num, den = linear_state.read(sums, self._taylor(q_t[:, None], self.q_proj)[:, 0])
+        den = den[..., 0]  # no log scales here: the sums are at scale 1 once a key is in
+        pos = den > 0
+        out_l = jnp.where(pos[..., None], num / jnp.where(pos, den, 1.0)[..., None], 0.0)
+        lse_l = jnp.where(pos, jnp.log(jnp.where(pos, den, 1.0)), -jnp.inf)
+        out, _ = merge_softmax(jnp.stack([out_w, out_l]), jnp.stack([lse_w, lse_l]))
+        return out, {"ring": ring, "sums": sums}

@@ -61,6 +61,8 @@ class FullAttention(Attention):
     # decoding: a KV cache of max_len slots, one masked softmax over it per step (O(p d))
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
+        if getattr(self.config, "softcap", None) is not None or getattr(self.config, "sinks", False):
+            raise ValueError("full: decoding with softcap or sinks is not implemented; build without them to decode")
         d = self.dims
         return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
 

@@ -86,6 +86,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.masks import dense_visibility, masked_softmax
 from efficient_attn.registry import Budget, register
 
@@ -146,7 +147,7 @@ class SynthesizerAttention(Attention):
 
     capabilities = Capabilities(
         causal=True, cross=True, kv_mask=True, dense_mask=True, exact=False,
-        time="O(N^2)", memory="O(N^2)",
+        time="O(N^2)", memory="O(N^2)", decode=True,
     )
 
     def __init__(self, config: SynthesizerConfig, dims: Dims, *, rngs: nnx.Rngs):
@@ -194,6 +195,34 @@ class SynthesizerAttention(Attention):
         logits = jnp.broadcast_to(self.synthetic_logits(q, S), (B, H, T, S))
         weights = masked_softmax(logits, dense_visibility(mask, B, T, S))
         return jnp.einsum("bhts,bshd->bthd", weights, v.astype(jnp.float32))
+
+    # decoding: a cache of the values only (the logits never read a key); a step's logits are
+    # row ``position`` of the random table, or the dense network of its query, over the cache
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, 0, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return self.attend(q, k, v, mask), kv_cache.write(state.data, k[..., :0], v, 0, mask.kv_mask)
+
+    def _logits_at(self, q_t: Float[Array, "B H D"], position, length: int) -> Float[Array, "B|1 H L"]:
+        """The synthesised logits of the query at ``position`` over keys 0..length-1."""
+        cfg = self.config
+        if cfg.mode == "dense":
+            return self.synthetic_logits(q_t[:, None], length)[:, :, 0]
+        if cfg.rank is None:
+            row = lax.dynamic_index_in_dim(self.logits[...], position, axis=1, keepdims=False)
+            return row[None, :, :length]
+        left = lax.dynamic_index_in_dim(self.left[...], position, axis=1, keepdims=False)  # [H, r]
+        return jnp.einsum("hr,hrs->hs", left, self.right[...][:, :, :length])[None]
+
+    def _step(self, q_t, k_t, v_t, state):
+        p = state.position
+        cache = kv_cache.write(state.data, k_t[:, None, :, :0], v_t[:, None], p)
+        B, L = cache.valid.shape
+        logits = jnp.broadcast_to(self._logits_at(q_t, p, L), (B, q_t.shape[1], L))
+        return kv_cache.attend_logits(logits, cache.v, kv_cache.causal_visible(cache, p)), cache
 
 
 # --------------------------------------------------------------------------- sinkhorn

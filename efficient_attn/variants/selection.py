@@ -55,6 +55,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.masks import masked_softmax
 from efficient_attn.registry import Budget, register
 
@@ -199,7 +200,7 @@ class MoBA(Attention):
     """MoBA: each query attends to the top-k key blocks of a mean-key gate (own block when causal)."""
 
     capabilities = Capabilities(
-        causal=True, cross=True, kv_mask=True, exact=False, time="O(N^2 d/b + N k b d)", memory="O(N d)"
+        causal=True, cross=True, kv_mask=True, exact=False, time="O(N^2 d/b + N k b d)", memory="O(N d)", decode=True
     )
 
     def attend(
@@ -213,3 +214,33 @@ class MoBA(Attention):
         return moba_attention(
             q, k, v, block_size=cfg.block_size, top_k=cfg.top_k, causal=mask.causal, kv_mask=mask.kv_mask
         )
+
+    # decoding: a KV cache of max_len slots; each step gates the cache's blocks with the
+    # block means of its real keys (a block after the query's is empty, its own is always
+    # chosen) and attends to the chosen blocks: O(L d / b + k b d) per step, as one query of
+    # ``attend``
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return self.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        cfg = self.config
+        cache = kv_cache.write(state.data, k_t[:, None], v_t[:, None], state.position)
+        B, L, H, D = cache.k.shape
+        b = cfg.block_size
+        nb = -(-L // b)
+        pad = ((0, 0), (0, nb * b - L), (0, 0), (0, 0))
+        k = jnp.pad(cache.k.astype(jnp.float32), pad).transpose(0, 2, 1, 3)  # [B, H, nb b, D]
+        v = jnp.pad(cache.v.astype(jnp.float32), pad).transpose(0, 2, 1, 3)
+        real = jnp.pad(cache.valid, pad[:2])
+        means, has_real = block_means(lax.stop_gradient(k), real, b)
+        out = _attend_chunk(
+            q_t.astype(jnp.float32)[:, :, None], state.position[None], k.reshape(B, H, nb, b, D),
+            v.reshape(B, H, nb, b, v.shape[-1]), real.reshape(B, nb, b), means, has_real,
+            block_size=b, top_k=cfg.top_k, causal=True, scale=1.0 / math.sqrt(D),
+        )
+        return out[:, :, 0], cache

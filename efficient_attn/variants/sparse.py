@@ -62,6 +62,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_config, check_positive_int
+from efficient_attn.ops import kv_cache
 from efficient_attn.ops.block_sparse import (
     band_block_size,
     banded_table,
@@ -140,7 +141,7 @@ class SparseTransformerAttention(Attention):
     """Sparse Transformer: the union of a local and a strided (or fixed/summary) block pattern."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N + (N/b)^1.5)"
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N + (N/b)^1.5)", decode=True
     )
 
     def attend(
@@ -160,6 +161,34 @@ class SparseTransformerAttention(Attention):
             causal=causal, kv_valid=kv,
         )
         return _bhtd(out)
+
+    # decoding: a KV cache of max_len slots; a step sees the cached keys of the blocks its
+    # table row lists (one masked softmax over the cache). The table is the one of a sequence
+    # of max_len tokens: with stride=None (l = ceil(sqrt(N / b))) a decoded sequence equals
+    # the causal forward over max_len tokens
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        cfg = self.config
+        prompt = self
+        if cfg.stride is None:  # the stride of max_len tokens, not of the prompt's
+            stride = sparse_transformer_stride(num_blocks(state.max_len, cfg.block_size), None)
+            prompt = SparseTransformerAttention(dataclasses.replace(cfg, stride=stride), self.dims, rngs=None)
+        return prompt.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        cfg = self.config
+        cache = kv_cache.write(state.data, k_t[:, None], v_t[:, None], state.position)
+        L = cache.valid.shape[1]
+        nb = num_blocks(L, cfg.block_size)
+        table = jnp.asarray(sparse_transformer_table(nb, sparse_transformer_stride(nb, cfg.stride), cfg.mode, True))
+        row = table[state.position // cfg.block_size]  # key blocks of this query's block (-1: none)
+        listed = jnp.any((jnp.arange(L) // cfg.block_size)[:, None] == row[None, :], axis=-1)
+        visible = kv_cache.causal_visible(cache, state.position) & listed[None, None]
+        return kv_cache.attend_dense(q_t, cache.k, cache.v, visible), cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -197,7 +226,7 @@ class LongformerConfig:
 class LongformerAttention(Attention):
     """Longformer: a sliding window plus symmetric global attention on chosen positions."""
 
-    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N + w^2)")
+    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N + w^2)", decode=True)
 
     def attend(
         self,
@@ -245,6 +274,32 @@ class LongformerAttention(Attention):
             block_q=bg, block_k=b, causal=causal, kv_valid=kv, q_pos=idx,
         )
         return _bhtd(out.at[:, :, idx].set(rows))
+
+    # decoding: a KV cache of max_len slots (a global query sees every earlier key); a step
+    # sees the window, the global keys, and everything when its own position is global
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        # a global position after the prompt changes no prompt output (causal): leave it out
+        inside = tuple(t for t in self.config.global_tokens if t < q.shape[1])
+        prompt = self
+        if inside != self.config.global_tokens:
+            prompt = LongformerAttention(dataclasses.replace(self.config, global_tokens=inside), self.dims, rngs=None)
+        return prompt.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        p = state.position
+        cache = kv_cache.write(state.data, k_t[:, None], v_t[:, None], p)
+        L = cache.valid.shape[1]
+        is_global = np.zeros((L,), bool)
+        is_global[[t for t in self.config.global_tokens if t < L]] = True
+        is_global = jnp.asarray(is_global)
+        pattern = (jnp.arange(L) >= p - self.config.window // 2) | is_global | is_global[p]
+        visible = kv_cache.causal_visible(cache, p) & pattern[None, None]
+        return kv_cache.attend_dense(q_t, cache.k, cache.v, visible), cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -331,7 +386,7 @@ class BigBirdAttention(Attention):
     """BigBird (ITC): window of 3 blocks + global blocks + random blocks fixed per module."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N b (g + r + 3))", memory="O(N b)"
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N b (g + r + 3))", memory="O(N b)", decode=True
     )
 
     def __init__(self, config: BigBirdConfig, dims, *, rngs: nnx.Rngs):
@@ -373,3 +428,27 @@ class BigBirdAttention(Attention):
             )
             parts.append(rest)
         return _bhtd(jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0])
+
+    # decoding: a KV cache of max_len slots; a step in a global block sees every earlier key,
+    # any other sees the blocks of its row of ``table`` (per head: global, window, random)
+
+    def _init_decode_state(self, batch: int, max_len: int, dtype):
+        d = self.dims
+        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+
+    def _prefill(self, q, k, v, mask: Mask, state):
+        return self.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)
+
+    def _step(self, q_t, k_t, v_t, state):
+        p, b = state.position, self.config.block_size
+        cache = kv_cache.write(state.data, k_t[:, None], v_t[:, None], p)
+        L = cache.valid.shape[1]
+        nb = num_blocks(L, b)
+        g = min(self.config.num_global_blocks, nb)
+        block = p // b
+        listed = jnp.ones((1, L), bool)
+        if g < nb:
+            row = self.table(L, True)[:, jnp.clip(block - g, 0, nb - g - 1)]  # [H, r]
+            listed = jnp.any((jnp.arange(L) // b)[None, :, None] == row[:, None, :], axis=-1)  # [H, L]
+        visible = kv_cache.causal_visible(cache, p) & (listed | (block < g))[None]
+        return kv_cache.attend_dense(q_t, cache.k, cache.v, visible), cache
