@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_attn import complexity
+
 __all__ = [
     "Timing",
     "MemoryStats",
@@ -386,102 +388,13 @@ class Complexity:
         return e + ("" if not self.log_power else f" log^{self.log_power} N" if self.log_power > 1 else " log N")
 
 
-_LENGTH_SYMBOLS = {"N", "n", "T", "S", "L"}
-_SYM = r"[A-Za-z][A-Za-z0-9_]*"
-_TOKEN = re.compile(
-    rf"""
-    (?P<sqrt>(?:sqrt|√)\s*\(?\s*(?P<sqrt_sym>{_SYM})\s*\)?)
-  | (?P<log>log(?:_?\d+)?(?:\^(?P<log_pow>\d+))?\s*\(?\s*(?P<log_sym>{_SYM})\s*\)?)
-  | (?P<sym>{_SYM})\s*(?:(?:\^|\*\*)\s*\(?\s*(?P<pow>[\d.]+(?:\s*/\s*[\d.]+)?)\s*\)?|(?P<sup>[²³]))?
-  | (?P<num>\d+(?:\.\d+)?)
-  | (?P<div>/)
-  | (?P<sep>[\s*·×⋅])
-    """,
-    re.VERBOSE,
-)
-
-
-def _power(text: str) -> float:
-    if "/" in text:
-        a, b = text.split("/")
-        return float(a) / float(b)
-    return float(text)
-
-
-def _parse_term(term: str, claim: str) -> Complexity:
-    exponent, logs, sign, pos = 0.0, 0, 1, 0
-    while pos < len(term):
-        tok = _TOKEN.match(term, pos)
-        if not tok or tok.end() == pos:
-            raise ValueError(
-                f"cannot read big-O claim {claim!r} at {term[pos:]!r}: write e.g. 'O(N^2)', 'O(N w)', "
-                "'O(N log N)', 'O(N sqrt N)' (N, n, T, S or L is the length; other letters are constants)"
-            )
-        pos = tok.end()
-        if tok.group("sqrt"):
-            if tok.group("sqrt_sym") in _LENGTH_SYMBOLS:
-                exponent += sign * 0.5
-        elif tok.group("log"):
-            if tok.group("log_sym") in _LENGTH_SYMBOLS:
-                logs += sign * int(tok.group("log_pow") or 1)
-        elif tok.group("sym"):
-            if tok.group("sym") in _LENGTH_SYMBOLS:
-                p = 1.0
-                if tok.group("pow"):
-                    p = _power(tok.group("pow"))
-                elif tok.group("sup"):
-                    p = 2.0 if tok.group("sup") == "²" else 3.0
-                exponent += sign * p
-        elif tok.group("div"):
-            sign = -1
-    return Complexity(exponent, logs)
-
-
 def parse_big_o(text: str) -> Complexity:
-    """The exponent of the sequence length in a big-O string.
-
-    The length is any of N, n, T, S, L; every other symbol (w, k, d, m, r, b...) is a constant.
-    "O(N^2)" -> 2, "O(N)" -> 1, "O(N w)" -> 1, "O(N k)" -> 1, "O(N log N)" -> 1 with one log
-    factor, "O(N sqrt N)" -> 1.5, "O(T S)" -> 2, "O(N^2 / b)" -> 2, "O(N^1.5)" -> 1.5,
-    "O(N k + N d)" -> 1 (a sum: its largest term), "O(N b + (N/b)^2)" -> 2. Raises ``ValueError`` for a string it
-    cannot read.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"big-O claim must be a string such as 'O(N^2)', got {text!r}")
-    m = re.fullmatch(r"\s*O\s*\((.*)\)\s*", text)
-    if not m or not m.group(1).strip():
-        raise ValueError(f"cannot read big-O claim {text!r}: expected 'O(...)', e.g. 'O(N^2)' or 'O(N w)'")
-    # (log N)^2 -> log^2 N;  "log (N)" -> "log(N)"
-    body = re.sub(rf"\(\s*log\s*\(?\s*({_SYM})\s*\)?\s*\)\s*\^\s*(\d+)", r"log^\2 \1", m.group(1))
-    # innermost parenthesised groups first, optionally under sqrt or log and raised to a power:
-    # (N/b)^2 -> N^2, (N + k) -> N, sqrt(N b) -> N^0.5, log(N k) -> log N
-    group = re.compile(r"(?<![A-Za-z0-9_])(?:(sqrt|√|log)\s*)?\(([^()]*)\)(?:\s*\^\s*(\d+(?:\.\d+)?))?")
-    while True:
-        g = group.search(body)
-        if g is None:
-            break
-        inner = _parse_sum(g.group(2), text)
-        fn, p = g.group(1), float(g.group(3) or 1)
-        if fn == "log":
-            inner = Complexity(0.0, 1 if inner.exponent > 0 else 0)
-        elif fn:
-            inner = Complexity(inner.exponent / 2, inner.log_power)  # sqrt: only used with an integer log power
-        e, logs = inner.exponent * p, int(round(inner.log_power * p))
-        token = f" N^{e:g}" if e >= 0 else f" / N^{-e:g}"
-        token += f" log^{logs} N" if logs > 0 else ""
-        body = body[: g.start()] + token + " " + body[g.end():]
-    return _parse_sum(body, text)
-
-
-def _parse_sum(body: str, claim: str) -> Complexity:
-    pieces = body.split("+")
-    if any(not t.strip() for t in pieces):
-        raise ValueError(f"cannot read big-O claim {claim!r}: an empty term around '+'")
-    terms = [_parse_term(t, claim) for t in pieces]
-    return max(terms, key=lambda c: (c.exponent, c.log_power))
-
-
-# ----------------------------------------------------------------------------- crossover
+    """The exponent of the sequence length in a big-O string, read by ``efficient_attn.complexity``
+    (one grammar for the cost tables and the scale test): "O(N^2)" -> 2, "O(N w)" -> 1,
+    "O(N log N)" -> 1 with one log factor, "O(N sqrt(N b))" -> 1.5, "O(N b + (N/b)^2)" -> 2.
+    Raises ``ValueError`` naming the claim and the accepted forms for a string it cannot read."""
+    claim = complexity.parse_claim(text)
+    return Complexity(claim.exponent, int(round(claim.log_power)))
 
 
 @dataclasses.dataclass(frozen=True)

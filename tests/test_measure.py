@@ -55,7 +55,6 @@ def test_fit_needs_two_distinct_lengths():
         ("O(N sqrt N)", 1.5, 0),
         ("O(N sqrt(N))", 1.5, 0),
         ("O(N^1.5)", 1.5, 0),
-        ("O(N²)", 2, 0),
         ("O(T S)", 2, 0),
         ("O(N^2 d)", 2, 0),
         ("O(N^2 / b)", 2, 0),
