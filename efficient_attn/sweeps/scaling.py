@@ -1,0 +1,263 @@
+"""Scaling of sequence parallelism over P simulated devices: per-device memory, communication, time.
+
+    python experiments/scaling.py --preset quick          # results/scaling/quick/
+    python experiments/scaling.py --preset cpu --engines ring --devices 1,2,4,8
+
+One row per (mode, engine, P): a training pass (forward and backward of sum(out * w) with
+respect to q, k, v) of one attention layer with the sequence split over a ``seq`` mesh axis
+of P devices.
+
+- ``weak``: the sequence length per device is fixed (T = n P): ideal scaling keeps the
+  per-device memory flat.
+- ``strong``: the total length is fixed (T = n max(P)): ideal scaling divides the
+  per-device memory by P.
+
+Engines: ``ring`` (causal ring attention with zigzag placement, ``parallel.ring``, given its
+input already in zigzag order, as a model keeping that order end to end would) and
+``context_gated`` (context-parallel gated linear attention with scalar decays,
+``parallel.context_linear``). Columns:
+
+- ``memory_per_device``: bytes XLA assigns one device for the pass (arguments, outputs,
+  temporaries: ``compiled.memory_analysis()`` of the SPMD program, which is per device;
+  ``argument_per_device`` is its share of q, k, v, the output cotangent and the gates);
+- ``comm_per_device``: bytes one device hands to collectives in the pass, read from the
+  traced program (``parallel.mesh.collective_bytes``), and for the ring also from its
+  formula (``ring_communication_bytes``; the two agree, the tests check it);
+- ``time``: median wall time of the pass. THE DEVICES ARE SIMULATED: all P of them share
+  this machine's CPU cores, so time grows with P here and is not a speed-up figure.
+
+The run happens in a child process started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=<max P>`` (the device count is fixed when
+jax starts). Rows go to ``results/scaling/<preset>/rows.jsonl`` (a ``RowStore``: an
+interrupted run keeps its finished rows and a rerun skips them); ``rows.json``, ``rows.csv``
+and ``table.md`` are rebuilt from the rows with atomic writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from efficient_attn.report import RowStore, environment, markdown_table, write_atomic, write_csv, write_json
+from efficient_attn.sweeps import cli
+
+__all__ = ["ScalingConfig", "PRESETS", "ENGINES", "run", "render", "main"]
+
+ENGINES = ("ring", "context_gated")
+MODES = ("weak", "strong")
+TIME_NOTE = "simulated devices sharing 2 cores: time is not a speed-up figure"
+_CHILD = "EFFICIENT_ATTN_SCALING_CHILD"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    """One sweep: every mode x engine x device count."""
+
+    preset: str
+    per_device: int  # sequence positions per device (weak), or per device at the largest P (strong)
+    devices: tuple[int, ...] = (1, 2, 4, 8)  # sizes of the seq axis
+    engines: tuple[str, ...] = ENGINES
+    modes: tuple[str, ...] = MODES
+    batch: int = 1
+    heads: int = 2
+    head_dim: int = 16
+    block_size: int = 1024  # the ring's per-device kernel blocks
+    chunk: int = 64  # the gated engine's chunk
+    time_budget_s: float = 0.5  # timed work per row (at least 3 repeats)
+
+    def __post_init__(self):
+        for p in self.devices:
+            if not isinstance(p, int) or p < 1:
+                raise ValueError(f"scaling: device counts must be positive integers, got {self.devices}")
+        top = max(self.devices)
+        if self.per_device % 2:
+            raise ValueError(f"scaling: per_device={self.per_device} must be even (zigzag: two chunks per device)")
+        for mode in self.modes:
+            if mode == "strong" and any((self.per_device * top) % (2 * p) for p in self.devices):
+                raise ValueError(f"scaling: strong mode's length {self.per_device * top} is not divisible by 2P "
+                                 f"for every P in {self.devices}")
+        unknown = set(self.engines) - set(ENGINES) or set(self.modes) - set(MODES)
+        if unknown:
+            raise ValueError(f"scaling: unknown {sorted(unknown)}; engines are {ENGINES}, modes {MODES}")
+
+    def length(self, mode: str, p: int) -> int:
+        return self.per_device * (p if mode == "weak" else max(self.devices))
+
+
+PRESETS = {
+    # a check that the table is written (a minute at most): tiny lengths
+    "quick": lambda: ScalingConfig("quick", per_device=32, devices=(1, 2, 4, 8), modes=("weak",), chunk=16,
+                                   time_budget_s=0.2),
+    # the real one (the lead's run): 1024 positions per device, both modes
+    "cpu": lambda: ScalingConfig("cpu", per_device=1024, devices=(1, 2, 4, 8), heads=4, head_dim=64,
+                                 time_budget_s=2.0),
+}
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def _measure(cfg: ScalingConfig, mode: str, engine: str, p: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from efficient_attn import measure
+    from efficient_attn.parallel import collective_bytes, context_gated_linear_attention, make_mesh, ring_attention
+    from efficient_attn.parallel.ring import ring_communication_bytes
+
+    T = cfg.length(mode, p)
+    B, H, D = cfg.batch, cfg.heads, cfg.head_dim
+    mesh = make_mesh({"seq": p}, jax.devices()[:p])
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k, v, w = (jax.random.normal(key, (B, T, H, D)) for key in keys[:4])
+    g = -jax.nn.softplus(jax.random.normal(keys[4], (B, T, H)))
+    # every input is an argument split along the sequence (a constant would be a replicated
+    # full-length copy on each device); the ring gets its input in zigzag order, as a model
+    # that keeps activations in that order would (position-wise layers do not care)
+    if engine == "ring":
+        def attn(q, k, v, w, g):
+            return ring_attention(q, k, v, mesh=mesh, causal=True, block_size=cfg.block_size, zigzag_input=True)
+    else:
+        def attn(q, k, v, w, g):
+            return context_gated_linear_attention(q, k, v, g, mesh=mesh, chunk=cfg.chunk)
+
+    def step(q, k, v, w, g):  # one training pass of the layer
+        return jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v, w, g) * w), argnums=(0, 1, 2))(q, k, v)
+
+    put = NamedSharding(mesh, PartitionSpec(None, "seq"))
+    args = tuple(jax.device_put(x, put) for x in (q, k, v, w, g))
+    compiled, compile_s, jaxpr = measure.trace_and_compile(step, *args)
+    memory = measure.compiled_memory(compiled)
+    comm = collective_bytes(jaxpr)
+    timing = measure.time_compiled(compiled, *args, budget_s=cfg.time_budget_s, compile_s=compile_s)
+    formula = None
+    if engine == "ring":
+        sent = ring_communication_bytes(B, T // p, H, D, D, p, kv_mask=False)
+        formula = sent["forward"] + sent["backward"]
+    return {
+        "mode": mode, "engine": engine, "devices": p, "length": T, "per_device_length": T // p,
+        "batch": B, "heads": H, "head_dim": D,
+        "memory_per_device": None if memory is None else memory.total_bytes,
+        "argument_per_device": None if memory is None else memory.argument_bytes,
+        "temp_per_device": None if memory is None else memory.temp_bytes,
+        "comm_per_device": sum(comm.values()), "comm_by_kind": comm, "comm_formula": formula,
+        "time_median_s": timing.median_s, "time_spread_s": timing.spread_s, "repeats": timing.repeats,
+        "compile_s": compile_s, "status": "ok",
+    }
+
+
+def run(cfg: ScalingConfig, out: Path, *, force: bool = False, progress: bool = True) -> list[dict]:
+    """Measure every row not yet in ``out``'s store (in this process: it needs max(P)
+    devices), then render the tables. Returns the rows in plan order."""
+    import jax
+
+    if jax.device_count() < max(cfg.devices):
+        raise RuntimeError(f"scaling: needs {max(cfg.devices)} devices, this process has {jax.device_count()}; "
+                           f"run it through main(), which starts a child with simulated devices")
+    store = RowStore(Path(out) / "rows.jsonl", force=force)
+    plan = [(m, e, p) for m in cfg.modes for e in cfg.engines for p in cfg.devices]
+    for i, (mode, engine, p) in enumerate(plan):
+        key = RowStore.make_key(cfg.preset, mode, engine, p, cfg.length(mode, p))
+        if store.has(key):
+            continue
+        t0 = time.perf_counter()
+        try:
+            row = _measure(cfg, mode, engine, p)
+        except Exception as err:  # keep the other rows; the exit status reports this one
+            row = {"mode": mode, "engine": engine, "devices": p, "length": cfg.length(mode, p), "status": "error",
+                   "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        store.add(key, row)
+        if progress:
+            print(f"[{i + 1}/{len(plan)}] {mode} {engine} P={p} T={row['length']}: {row['status']} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    rows = [store.get(RowStore.make_key(cfg.preset, m, e, p, cfg.length(m, p))) for m, e, p in plan]
+    render(cfg, rows, Path(out))
+    return rows
+
+
+def _mib(x):
+    return None if x is None else x / 2**20
+
+
+def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
+    """rows.json, rows.csv and table.md from the stored rows (atomic writes)."""
+    env = environment(cfg.preset, config=dataclasses.asdict(cfg))
+    write_json(out / "rows.json", {"environment": env, "note": TIME_NOTE, "rows": list(rows)})
+    flat = [{k: v for k, v in r.items() if k != "comm_by_kind"} for r in rows]
+    write_csv(out / "rows.csv", flat)
+    parts = [f"# Sequence-parallel scaling ({cfg.preset})\n",
+             f"**Time: {TIME_NOTE}.** Memory and communication are per device, for one training pass "
+             "(forward + backward) of one attention layer; memory from XLA's compiled memory analysis, "
+             "communication from the traced program's collectives (ring: equal to its formula).\n",
+             f"Batch {cfg.batch}, {cfg.heads} heads of width {cfg.head_dim}; ring = causal ring attention "
+             "(zigzag, input already in zigzag order), context_gated = context-parallel gated linear attention. jax "
+             f"{env['jax']}, {env['cpu']} ({env['cpu_cores']} cores), commit {env['commit']}.\n"]
+    for mode in cfg.modes:
+        sub = [r for r in rows if r and r.get("mode") == mode]
+        if not sub:
+            continue
+        what = ("sequence per device fixed: flat memory is ideal" if mode == "weak"
+                else "total sequence fixed: memory falling as 1/P is ideal")
+        parts.append(f"\n## {mode} scaling ({what})\n\n")
+        body = []
+        for r in sub:
+            base = next((b for b in sub if b.get("engine") == r.get("engine") and b.get("devices") == min(cfg.devices)
+                         and b.get("status") == "ok"), None)
+            ratio = (r["memory_per_device"] / base["memory_per_device"]
+                     if r.get("status") == "ok" and base and base.get("memory_per_device") and r.get("memory_per_device")
+                     else None)
+            body.append([r.get("engine"), r.get("devices"), r.get("length"), r.get("per_device_length"),
+                         _mib(r.get("memory_per_device")), ratio, _mib(r.get("comm_per_device")),
+                         _mib(r.get("comm_formula")), r.get("time_median_s"),
+                         r.get("status") if r.get("status") != "error" else f"error: {r.get('reason')}"])
+        parts.append(markdown_table(["engine", "P", "T", "T / P", "memory / device (MiB)", "vs P=min",
+                                     "comm / device (MiB)", "ring formula (MiB)", "time (s, simulated)", "status"],
+                                    body))
+    write_atomic(out / "table.md", "".join(parts))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, then run the preset in a child with max(P) simulated devices."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = cli.experiment_parser("efficient-attn scaling", "Sequence-parallel scaling over simulated devices.",
+                              presets=PRESETS)
+    p.add_argument("--engines", type=cli.name_list("--engines"), metavar="A,B",
+                   help=f"engines to measure (default: the preset's; known: {', '.join(ENGINES)})")
+    p.add_argument("--devices", type=cli.int_list("--devices", minimum=1), metavar="1,2,4",
+                   help="sizes of the seq axis (default: the preset's)")
+    args = cli.parse(p, argv)
+    if args.variants is not None:
+        p.error("--variants: this experiment measures the parallel engines, not variants; use --engines")
+    if args.engines is not None:
+        cli.check_choices(p, "--engines", args.engines, ENGINES, what="engine")
+    cfg = PRESETS[args.preset]()
+    try:
+        if args.engines is not None:
+            cfg = dataclasses.replace(cfg, engines=args.engines)
+        if args.devices is not None:
+            cfg = dataclasses.replace(cfg, devices=args.devices)
+    except ValueError as err:
+        p.error(str(err))
+    out = args.out or Path("results") / "scaling" / cfg.preset
+    if os.environ.get(_CHILD) != "1":
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={max(cfg.devices)}").strip()
+        return subprocess.run([sys.executable, "-m", "efficient_attn.sweeps.scaling", *argv], env=env).returncode
+    t0 = time.perf_counter()
+    rows = run(cfg, out, force=args.force, progress=not args.no_progress)
+    print(f"scaling ({cfg.preset}): {len(rows)} rows in {out} ({time.perf_counter() - t0:.0f} s); {TIME_NOTE}")
+    return cli.exit_status(rows, "scaling")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
