@@ -174,6 +174,39 @@ def test_sinkhorn_reference_with_one_block_is_softmax(causal):
            (q, k, v), w)
 
 
+def test_engines_and_references_agree_on_non_finite_inputs():
+    """The rules of ops.masks, for engine and reference alike: a masked key's NaN / Inf never
+    matters, and a NaN value poisons exactly the rows that see it (causal: from its position on,
+    in its head), never turning into a plausible number and never reaching the other rows."""
+    T, bad = 16, 9
+    q, k, v = make_qkv(T, seed=60)
+    kv = jnp.ones((B, T), bool).at[:, 3].set(False)
+    k, v = k.at[:, 3].set(jnp.nan), v.at[:, 3].set(jnp.inf)  # a masked key holding garbage
+    v = v.at[:, bad, 0, 2].set(jnp.nan)  # one entry of a real key's value, head 0
+    causal = ea.Mask(causal=True, kv_mask=kv)
+    head_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    table = np.tile(np.arange(4, dtype=np.int32), (4, 1))  # every key block: plain causal attention
+    phi_q, phi_k = jnp.exp(0.5 * q), jnp.exp(0.5 * k)
+    pairs = {
+        "blockwise": (blockwise_attention(q, k, v, causal=True, kv_mask=kv, block_size=4),
+                      softmax_attention(q, k, v, causal)),
+        "block_sparse": (block_sparse_attention(*map(head_major, (q, k, v)), table, block_q=4, block_k=4, causal=True,
+                                                kv_valid=kv)[0].transpose(0, 2, 1, 3),
+                         block_sparse_reference(*map(head_major, (q, k, v)), table, block_q=4, block_k=4, causal=True,
+                                                kv_valid=kv)[0].transpose(0, 2, 1, 3)),
+        "linear (quadratic)": (linear_attention(phi_q, phi_k, v, causal=True, kv_mask=kv, chunk_size=4),
+                               linear_attention_quadratic(phi_q, phi_k, v, causal=True, kv_mask=kv)),
+        "linear (recurrent)": (linear_attention(phi_q, phi_k, v, causal=True, kv_mask=kv, chunk_size=4),
+                               linear_attention_recurrent(phi_q, phi_k, v, kv_mask=kv)),
+    }
+    want_nan = np.zeros((B, T, H, D), bool)
+    want_nan[:, bad:, 0] = True
+    for name, (got, ref) in pairs.items():
+        for side, x in (("engine", got), ("reference", ref)):
+            np.testing.assert_array_equal(np.isnan(np.asarray(x)), want_nan, err_msg=f"{name} {side}: NaN rows")
+        assert_close(f"{name}: finite rows", np.where(want_nan, 0.0, got), np.where(want_nan, 0.0, ref), **FWD)
+
+
 # ------------------------------------------------------------------ online softmax (blockwise)
 
 BLOCKWISE_CASES = [

@@ -27,7 +27,9 @@ largest log scale among the keys it sees (the recurrent form: the running max up
 constant is held out of the gradient; the output does not depend on it.
 
 O(T S) memory (the quadratic forms) or one ``lax.scan`` step per token (the recurrent form):
-tests and small inputs only. Computation is float32.
+tests and small inputs only. Computation is float32. Non-finite inputs as in ``ops.masks``:
+a masked key never matters, a NaN reaches exactly the rows that see it (a NaN denominator is
+never read as "nothing visible"); gradients are finite for finite inputs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from efficient_attn.ops.reference.softmax import masked_softmax_lse
+from efficient_attn.ops.reference.softmax import masked_softmax_lse, weighted_values
 
 __all__ = [
     "kernel_matrix_attention",
@@ -65,9 +67,11 @@ def _check_log_scale(k_log_scale, eps: float) -> None:
 
 
 def _ratio(num, den, eps: float):
-    """num / (den + eps) where den > 0, else 0 (the engine's rule)."""
+    """num / (den + eps) where den > 0; 0 where den <= 0 (nothing visible, or cancellation of
+    signed features), NaN there if num is not finite; NaN where den is NaN (the engine's rule)."""
     pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den + eps, 1.0), 0.0)
+    rest = jnp.where(jnp.isnan(den), jnp.nan, 0.0 * num)  # 0 * num: NaN for a non-finite num
+    return jnp.where(pos, num / jnp.where(pos, den + eps, 1.0), rest)
 
 
 def kernel_matrix_attention(
@@ -85,7 +89,7 @@ def kernel_matrix_attention(
     v = v.astype(jnp.float32)
     if kv_mask is not None:
         v = jnp.where(kv_mask[:, :, None, None], v, 0.0)
-    num = jnp.einsum("bhts,bshe->bthe", w, v)
+    num = weighted_values(w, vis, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # NaN only where seen
     den = jnp.sum(w, axis=-1).transpose(0, 2, 1)[..., None]  # [B, T, H, 1]
     return _ratio(num, den, eps)
 
@@ -140,27 +144,30 @@ def linear_attention_recurrent(
     B, T, H, F = phi_q.shape
     Dv = v.shape[-1]
     scale = jnp.zeros((B, T, H), jnp.float32) if k_log_scale is None else k_log_scale.astype(jnp.float32)
-    if kv_mask is not None:
-        keep = kv_mask[:, :, None]
-        phi_k = jnp.where(keep[..., None], phi_k, 0.0)
-        v = jnp.where(keep[..., None], v, 0.0)
-        scale = jnp.where(keep, scale, _NO_KEY)
+    keep = jnp.ones((B, T, 1), bool) if kv_mask is None else kv_mask[:, :, None]
+    phi_k = jnp.where(keep[..., None], phi_k, 0.0)
+    v = jnp.where(keep[..., None], v, 0.0)
+    scale = jnp.where(keep, scale, _NO_KEY)
+    bad = ~jnp.all(jnp.isfinite(v), axis=-1)  # [B, T, H]: a real key whose value holds a NaN or Inf
+    v = jnp.where(bad[..., None], 0.0, v)
 
     def step(carry, xs):
-        s, z, m = carry  # [B, H, F, Dv], [B, H, F], [B, H]: sums at scale exp(-m)
-        q_t, k_t, v_t, l_t = xs
+        s, z, m, poisoned = carry  # [B, H, F, Dv], [B, H, F], [B, H]: sums at scale exp(-m); [B, H]
+        q_t, k_t, v_t, l_t, bad_t = xs
+        poisoned = poisoned | bad_t  # this query and every later one have seen a non-finite value
         m_new = jnp.maximum(m, lax.stop_gradient(l_t))
         old, new = jnp.exp(m - m_new), jnp.exp(l_t - m_new)  # both <= 1
         s = s * old[..., None, None] + new[..., None, None] * k_t[..., :, None] * v_t[..., None, :]
         z = z * old[..., None] + new[..., None] * k_t
         num = jnp.einsum("bhf,bhfe->bhe", q_t, s)
         den = jnp.einsum("bhf,bhf->bh", q_t, z)[..., None]
-        return (s, z, m_new), _ratio(num, den, eps)
+        out_t = jnp.where(poisoned[..., None], jnp.nan, _ratio(num, den, eps))
+        return (s, z, m_new, poisoned), out_t
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
     init = (jnp.zeros((B, H, F, Dv), jnp.float32), jnp.zeros((B, H, F), jnp.float32),
-            jnp.full((B, H), _NO_KEY, jnp.float32))
-    _, out = lax.scan(step, init, tuple(time_major(x) for x in (phi_q, phi_k, v, scale)))
+            jnp.full((B, H), _NO_KEY, jnp.float32), jnp.zeros((B, H), bool))
+    _, out = lax.scan(step, init, tuple(time_major(x) for x in (phi_q, phi_k, v, scale, bad)))
     return jnp.moveaxis(out, 0, 1)
 
 
@@ -181,8 +188,9 @@ def linear_attention_log_features(
                              axis=-1)  # [B, T, S, H]
     log_w = log_w.transpose(0, 3, 1, 2)
     B, _, T, S = log_w.shape
-    weights, _ = masked_softmax_lse(log_w, _visible(B, T, S, causal, kv_mask))
+    vis = _visible(B, T, S, causal, kv_mask)
+    weights, _ = masked_softmax_lse(log_w, vis)
     v = v.astype(jnp.float32)
     if kv_mask is not None:
         v = jnp.where(kv_mask[:, :, None, None], v, 0.0)
-    return jnp.einsum("bhts,bshe->bthe", weights, v)
+    return weighted_values(weights, vis, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)

@@ -44,7 +44,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.core import Mask
-from efficient_attn.ops.reference.softmax import masked_softmax_lse, visibility
+from efficient_attn.ops.reference.softmax import masked_softmax_lse, visibility, weighted_values
 
 __all__ = [
     "num_buckets",
@@ -126,6 +126,11 @@ def lsh_weights(
 
     ``buckets`` defaults to the single angular hash of ``angular_buckets``; above 64 buckets
     reformer factorises its hash (variants/lsh.py), and a caller passes those buckets here."""
+    return _lsh_softmax(q, rotations, bucket_size, causal, kv_mask, buckets)[0]
+
+
+def _lsh_softmax(q, rotations, bucket_size: int, causal: bool, kv_mask, buckets):
+    """(weights [B, H, T, T], visibility [B, H, T, T]) of ``lsh_weights``."""
     B, T, H, D = q.shape
     x = q.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, H, T, D]
     if buckets is None:
@@ -139,7 +144,7 @@ def lsh_weights(
     logits = jnp.einsum("bhtd,bhsd->bhts", x, k) / math.sqrt(D)
     logits = logits + jnp.log(jnp.maximum(count, 1).astype(jnp.float32))
     weights, _ = masked_softmax_lse(logits, vis)
-    return weights
+    return weights, vis
 
 
 def lsh_attention_reference(
@@ -150,25 +155,31 @@ def lsh_attention_reference(
     *,
     causal: bool = False,
     kv_mask: Bool[Array, "B T"] | None = None,
+    buckets: Int[Array, "n B H T"] | None = None,
 ) -> Float[Array, "B T H Dv"]:
     """Reformer's output, densely: ``lsh_weights`` applied to v (k is not an input: shared QK)."""
-    weights = lsh_weights(q, rotations, bucket_size, causal=causal, kv_mask=kv_mask)
-    return jnp.einsum("bhts,bshe->bthe", weights, v.astype(jnp.float32))
+    weights, vis = _lsh_softmax(q, rotations, bucket_size, causal, kv_mask, buckets)
+    return weighted_values(weights, vis, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
 
 
 def shared_qk_weights(q: Float[Array, "B T H D"], mask: Mask | None = None) -> Float[Array, "B H T T"]:
     """The attention matrix of full attention in the shared-QK model: keys q / |q|, not self
     unless alone, the mask's causal, kv_mask and q_mask (dense entries too, if any).
     What LSH attention approximates."""
+    return _shared_qk_softmax(q, mask)[0]
+
+
+def _shared_qk_softmax(q, mask):
     B, T, H, D = q.shape
     vis = not_self_unless_alone(visibility(mask, B, T, T))
     logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), shared_qk_keys(q)) / math.sqrt(D)
     weights, _ = masked_softmax_lse(logits, vis)
-    return weights
+    return weights, vis
 
 
 def shared_qk_attention(
     q: Float[Array, "B T H D"], v: Float[Array, "B T H Dv"], mask: Mask | None = None
 ) -> Float[Array, "B T H Dv"]:
     """``shared_qk_weights`` applied to v."""
-    return jnp.einsum("bhts,bshe->bthe", shared_qk_weights(q, mask), v.astype(jnp.float32))
+    weights, vis = _shared_qk_softmax(q, mask)
+    return weighted_values(weights, vis, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
