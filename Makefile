@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PRESET ?= quick
 STAMP  := $(VENV)/.installed
 
-.PHONY: test reproduce install clean list
+.PHONY: test test-slow reproduce install clean list
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make test: the whole test suite (the CI command).
+## make test: the test suite (the CI command), on two worker processes; tests marked slow
+## (the 64K tier of the scale test) are left to `make test-slow`.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
+
+## make test-slow: only the slow tests.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 ## make reproduce: every experiment of the preset (PRESET=quick|cpu|lra), then results/README.md.
 reproduce: $(STAMP)
