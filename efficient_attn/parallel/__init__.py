@@ -8,6 +8,21 @@
                        across devices in sequence order (all-gather + prefix of states)
     models.py          ``sequence_parallel(model, mesh)``: a model's attention cores replaced
                        by their sequence-parallel forms (a variant without one is refused)
+
+On one machine, simulate devices before jax starts:
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, then ``make_mesh("data=2,seq=4")``.
+
+Across processes or hosts (tested: 2 processes x 2 CPU devices on 127.0.0.1, gloo CPU
+collectives, tests/parallel/test_multiprocess.py), every process runs the same program:
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU only
+    jax.distributed.initialize(coordinator_address="HOST0:PORT", num_processes=N, process_id=i)
+    mesh = make_mesh("data=2,seq=4")      # over jax.devices(): all processes' devices
+    x = jax.make_array_from_callback(shape, NamedSharding(mesh, P(None, "seq")), lambda idx: data[idx])
+
+and each process supplies only the shards of its own devices. Put the ``seq`` axis on the
+fastest links (devices of one host): the ring sends a k/v block per step, while "data"
+only all-reduces gradients once per step.
 """
 
 from efficient_attn.parallel.mesh import axis_size, check_divisible, collective_bytes, format_mesh, make_mesh, parse_mesh
