@@ -25,7 +25,14 @@ fastest links (devices of one host): the ring sends a k/v block per step, while 
 only all-reduces gradients once per step.
 """
 
-from efficient_attn.parallel.mesh import axis_size, check_divisible, collective_bytes, format_mesh, make_mesh, parse_mesh
+from efficient_attn.parallel.mesh import (
+    axis_size,
+    check_divisible,
+    collective_bytes,
+    format_mesh,
+    make_mesh,
+    parse_mesh,
+)
 from efficient_attn.parallel.ring import RingAttention, RingConfig, ring_attention, zigzag_order
 from efficient_attn.parallel.context_linear import context_gated_linear_attention, context_linear_attention
 from efficient_attn.parallel.models import (

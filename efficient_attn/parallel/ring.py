@@ -377,7 +377,8 @@ def ring_attention(
     if causal and T != S:
         raise ValueError(f"{who}: causal masking needs T == S (self-attention), got T={T}, S={S}")
     if zigzag_input and not causal:
-        raise ValueError(f"{who}: zigzag_input applies to causal attention only (non-causal rings use the natural order)")
+        raise ValueError(f"{who}: zigzag_input applies to causal attention only "
+                         "(non-causal rings use the natural order)")
     if kv_mask is not None and (tuple(kv_mask.shape) != (B, S) or kv_mask.dtype != jnp.bool_):
         raise ValueError(f"{who}: kv_mask must be bool [B, S] = [{B}, {S}], got {kv_mask.dtype} {tuple(kv_mask.shape)}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -435,7 +436,8 @@ class RingConfig:
     backward_query_block: int = 256  # the kernel's backward query block
 
     def __post_init__(self):
-        check_config("ring", isinstance(self.axis, str) and bool(self.axis), f"axis must be a mesh axis name, got {self.axis!r}")
+        check_config("ring", isinstance(self.axis, str) and bool(self.axis),
+                     f"axis must be a mesh axis name, got {self.axis!r}")
         check_config("ring", self.batch_axis is None or isinstance(self.batch_axis, str),
                      f"batch_axis must be a mesh axis name or None, got {self.batch_axis!r}")
         check_positive_int("ring", "block_size", self.block_size)

@@ -209,9 +209,8 @@ def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
         for r in sub:
             base = next((b for b in sub if b.get("engine") == r.get("engine") and b.get("devices") == min(cfg.devices)
                          and b.get("status") == "ok"), None)
-            ratio = (r["memory_per_device"] / base["memory_per_device"]
-                     if r.get("status") == "ok" and base and base.get("memory_per_device") and r.get("memory_per_device")
-                     else None)
+            measured = r.get("status") == "ok" and base and base.get("memory_per_device") and r.get("memory_per_device")
+            ratio = r["memory_per_device"] / base["memory_per_device"] if measured else None
             body.append([r.get("engine"), r.get("devices"), r.get("length"), r.get("per_device_length"),
                          _mib(r.get("memory_per_device")), ratio, _mib(r.get("comm_per_device")),
                          _mib(r.get("comm_formula")), r.get("time_median_s"),
