@@ -160,44 +160,55 @@ def run(
         get_spec(v)  # unknown names fail before any training
     skipped: dict[tuple[str, str], str] = {}
     runs_dir = _cache_root() / "runs" / "accuracy" / cfg.preset
-    total = len(cfg.tasks) * len(variants) * len(cfg.seeds)
-    count = 0
-    t_start = time.perf_counter()
-    try:
+    # seed-major: every (task, variant) gets its first seed before any gets its second, so an
+    # interrupted sweep leaves a whole table of one seed rather than some cells with three
+    units = [(seed, setting, variant) for seed in cfg.seeds for setting in cfg.tasks for variant in variants]
+    loaded: dict[str, object] = {}  # task -> TaskData, loaded once per invocation
+
+    def data_for(setting: TaskSetting):
+        if setting.task not in loaded:
+            loaded[setting.task] = _load_with_log(setting, cfg.data_seed, log)
+        return loaded[setting.task]
+
+    def info_for(setting: TaskSetting) -> dict:
+        dfp = data_fingerprint(setting, cfg.data_seed)
+        info = infos.get(setting.task)
+        if info is None or info.get("fingerprint") != dfp:
+            infos[setting.task] = info = dict(_task_info(data_for(setting)), fingerprint=dfp)
+            ea_report.write_json(info_path, infos)
+        return info
+
+    def plan_known() -> None:
+        """The n/a cells of every task whose data is known (stored info or loaded now)."""
         for setting in cfg.tasks:
-            dfp = data_fingerprint(setting, cfg.data_seed)
-            data = None
-            for variant in variants:
-                fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
-                for seed in cfg.seeds:
-                    count += 1
-                    key = _key(variant, setting.task, seed)
-                    prev = store.get(key)
-                    if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
-                        continue
-                    info = infos.get(setting.task)
-                    if info is None or info.get("fingerprint") != dfp:
-                        data = _load_with_log(setting, cfg.data_seed, log)
-                        infos[setting.task] = info = dict(_task_info(data), fingerprint=dfp)
-                        ea_report.write_json(info_path, infos)
-                    ok, reason = _plan(variant, info)
-                    if not ok:
-                        skipped[(variant, setting.task)] = reason
-                        break  # every seed of this (variant, task) is skipped alike
-                    if data is None:
-                        data = _load_with_log(setting, cfg.data_seed, log)
-                    row = _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, force)
-                    store.add(key, row)
-                    done = f"{row['metric']} {row['test']:.4g}" if row["status"] == "ok" else f"ERROR {row['reason']}"
-                    log(f"[{count}/{total}] {variant} on {setting.task} seed {seed}: {done} "
-                        f"({row['wall_s']:.1f} s, total {time.perf_counter() - t_start:.0f} s)")
-            # planning for variants whose rows are all finished (for the table's skip notes)
             info = infos.get(setting.task)
-            if info is not None and info.get("fingerprint") == dfp:
+            if info is not None and info.get("fingerprint") == data_fingerprint(setting, cfg.data_seed):
                 for variant in variants:
                     ok, reason = _plan(variant, info)
                     if not ok:
                         skipped[(variant, setting.task)] = reason
+
+    plan_known()
+    t_start = time.perf_counter()
+    try:
+        for count, (seed, setting, variant) in enumerate(units, 1):
+            fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
+            key = _key(variant, setting.task, seed)
+            prev = store.get(key)
+            if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
+                continue
+            info = info_for(setting)
+            ok, reason = _plan(variant, info)
+            if not ok:
+                skipped[(variant, setting.task)] = reason
+                continue
+            row = _run_one(cfg, setting, variant, seed, data_for(setting), info, fp, runs_dir, progress, force)
+            store.add(key, row)
+            done = f"{row['metric']} {row['test']:.4g}" if row["status"] == "ok" else f"ERROR {row['reason']}"
+            log(f"[{count}/{len(units)}] {variant} on {setting.task} seed {seed}: {done} "
+                f"({row['wall_s']:.1f} s, total {time.perf_counter() - t_start:.0f} s)")
+            write_outputs(out, store.rows(), cfg, skipped)  # the tables follow the store row by row
+        plan_known()  # tasks first loaded in this call
     finally:
         rows = write_outputs(out, store.rows(), cfg, skipped)
     return rows
