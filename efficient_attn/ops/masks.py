@@ -75,6 +75,14 @@ def poison_keys(k: Float[Array, "B S H D"], bad: Bool[Array, "B S H"]) -> Float[
     return jnp.where(bad[..., None], jnp.asarray(jnp.nan, k.dtype), k)
 
 
+def poison_nonfinite_rows(x: Float[Array, "B N H D"]) -> Float[Array, "B N H D"]:
+    """Rows of ``x`` with any NaN or Inf entry become all NaN. For feature maps that send a
+    non-finite input to a finite feature (elu(-inf) + 1 = 0, relu(-inf) = 0), which would
+    otherwise turn into a plausible 0 output or a silently dropped key."""
+    bad = jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1, keepdims=True))
+    return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+
 def hide_keys(x: Float[Array, "B S H E"], keep: Bool[Array, "B S"] | None) -> Float[Array, "B S H E"]:
     """Zero the rows of ``x`` at keys no query may see (``keep`` False): by ``where``, so NaN or
     Inf there reaches neither the forward products nor the gradients (a double where)."""

@@ -4,6 +4,11 @@
 
 Time O(T S d), memory O(T S): the [B, H, T, S] score matrix is materialised on purpose,
 because this is the readable reference every other variant is tested against.
+
+Non-finite inputs follow ``ops.masks``' rules, and this file defines them for every exact
+path: keys no query can see are zeroed before any product, a value row with a NaN or Inf
+entry makes the logits of its key NaN (so exactly the queries that see it are NaN, in every
+component), and a query that sees no key is zero.
 Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
 """
 
@@ -16,7 +21,7 @@ from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Mask
 from efficient_attn.ops import kv_cache
-from efficient_attn.ops.masks import dense_visibility, masked_softmax
+from efficient_attn.ops.masks import dense_visibility, masked_softmax, split_nonfinite
 from efficient_attn.registry import register
 
 
@@ -30,8 +35,14 @@ def full_attention(q, k, v, mask: Mask | None = None):
     B, T, H, D = q.shape
     S = k.shape[1]
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    visible = dense_visibility(mask, B, T, S)
+    if visible is not None:  # a key no query sees is read by no product, forward or backward
+        used = jnp.broadcast_to(jnp.any(visible, axis=2), (B, H, S)).transpose(0, 2, 1)[..., None]  # [B, S, H, 1]
+        kf, vf = jnp.where(used, kf, 0.0), jnp.where(used, vf, 0.0)
+    vf, bad = split_nonfinite(vf)
     logits = jnp.einsum("bthd,bshd->bhts", qf, kf) / jnp.sqrt(jnp.float32(D))
-    weights = masked_softmax(logits, dense_visibility(mask, B, T, S))
+    logits = jnp.where(bad.transpose(0, 2, 1)[:, :, None, :], jnp.nan, logits)  # who sees a bad value is NaN
+    weights = masked_softmax(logits, visible)
     return jnp.einsum("bhts,bshd->bthd", weights, vf)
 
 

@@ -61,6 +61,12 @@ that code (positions of both sequences are counted from their start; the paper r
 cross-attention results). ``eps`` = 1e-6 as in the released code, which clamps the
 denominator at eps; here it is added (the engine's rule), which differs by at most 1e-6
 relative for any denominator >= 1, and a zero denominator gives zeros instead of num/eps.
+
+Non-finite inputs (all three): a query or real key with a NaN or Inf entry is made all NaN
+before its feature map, so the rows it reaches are NaN (never the 0 that elu(-inf) + 1 or
+relu(-inf) would give); masked keys are zeroed before the feature map. A finite key so
+large that |x'|^2 overflows float32 (|k| of about 1e19) has NaN FAVOR+ features: the rows
+that see it are NaN rather than its softmax weight of 1.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from jaxtyping import Array, Float
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops import linear_state, masks
 from efficient_attn.ops.linear_attention import linear_attention
+from efficient_attn.ops.masks import hide_keys, poison_nonfinite_rows
 from efficient_attn.registry import Budget, register
 
 __all__ = [
@@ -105,6 +112,14 @@ def _check_eps(name: str, eps) -> None:
 
 def _mask_parts(mask: Mask):
     return mask.causal, mask.kv_mask
+
+
+def _real_keys(k: Float[Array, "B S H D"], kv_mask) -> Float[Array, "B S H D"]:
+    """Masked keys zeroed BEFORE the feature map: the engine zeroes their features too, but
+    the feature map's own gradient at a NaN or Inf key would be NaN (0 * phi'(NaN)). A real
+    key with a NaN or Inf entry becomes all NaN, so that it poisons who sees it even where
+    phi would map it to a finite feature (elu(-inf) + 1 = 0, relu(-inf) = 0)."""
+    return poison_nonfinite_rows(hide_keys(k, kv_mask))
 
 
 # ---------------------------------------------------------------------------------- linear
@@ -141,8 +156,8 @@ class LinearAttention(Attention):
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
-        phi_q = jax.nn.elu(q.astype(jnp.float32)) + 1.0
-        phi_k = jax.nn.elu(k.astype(jnp.float32)) + 1.0
+        phi_q = jax.nn.elu(poison_nonfinite_rows(q).astype(jnp.float32)) + 1.0
+        phi_k = jax.nn.elu(_real_keys(k, kv_mask).astype(jnp.float32)) + 1.0
         return linear_attention(
             phi_q, phi_k, v, causal=causal, kv_mask=kv_mask, eps=self.config.eps, chunk_size=self.config.chunk_size
         )
@@ -265,8 +280,8 @@ class Performer(Attention):
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
         w = self.draw()
-        lq = favor_log_features(q, w)
-        lk = favor_log_features(k, w)
+        lq = favor_log_features(poison_nonfinite_rows(q), w)
+        lk = favor_log_features(_real_keys(k, kv_mask), w)
         phi_q = jnp.exp(lq - lax.stop_gradient(jnp.max(lq, axis=-1, keepdims=True)))
         k_scale = lax.stop_gradient(jnp.max(lk, axis=-1))  # [B, S, H]
         phi_k = jnp.exp(lk - k_scale[..., None])
@@ -361,8 +376,8 @@ class Cosformer(Attention):
         causal, kv_mask = _mask_parts(mask)
         length = max(q.shape[1], k.shape[1])
         return linear_attention(
-            cosformer_features(q, length),
-            cosformer_features(k, length),
+            cosformer_features(poison_nonfinite_rows(q), length),
+            cosformer_features(_real_keys(k, kv_mask), length),
             v,
             causal=causal,
             kv_mask=kv_mask,

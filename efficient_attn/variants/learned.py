@@ -57,6 +57,17 @@ column normalisation by a causal one that divides by the cumulative column sum o
 blocks < i; the local block is masked within the block (j <= i). This is our own balancing,
 in the spirit of the paper's "Causal Sinkhorn Balancing"; it is no longer doubly
 stochastic (row 0 is empty), and the tests check it leaks nothing.
+The exclusive means are shifted inclusive sums, never ``cumsum(x) - x``: the subtraction
+cancels, and a huge (or NaN) key of block i would leak into the summary of the blocks
+before i, which queries of block i earlier than that key read.
+
+Non-finite inputs (the rules of ``ops.masks``, for both variants): masked keys and values
+are replaced by zeros with ``where`` before any product; a real key whose key or value
+holds a NaN or Inf is zeroed in every product (block summaries, mixtures, local scores) and
+its logits are made NaN, locally and in every sorted slot that may mix its block (causal:
+the slots of later blocks), so exactly the queries that can see it are NaN. The synthesizer
+does the same with values (it reads no key; random mode reads no query either, so a NaN
+query changes nothing there).
 
 Costs: scores O(N b), sort matrix O((N/b)^2), mixtures O(N d): memory O(N b + (N/b)^2).
 Mixing keys is a [nb x nb] by [nb x b d] product: time O(N b d + N^2 d / b), still
@@ -87,7 +98,7 @@ from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops import kv_cache
-from efficient_attn.ops.masks import dense_visibility, masked_softmax
+from efficient_attn.ops.masks import dense_visibility, masked_softmax, split_nonfinite
 from efficient_attn.registry import Budget, register
 
 __all__ = [
@@ -192,9 +203,16 @@ class SynthesizerAttention(Attention):
     ) -> Float[Array, "B T H Dv"]:
         B, T, H, _ = q.shape
         S = k.shape[1]
+        visible = dense_visibility(mask, B, T, S)
+        vf = v.astype(jnp.float32)
+        if visible is not None:  # a value no query sees is read by no product
+            used = jnp.broadcast_to(jnp.any(visible, axis=2), (B, H, S)).transpose(0, 2, 1)[..., None]
+            vf = jnp.where(used, vf, 0.0)
+        vf, bad = split_nonfinite(vf)
         logits = jnp.broadcast_to(self.synthetic_logits(q, S), (B, H, T, S))
-        weights = masked_softmax(logits, dense_visibility(mask, B, T, S))
-        return jnp.einsum("bhts,bshd->bthd", weights, v.astype(jnp.float32))
+        logits = jnp.where(bad.transpose(0, 2, 1)[:, :, None, :], jnp.nan, logits)  # who sees a bad value is NaN
+        weights = masked_softmax(logits, visible)
+        return jnp.einsum("bhts,bshd->bthd", weights, vf)
 
     # decoding: a cache of the values only (the logits never read a key); a step's logits are
     # row ``position`` of the random table, or the dense network of its query, over the cache
@@ -261,6 +279,16 @@ def _cumulative_logsumexp_rows(logp: Float[Array, "... n n"]) -> Float[Array, ".
 
     _, out = lax.scan(step, jnp.full(rows.shape[1:], _NEG, logp.dtype), rows)
     return jnp.moveaxis(out, 0, -2)
+
+
+def _exclusive_cumsum(x: Float[Array, "..."], axis: int) -> Float[Array, "..."]:
+    """out[i] = sum_{i' < i} x[i'], by shifting the inclusive sum one place (NOT ``cumsum(x) -
+    x``: that cancels, so a huge or NaN x[i] would leak into out[i], i.e. a block's own keys
+    into the summary that must hold only the blocks before it)."""
+    c = jnp.cumsum(x, axis=axis)
+    c = jnp.moveaxis(c, axis, 0)
+    c = jnp.concatenate([jnp.zeros_like(c[:1]), c[:-1]], axis=0)
+    return jnp.moveaxis(c, 0, axis)
 
 
 def sinkhorn_log(
@@ -353,8 +381,8 @@ class SinkhornAttention(Attention):
         sums = jnp.einsum("bhnsd,bhns->bhnd", kb, jnp.broadcast_to(m, kb.shape[:4]))
         counts = jnp.sum(m, axis=-1)[..., None]  # [B, 1, nb, 1]
         if causal:  # row i sees only blocks before i: exclusive cumulative mean
-            sums = jnp.cumsum(sums, axis=2) - sums
-            counts = jnp.cumsum(counts, axis=2) - counts
+            sums = _exclusive_cumsum(sums, axis=2)
+            counts = _exclusive_cumsum(counts, axis=2)
         e = sums / jnp.maximum(counts, 1.0)
         if self.config.sort_hidden:
             e = jax.nn.relu(jnp.einsum("bhnd,hde->bhne", e, self.w_hidden[...]) + self.b_hidden[...][None, :, None])
@@ -374,8 +402,16 @@ class SinkhornAttention(Attention):
         f32 = [jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v)]
         qb, kb, vb = (_to_blocks(x, nb, b) for x in f32)  # [B, H, nb, b, D]
         vblk = valid.reshape(B, nb, b)
-        m = vblk.astype(jnp.float32)[:, None, :, :, None]  # [B, 1, nb, b, 1]
-        kb, vb = kb * m, vb * m  # masked keys/values are exactly zero from here on
+        m = vblk[:, None, :, :, None]  # [B, 1, nb, b, 1]
+        # masked keys/values are exactly zero from here on (where: a NaN there must not leak)
+        kb, vb = jnp.where(m, kb, 0.0), jnp.where(m, vb, 0.0)
+        # a real key whose key or value is not finite is zeroed in every product and poisons
+        # (NaN logits) exactly the queries that see it: locally, or through a sorted slot
+        # that may mix its block
+        bad = jnp.logical_not(jnp.all(jnp.isfinite(kb), axis=-1) & jnp.all(jnp.isfinite(vb), axis=-1))  # [B, H, nb, b]
+        kb, vb = jnp.where(bad[..., None], 0.0, kb), jnp.where(bad[..., None], 0.0, vb)
+        mixes = jnp.tril(jnp.ones((nb, nb), jnp.float32), k=-1) if mask.causal else jnp.ones((nb, nb), jnp.float32)
+        slot_bad = jnp.einsum("ij,bhjs->bhis", mixes, bad.astype(jnp.float32)) > 0  # [B, H, nb, b]
 
         p = self.sort_matrix(kb, vblk, mask.causal)  # [B, H, nb, nb]
         mass = jnp.einsum("bhij,bjs->bhis", p, vblk.astype(jnp.float32))  # real-key mass per slot
@@ -386,7 +422,9 @@ class SinkhornAttention(Attention):
 
         scale = 1.0 / math.sqrt(D)
         s_local = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, kb) * scale
+        s_local = jnp.where(bad[:, :, :, None, :], jnp.nan, s_local)
         s_sort = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ks) * scale + jnp.log(safe)[:, :, :, None, :]
+        s_sort = jnp.where(slot_bad[:, :, :, None, :], jnp.nan, s_sort)
         vis_local = vblk[:, None, :, None, :]  # [B, 1, nb, 1, b]
         if mask.causal:
             vis_local = vis_local & jnp.tril(jnp.ones((b, b), bool))
