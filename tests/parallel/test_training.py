@@ -113,8 +113,14 @@ def trained(tmp_path_factory):
     return run_on_devices(SCRIPT, devices=8, out=tmp_path_factory.mktemp("training") / "train.npz")
 
 
-@pytest.mark.parametrize("attention", ["full", "test_decay"])
-def test_training_on_a_data_seq_mesh_equals_one_device(trained, attention):
+# One test for both models (not one each): under pytest-xdist each worker that ran a test of
+# this module would start its own child.
+def test_training_on_a_data_seq_mesh_equals_one_device(trained):
+    for attention in ("full", "test_decay"):
+        _check_training(trained, attention)
+
+
+def _check_training(trained, attention):
     assert bool(trained[f"{attention}/communicates"]), f"{attention}: the compiled step has no collective"
     one, mesh = trained[f"{attention}/loss_one"], trained[f"{attention}/loss_mesh"]
     assert len(one) == 4 and np.all(np.isfinite(one))
