@@ -48,6 +48,8 @@ Computation is in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import math
+
 import functools
 
 import jax
@@ -436,7 +438,7 @@ def blockwise_attention(
                          "head count, dividing q's")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("blockwise_attention: give both q_segment_ids and kv_segment_ids, or neither")
-    if softcap is not None and not (float(softcap) > 0 and jnp.isfinite(float(softcap))):
+    if softcap is not None and not (float(softcap) > 0 and math.isfinite(float(softcap))):
         raise ValueError(f"blockwise_attention: softcap must be a finite number > 0, got {softcap}")
     scale = 1.0 / jnp.sqrt(jnp.float32(D))
 
