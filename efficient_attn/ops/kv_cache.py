@@ -206,6 +206,7 @@ def attend_blocks(
 
     with s_j over the block's visible slots (real, <= position). The last block may overlap
     the previous one (a slice is clamped inside the cache); slots counted before are masked.
+    A query that saw no slot gets 0 (known from the masks; a NaN l stays NaN).
     """
     B, H, D = q_t.shape
     L, Hkv, Dv = cache.k.shape[1], cache.k.shape[2], cache.v.shape[3]
@@ -217,7 +218,7 @@ def attend_blocks(
     neg = jnp.finfo(jnp.float32).min
 
     def read(carry, i):
-        m, l, o = carry
+        m, l, o, seen = carry
         first = i * b
         start = jnp.minimum(first, L - b)
         idx = start + jnp.arange(b)
@@ -235,7 +236,7 @@ def attend_blocks(
         alpha = jnp.exp(m - m_new)
         l_new = l * alpha + jnp.sum(e, axis=-1)
         o_new = o * alpha[..., None] + jnp.einsum("bkgj,bjke->bkge", e, vb)
-        return (m_new, l_new, o_new)
+        return (m_new, l_new, o_new, seen | jnp.any(ok, axis=1)[:, None, None])
 
     def body(carry, i):
         return lax.cond(i * b <= position, read, lambda c, _: c, carry, i), None
@@ -244,9 +245,10 @@ def attend_blocks(
         jnp.full((B, Hkv, G), neg, jnp.float32),
         jnp.zeros((B, Hkv, G), jnp.float32),
         jnp.zeros((B, Hkv, G, Dv), jnp.float32),
+        jnp.zeros((B, Hkv, G), bool),
     )
-    (_, l, o), _ = lax.scan(body, init, jnp.arange(n, dtype=jnp.int32))
-    seen = l > 0
+    (_, l, o, seen), _ = lax.scan(body, init, jnp.arange(n, dtype=jnp.int32))
+    # "saw nothing" is read from the masks, not from l (a NaN l is not "nothing visible")
     out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
     return out.reshape(B, H, Dv)
 
