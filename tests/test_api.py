@@ -21,14 +21,15 @@ def _qkv(B=1):
 
 def test_public_names():
     assert set(ea.__all__) == {"Attention", "Mask", "Capabilities", "Dims", "register", "build", "get_spec",
-                               "list_variants", "attention_fn"}
+                               "list_variants", "attention_fn", "Budget", "CapabilityError", "check_config",
+                               "check_positive_int"}
 
 
 def test_spec_fields():
     spec = ea.get_spec("blockwise")
     assert spec.name == "blockwise"
     assert spec.capabilities.exact and spec.capabilities.memory == "O(N)"
-    assert spec.defaults() == {"block_size": 1024, "backward_query_block": 256}
+    assert spec.defaults() == {"block_size": 1024, "backward_query_block": 256, "softcap": None, "sinks": False}
     assert spec.citation and spec.summary
     assert "full" in ea.list_variants() and ea.list_variants() == sorted(ea.list_variants())
 
