@@ -50,8 +50,9 @@ def cpu() -> AccuracyConfig:
     MQAR capacity at length 128, vocabulary 1024, token 0 between the queries, trained on a
     mixture of 4/8/16/32 key-value pairs and tested on each count (per-count accuracy in the
     table; the headline cell is the hardest count), 1500 steps of 32. Selective copying (MAD's
-    point: length 256, 16 tokens among noise, vocabulary 16), 1500 steps of 16. bytes_lm and
-    ListOps at length 256, 1000 steps of 16.
+    point: length 256, 16 tokens among noise, vocabulary 16), 2500 steps of 16 (1500 left full at
+    92%, below its sanity line: the change is noted in the table). bytes_lm at length 256, 600
+    steps of 16, and ListOps at 256, 1000 steps of 16 (what the budget leaves: NOTES.md).
     """
     size = ModelSize(num_layers=2, emb_dim=64, num_heads=2, mlp_dim=128, short_conv=3)
     tr = TrainConfig(lr=3e-3, weight_decay=0.01, warmup=100, steps=1500, batch_size=32, eval_every=250,
@@ -64,13 +65,16 @@ def cpu() -> AccuracyConfig:
             TaskSetting("mqar", 128, 20000, 400, 800, size, tr,
                         (("vocab_size", 1024), ("num_pairs", 16), ("random_non_queries", False),
                          ("train_num_pairs", (4, 8, 16, 32)), ("eval_num_pairs", (4, 8, 16, 32)))),
-            TaskSetting("selective_copy", 256, 20000, 500, 1000, size, half,
+            TaskSetting("selective_copy", 256, 20000, 500, 1000, size, dataclasses.replace(half, steps=2500),
                         (("vocab_size", 16), ("num_tokens", 16))),
-            TaskSetting("bytes_lm", 256, 10000, 500, 500, size, dataclasses.replace(half, steps=1000)),
+            TaskSetting("bytes_lm", 256, 10000, 500, 500, size, dataclasses.replace(half, steps=600)),
             TaskSetting("listops", 256, 10000, 500, 500, size, dataclasses.replace(half, steps=1000)),
         ),
         seeds=(0, 1, 2),
         sanity=(("mqar", 0.95), ("selective_copy", 0.95), ("listops", 0.30)),
+        task_notes=(("selective_copy", "Changed after full missed this line at 1500 steps of 16 (91.9%, still "
+                                       "rising as the cosine schedule ended; before any other variant ran): "
+                                       "2500 steps since (results/accuracy/cpu/NOTES.md)."),),
     )
 
 

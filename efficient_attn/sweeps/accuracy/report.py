@@ -322,6 +322,7 @@ def _sanity_notes(by, cfg: AccuracyConfig) -> list[str]:
                        f"(threshold {100 * least['selective_copy']:g}%)")
         else:
             pending(f"{text} (threshold {100 * least['selective_copy']:g}%)")
+        out += [f"  {text}" for task, text in cfg.task_notes if task == "selective_copy"]
     if "listops" in settings:
         rs = ref_rows("listops")
         if "listops" in dict(cfg.sanity):
