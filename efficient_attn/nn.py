@@ -65,7 +65,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient_attn.core import Capabilities, Mask, check_config, check_positive_int
+from efficient_attn.core import Capabilities, CapabilityError, Mask, check_config, check_positive_int
 from efficient_attn.registry import build, get_spec
 
 __all__ = ["MultiHeadAttention", "ShortConv", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM"]
@@ -529,3 +529,179 @@ class CausalLM(nnx.Module):
             bad = bad | _outside_rows(positions, L)
             h = jnp.take_along_axis(h, jnp.clip(positions, 0, L - 1)[..., None].astype(jnp.int32), axis=1)
         return self.head(_poison(h, bad))
+
+    # decoding: prefill the prompt once, then one compiled lax.scan over the new tokens
+
+    def generate(
+        self,
+        prompt: Int[Array, "B P"],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        rng: jax.Array | None = None,
+        *,
+        mask: Bool[Array, "B P"] | None = None,
+    ) -> Int[Array, "B P+N"]:
+        """The prompt followed by ``max_new_tokens`` generated tokens, ``[B, P + N]``.
+
+        Each new token is drawn from the next-token distribution given everything before it:
+        ``temperature=0`` takes the argmax (greedy); otherwise ``softmax(logits / temperature)``
+        restricted to the ``top_k`` most likely tokens (None: all), with ``rng`` (a
+        ``jax.random`` key, required then). ``mask`` marks the prompt's real tokens (left
+        padding of a batch of prompts); generated tokens are all real.
+
+        The attention runs its decoding state API (``init_state`` with ``max_len = P + N``,
+        ``prefill`` of the prompt, one ``step`` per token, capability ``decode``): the whole
+        generation is one jitted program, a ``lax.scan`` over the N - 1 steps, compiled once per
+        (prompt shape, N, temperature, top_k), never per token. The output equals running the
+        model on the growing sequence and taking its last logits (tests/test_generate.py).
+        """
+        cfg = self.cfg
+        spec = get_spec(cfg.attention)
+        if not spec.capabilities.decode:
+            raise CapabilityError(cfg.attention, "generation (the decoding state API)", "decode")
+        prompt = jnp.asarray(prompt)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+        _check_tokens(prompt, mask, cfg.max_len, "CausalLM.generate")
+        check_positive_int("CausalLM.generate", "max_new_tokens", max_new_tokens)
+        total = prompt.shape[1] + int(max_new_tokens)
+        check_config("CausalLM.generate", total <= cfg.max_len,
+                     f"prompt of {prompt.shape[1]} + {max_new_tokens} new tokens exceeds max_len={cfg.max_len}; "
+                     f"generate at most {cfg.max_len - prompt.shape[1]} tokens or build with max_len >= {total}")
+        ok_t = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature >= 0
+        check_config("CausalLM.generate", ok_t and np.isfinite(temperature),
+                     f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None:
+            check_positive_int("CausalLM.generate", "top_k", top_k)
+        if temperature > 0 and rng is None:
+            raise ValueError("CausalLM.generate: sampling (temperature > 0) needs rng=jax.random.key(seed)")
+        _first_outside(prompt, cfg.vocab_size, "CausalLM.generate", "token id",
+                       f"token ids must be in [0, vocab_size={cfg.vocab_size})")
+        rng = jax.random.key(0) if rng is None else rng
+        graphdef, state = nnx.split(self)
+        return _generate_jit(graphdef, state, prompt, mask, rng, int(max_new_tokens), float(temperature),
+                             None if top_k is None else int(top_k))
+
+
+# ---------------------------------------------------------------------------- decoding
+#
+# The LM's layers one token at a time, over the attention's decoding state (``Attention.
+# init_state / prefill / step``). Each function mirrors the forward pass it decodes: the
+# same projections, rotary angle of the token's position, position embedding, short
+# convolution over the K - 1 previous embeddings, blocks, final norm and head.
+
+_GENERATE_TRACES = {"count": 0}  # incremented when generate's program is traced (tests count compiles)
+
+
+def _mha_prefill(mha: MultiHeadAttention, x, mask: Mask, state):
+    q, k, v = mha.qkv(x)
+    if mha.rotary:
+        q, k = rotate(q, jnp.arange(q.shape[1])), rotate(k, jnp.arange(k.shape[1]))
+    out, state = mha.core.prefill(q, k, v, state, mask=mask)
+    return mha.out(out), state
+
+
+def _mha_step(mha: MultiHeadAttention, x_t, state):
+    q, k, v = mha.qkv(x_t)
+    if mha.rotary:
+        where = state.position[None]
+        q, k = rotate(q, where), rotate(k, where)
+    out, state = mha.core.step(q, k, v, state)
+    return mha.out(out), state
+
+
+def _block_decode(block: Block, x, attend):
+    """``Block.__call__`` without dropout, the attention given as ``attend(h) -> (out, state)``."""
+    a, state = attend(block.ln1(x))
+    x = x + a
+    return x + block.mlp_out(nnx.gelu(block.mlp_in(block.ln2(x)))), state
+
+
+def _positions(trunk: _Trunk, x, positions):
+    if trunk.cfg.position == "learned":
+        return x + trunk.pos(positions)[None]
+    if trunk.cfg.position == "sinusoidal":
+        return x + trunk.pos_table[...][positions][None]
+    return x  # rotary: in the attention
+
+
+def _conv_tail(x, mask, kernel: int):
+    """The K - 1 last (masked) embeddings the short convolution reads next, zeros before the start."""
+    if mask is not None:
+        x = jnp.where(mask[..., None], x, 0.0).astype(x.dtype)
+    keep = kernel - 1
+    x = jnp.pad(x, ((0, 0), (keep, 0), (0, 0)))
+    return x[:, x.shape[1] - keep:]
+
+
+def _conv_step(conv: ShortConv, x_t, tail):
+    """``ShortConv`` at one position: (y_t [B, 1, F], the new tail)."""
+    w = conv.kernel[...].astype(x_t.dtype)
+    window = jnp.concatenate([tail, x_t], axis=1)  # x_{t-K+1} .. x_t
+    K = w.shape[0]
+    mixed = sum(w[j] * window[:, K - 1 - j : K - j] for j in range(K))
+    return x_t + mixed + conv.bias[...].astype(x_t.dtype), window[:, 1:]
+
+
+def _lm_prefill(lm: "CausalLM", tokens, mask, total: int):
+    """Logits at the prompt's last position and the decoding states (attention, convolution)."""
+    x, bad = _embed_ids(lm.trunk, tokens, "CausalLM.generate")
+    tail = None if lm.conv is None else _conv_tail(x, mask, lm.conv.kernel.shape[0])
+    x = _apply_conv(lm.conv, x, mask)
+    x = _positions(lm.trunk, x, jnp.arange(x.shape[1]))
+    attn_mask = Mask(causal=True, kv_mask=mask)
+    states = []
+    for block in lm.trunk.blocks:
+        empty = block.attn.core.init_state(x.shape[0], max_len=total, dtype=x.dtype)
+        x, s = _block_decode(block, x, lambda h, b=block, e=empty: _mha_prefill(b.attn, h, attn_mask, e))
+        states.append(s)
+    logits = lm.head(_poison(lm.trunk.ln_f(x[:, -1:]), bad))[:, 0]
+    return logits, (states, tail, bad)
+
+
+def _lm_step(lm: "CausalLM", token, carry):
+    """Logits after one more token [B], and the carried states."""
+    states, tail, bad = carry
+    x, _ = _embed_ids(lm.trunk, token[:, None], "CausalLM.generate")
+    if lm.conv is not None:
+        x, tail = _conv_step(lm.conv, x, tail)
+    x = _positions(lm.trunk, x, states[0].position[None])
+    new = []
+    for block, s in zip(lm.trunk.blocks, states):
+        x, s = _block_decode(block, x, lambda h, b=block, s=s: _mha_step(b.attn, h, s))
+        new.append(s)
+    logits = lm.head(_poison(lm.trunk.ln_f(x), bad))[:, 0]
+    return logits, (new, tail, bad)
+
+
+def _sample(logits: Float[Array, "B V"], temperature: float, top_k: int | None, key) -> Int[Array, " B"]:
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    z = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = jax.lax.top_k(z, top_k)[0][:, -1:]
+        z = jnp.where(z >= kth, z, -jnp.inf)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+def _generate(graphdef, state, prompt, mask, rng, max_new_tokens: int, temperature: float, top_k: int | None):
+    _GENERATE_TRACES["count"] += 1
+    lm = nnx.merge(graphdef, state, copy=True)
+    total = prompt.shape[1] + max_new_tokens
+    logits, carry = _lm_prefill(lm, prompt, mask, total)
+    keys = jax.random.split(rng, max_new_tokens)
+    first = _sample(logits, temperature, top_k, keys[0])
+
+    def one(c, key):
+        token, carry = c
+        logits, carry = _lm_step(lm, token, carry)
+        nxt = _sample(logits, temperature, top_k, key)
+        return (nxt, carry), nxt
+
+    _, rest = jax.lax.scan(one, (first, carry), keys[1:])
+    new = jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
+    return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1)
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 5, 6, 7))
