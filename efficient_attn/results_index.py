@@ -15,6 +15,8 @@ SECTIONS = (
     # (title, folder relative to results/ with {preset}, plots, extra tables)
     ("Exact attention: full, blockwise, jax.nn.dot_product_attention", "exact", (), ()),
     ("Cost: time and memory against sequence length", "cost/{preset}", ("time.png", "memory.png"), ("table2.md",)),
+    ("Decoding: per-token step latency and state memory against context length", "decode_cost/{preset}",
+     ("decode.png",), ()),
     ("Accuracy on long-sequence tasks (the LRA Table 1 analog)", "accuracy/{preset}", ("pareto.png", "curves.png"), ()),
     ("Approximation error against full attention", "approximation/{preset}", ("error_vs_budget.png", "patterns.png"), ()),
 )

@@ -29,6 +29,7 @@ PRESETS = ("quick", "cpu", "lra")
 EXPERIMENTS = (
     ("exact", "efficient_attn.sweeps.exact"),
     ("cost", "efficient_attn.sweeps.cost"),
+    ("decode_cost", "efficient_attn.sweeps.decode_cost"),
     ("accuracy", "efficient_attn.sweeps.accuracy"),
     ("approximation", "efficient_attn.sweeps.approximation"),
 )
