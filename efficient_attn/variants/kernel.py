@@ -67,6 +67,13 @@ before its feature map, so the rows it reaches are NaN (never the 0 that elu(-in
 relu(-inf) would give); masked keys are zeroed before the feature map. A finite key so
 large that |x'|^2 overflows float32 (|k| of about 1e19) has NaN FAVOR+ features: the rows
 that see it are NaN rather than its softmax weight of 1.
+
+Decoding (``init_state`` / ``prefill`` / ``step``): all three carry the running sums of
+phi(k) [v | 1]^T, [F, Dv + 1] per head whatever the position (``ops.linear_state``).
+performer draws its W once per decoded sequence, in ``init_state`` (a forward call with
+``redraw`` draws one per call), and keeps it in the state. cosformer needs a step's position
+i in a_i = pi i / (2M): it is the state's position; M is the state's ``max_len`` (the forward
+takes its call's length), so a decoded sequence equals the causal forward over max_len tokens.
 """
 
 from __future__ import annotations

@@ -48,6 +48,12 @@ bigbird -- Zaheer et al., "Big Bird: Transformers for Longer Sequences", NeurIPS
     Exact when g b >= N.
     Defaults: block 64 and 3 random blocks as in LRA and the paper; 2 global blocks as in
     the paper's BigBird-ITC setting (2 x 64 global tokens).
+
+Decoding (``init_state`` / ``prefill`` / ``step``): all three keep a KV cache of the
+state's max_len slots and read, per step, the cached keys their pattern gives the step's
+position (one masked softmax over the cache: O(max_len d) per step). sparse_transformer's
+table is that of a max_len-token sequence (stride=None takes l from max_len), so a decoded
+sequence equals its causal forward over max_len tokens.
 """
 
 from __future__ import annotations
