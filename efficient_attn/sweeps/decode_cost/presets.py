@@ -24,7 +24,7 @@ def quick() -> DecodeCostConfig:
         repeat_budget_s=0.25,
         max_step_s=0.25,
         memory_budget_bytes=2 * GiB,
-        sweep_budget_s=80.0,
+        sweep_budget_s=90.0,
     )
 
 
