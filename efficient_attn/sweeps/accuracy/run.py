@@ -6,8 +6,10 @@ a causal task runs only where the task declares its layout leak-free (``tasks.bi
 and the LM can run without the causal mask; a causal-only variant (``bidirectional=False``)
 never runs in the bidirectional encoder, whose CLS token at position 0 a causal core would
 leave blind to the sequence. For a task that declares groups of rows (``tasks.eval_groups``,
-MQAR's pair counts) the row also holds the test accuracy per group (``groups.py``). A run that raises is stored as an error row with its
-message and retried on the next invocation; neither stops the sweep. A finished row whose
+MQAR's pair counts) the row also holds the test accuracy per group (``groups.py``).
+
+A run that raises is stored as an error row with its message and retried on the next
+invocation; neither stops the sweep. A finished row whose
 fingerprint matches the config is never trained again (``--force`` recomputes). An
 interrupted run resumes from its last orbax checkpoint under the cache directory
 (``$EA_CACHE_DIR/runs/accuracy/<preset>/``), never in results/. Whatever happens, the
