@@ -2,8 +2,8 @@
 
 Reference: ``ops.reference.softmax.softmax_attention`` of the one query over the cache slots
 with the same visibility (a dense mask). Both reads (``attend_dense``, and ``attend_blocks``
-at block sizes that divide the cache, do not, and exceed it) are compared on out and on the
-gradients dq, dk, dv by name, with grouped-query heads too.
+at block sizes of one slot, one that does not divide the cache, and one larger than it) are
+compared on out and on the gradients dq, dk, dv by name, with grouped-query heads too.
 """
 
 import jax
@@ -37,11 +37,18 @@ def _reference(q_t, k, v, visible):
     return softmax_attention(q_t[:, None], k, v, mask)[:, 0]
 
 
-@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("position", [0, L - 1])
-@pytest.mark.parametrize("block", [None, 1, 16, 64], ids=["dense", "b1", "b16", "b64"])
-def test_reads_equal_reference_fwd_bwd(heads, position, block):
-    H, H_kv = heads
+READS = [  # (block: None = the dense read, query heads, kv heads, position)
+    pytest.param(None, 2, 2, L - 1, id="dense-last"),
+    pytest.param(None, 4, 2, 0, id="dense-gqa-first"),
+    pytest.param(1, 2, 2, 6, id="b1"),
+    pytest.param(16, 2, 2, L - 1, id="b16-last"),  # 37 slots: the last block overlaps the one before
+    pytest.param(16, 4, 2, 20, id="b16-gqa-mid"),  # blocks past the position skipped
+    pytest.param(64, 2, 2, 0, id="b64-first"),  # one block larger than the cache
+]
+
+
+@pytest.mark.parametrize("block, H, H_kv, position", READS)
+def test_reads_equal_reference_fwd_bwd(block, H, H_kv, position):
     k, v, valid = _cache(H_kv)
     q_t = jax.random.normal(jax.random.key(1), (B, H, D))
     cache = kv_cache.KVCache(k=k, v=v, valid=valid)
@@ -60,7 +67,7 @@ def test_reads_equal_reference_fwd_bwd(heads, position, block):
     loss = lambda f: lambda *a: jnp.sum(f(*a) * w)  # noqa: E731
     assert_close("out", jax.jit(fast)(q_t, k, v), slow(q_t, k, v), **FWD)
     got = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2)))(q_t, k, v)
-    want = jax.grad(loss(slow), argnums=(0, 1, 2))(q_t, k, v)
+    want = jax.jit(jax.grad(loss(slow), argnums=(0, 1, 2)))(q_t, k, v)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert_close(name, a, b, **BWD)
 
