@@ -38,11 +38,15 @@ and every sum (states, scores, num, den) is accumulated in float32. The denomina
 same contraction as the numerator, computed in the same matmul as an extra all-ones column of
 V, so num and den see identical rounding. The output is
 
-    out = num / (den + eps)  where den > 0,   0 where den <= 0,   NaN where den is NaN,
+    out = num / (den + eps)  where den > 1e-30,   0 where den <= 1e-30,   NaN where den is NaN,
 
-i.e. ``eps`` (0 allowed) only stabilises tiny positive denominators; a zero or negative one
-(nothing visible, or pure cancellation noise when features can be negative as in cosformer)
-gives 0 instead of an inf or a sign flip, unless num is not finite (then NaN). A NaN
+i.e. ``eps`` (0 allowed) only stabilises tiny positive denominators; a zero, negative or
+underflowing one (nothing visible, pure cancellation noise when features can be negative as
+in cosformer, or FAVOR+ products that underflow at huge logits) gives 0 instead of an inf
+or a sign flip, unless num is not finite (then NaN). Gradients: num and den are both
+multiplied by c = 1 / den held constant (``stop_gradient``; the ratio does not change), so
+the backward pass never forms 1 / den^2, which underflows den^2 to 0 (and dq to inf) for a
+den below 1e-19, as FAVOR+ gives at logits near 1000; the 1e-30 floor keeps c finite. A NaN
 denominator (a NaN input reached the row) stays NaN: it is never read as "nothing
 visible". The ``where`` is double (``num / where(den > 0, den + eps, 1)``) so its gradient
 is finite too.
@@ -69,15 +73,18 @@ from efficient_attn.ops.masks import split_nonfinite
 __all__ = ["linear_attention", "normalise"]
 
 _NEG = -1e30  # "no key yet" log scale: finite, so differences of two of them are 0, not NaN
+_TINY_DEN = 1e-30  # denominators at or below this are underflow: 1 / den must stay finite in float32
 
 
 def normalise(num: Float[Array, "... Dv"], den: Float[Array, "... 1"], eps: float) -> Float[Array, "... Dv"]:
-    """``num / (den + eps)`` where ``den > 0``; 0 where ``den <= 0`` (NaN if ``num`` is not
-    finite there); NaN where ``den`` is NaN. Finite forward and backward for finite inputs."""
-    pos = den > 0
+    """``num / (den + eps)`` where ``den > 1e-30``; 0 where ``den <= 1e-30`` (NaN if ``num`` is
+    not finite there); NaN where ``den`` is NaN. Finite forward and backward for finite inputs."""
+    pos = den > _TINY_DEN
+    safe = jnp.where(pos, den + eps, 1.0)
+    c = lax.stop_gradient(1.0 / safe)  # a common factor: keeps the backward O(1 / den), not O(1 / den^2)
     # 0 * num: 0 for a finite num, NaN for a non-finite one; NaN den: NaN
     rest = jnp.where(jnp.isnan(den), jnp.nan, 0.0 * num)
-    return jnp.where(pos, num / jnp.where(pos, den + eps, 1.0), rest)
+    return jnp.where(pos, (num * c) / (safe * c), rest)
 
 
 def _pad_len(x, axis: int, size: int, value=0.0):
