@@ -50,7 +50,7 @@ def _experiment_args(name: str, preset: str, results: Path, force: bool, plugins
             args.append("--huge")
         return args
     args = ["--preset", preset, "--out", str(results / name / preset)]
-    if name in ("cost", "accuracy", "approximation") and not sys.stdout.isatty():
+    if name in ("cost", "decode_cost", "accuracy", "approximation") and not sys.stdout.isatty():
         args.append("--no-progress")  # a log file gets the per-row lines, not carriage-return bars
     if force:
         args.append("--force")

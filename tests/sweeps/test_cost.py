@@ -265,12 +265,19 @@ def _register_exact(name, memory, **kw):
 
 
 def test_baselines_are_the_registered_quadratic_exact_variants_and_their_fast_twins():
-    assert cost.baselines() == ("full", "blockwise") == cost.BASELINES == cost_report.BASELINES
+    # Test plugins registered by other test modules of the same worker count too (that is the
+    # point: a plugin reaches every table), so only the package's own variants are pinned here.
+    def packaged(names):
+        return tuple(n for n in names if ea.get_spec(n).cls.__module__.startswith("efficient_attn."))
+
+    assert cost.baselines() == cost.BASELINES == cost_report.BASELINES
+    assert packaged(cost.baselines()) == ("full", "blockwise") == cost.baselines()[:2]
     assert ea.get_spec("full").fast_exact == "blockwise"  # where the twin comes from
     _register_exact("zz_quadratic_for_test", "O(N^2)")
     _register_exact("zz_linear_exact_for_test", "O(N)")  # exact but not the quadratic reference
     try:
-        assert cost.baselines() == ("full", "blockwise", "zz_quadratic_for_test")
+        assert cost.baselines()[:2] == ("full", "blockwise") and "zz_quadratic_for_test" in cost.baselines()
+        assert "zz_linear_exact_for_test" not in cost.baselines()
         assert cost.quadratic_reference() == "full"
         cfg = tiny()
         ns = [256, 1024]

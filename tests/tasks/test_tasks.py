@@ -24,12 +24,14 @@ SMALL = {
     "pathfinder": dict(seq_len=256, num_train=8, num_val=4, num_test=4),
     "mqar": dict(seq_len=64, num_train=24, num_val=8, num_test=8, vocab_size=64, num_pairs=4),
     "bytes_lm": dict(seq_len=64, num_train=8, num_val=4, num_test=4),
+    "selective_copy": dict(seq_len=48, num_train=24, num_val=8, num_test=8),
 }
 EXPECTED = {  # kind, causal, metric
     "listops": ("classify", False, "accuracy"),
     "pathfinder": ("classify", False, "accuracy"),
     "mqar": ("token", True, "accuracy"),
     "bytes_lm": ("token", True, "bits_per_byte"),
+    "selective_copy": ("token", True, "accuracy"),
 }
 
 
@@ -41,7 +43,8 @@ def _splits(data):
 
 
 def test_task_names():
-    assert tasks.TASKS == ("listops", "pathfinder", "mqar", "bytes_lm")
+    assert tasks.TASKS == ("listops", "pathfinder", "mqar", "bytes_lm", "selective_copy")
+    assert set(SMALL) == set(EXPECTED) == set(tasks.TASKS)  # every task gets the contract tests below
 
 
 @pytest.mark.parametrize("name", tasks.TASKS)

@@ -143,11 +143,18 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
     return lines
 
 
+def measured_baselines(rows: Sequence[dict]) -> tuple[str, ...]:
+    """The registered baselines that have rows: an exact plugin outside the sweep gets no
+    empty ratio columns."""
+    present = {r.get("variant") for r in rows}
+    return tuple(b for b in baselines() if b in present)
+
+
 def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] | None, env: dict) -> str:
     """table.md: every (pass, masking) measured at ``cfg``'s shape, then the notes."""
     rows = current(rows, cfg)
     groups = series(rows)
-    bases = baselines()
+    bases = measured_baselines(rows)
     analysis = analyse(rows, bases)
     lines = _header(cfg, rate, env)
     notes: list[str] = []
@@ -364,7 +371,7 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
     report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
     report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
     report.write_atomic(out / "table.md", cost_markdown(rows, cfg, info, env))
-    bases = baselines()
+    bases = measured_baselines(rows)
     plot(rows, cfg, "time_median_s", out / "time.png", "time per call (s)", 1.0, bases)
     plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB, bases)
     if _table2_current(rows, cfg):
