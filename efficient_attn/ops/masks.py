@@ -39,7 +39,9 @@ def causal_visibility(T: int, S: int, q_offset=0, k_offset=0) -> Bool[Array, "T 
 
 
 def dense_visibility(mask: Mask | None, B: int, T: int, S: int) -> Bool[Array, "B Hm T S"] | None:
-    """The full boolean visibility matrix (None when everything is visible). O(T S) memory."""
+    """The full boolean visibility matrix (None when everything is visible). O(T S) memory.
+
+    causal, kv_mask, dense, and packed segments (a query sees keys of its own segment only)."""
     if mask is None:
         return None
     vis = None
@@ -53,6 +55,8 @@ def dense_visibility(mask: Mask | None, B: int, T: int, S: int) -> Bool[Array, "
         vis = _and(vis, mask.kv_mask[:, None, None, :])
     if mask.dense is not None:
         vis = _and(vis, mask.dense)
+    if mask.q_segment_ids is not None and mask.kv_segment_ids is not None:  # packed: pairs of one segment
+        vis = _and(vis, (mask.q_segment_ids[:, :, None] == mask.kv_segment_ids[:, None, :])[:, None])
     if vis is None:
         return None
     return jnp.broadcast_to(vis, (B,) + vis.shape[1:]) if vis.shape[0] == 1 else vis
