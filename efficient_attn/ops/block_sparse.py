@@ -15,6 +15,18 @@ below and takes a softmax over the gathered keys:
     out_i = sum_j p_ij v_j,   p_ij = exp(s_ij - lse_i) [j visible],
     lse_i = log sum_{j visible} exp(s_ij)          (-inf when nothing is visible; out_i = 0)
 
+Options of the softmax family, native here:
+
+- grouped-query attention: k and v have Hkv heads dividing H; query head h gathers its
+  blocks from kv head h // (H / Hkv) by index (k and v are never repeated per query head;
+  the backward of the gather sums a shared head's gradient over its group);
+- ``softcap`` c: s_ij -> c tanh(s_ij / c) before the masks (the backward multiplies by
+  1 - tanh^2);
+- ``sinks`` [H]: a value-less logit per query head in the denominator of every row that
+  sees a key, lse_i -> logaddexp(lse_i, sink_h) and out_i -> out_i exp(lse_i - lse_i')
+  (``add_sinks``; a caller that merges several engine calls with ``merge_softmax`` adds the
+  sink once, after the merge).
+
 Time is O(T r block_k d); the [T, S] matrix is never formed. Query blocks are processed in
 runs of bounded size (``CHUNK_ELEMENTS``, one run after another), so beyond the O((T + S) d)
 inputs, outputs and saved statistics, temporary memory is O(max(run budget, block_q r
@@ -51,8 +63,8 @@ the saved ``lse`` (as FlashAttention does), so a forward+backward keeps O(N d) r
 rather than the O(N r b) probabilities. (Reverse mode only: no ``jax.jvp``.)
 
 Layout inside this module is head-major: q [B, H, T, D], k [B, H, S, D], v [B, H, S, E].
-The naive twin (a dense masked softmax built from the same table) is in
-tests/test_block_sparse.py.
+The readable twin (a dense masked softmax built from the same table) is
+``ops.reference.softmax.block_sparse_reference``.
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 __all__ = [
     "SELF_PENALTY",
+    "add_sinks",
     "band_block_size",
     "banded_table",
     "block_sparse_attention",
@@ -141,14 +154,16 @@ def _as_bht(x, name: str, B: int, H: int, L: int):
     return x
 
 
-def _gather_blocks(x, table, per_head: bool):
-    """x: [b, h, nk, bk, ...]; table: [nq, r] or [H, nq, r] -> [b, h, nq, r, bk, ...]."""
-    if not per_head:
+def _gather_blocks(x, table, per_head: bool, num_heads: int, group: int):
+    """x: [b, 1|Hkv, nk, bk, ...]; table: [nq, r] or [H, nq, r] -> [b, 1|H, nq, r, bk, ...].
+
+    Query head h reads kv head h // group: one gather by index, so no per-query-head copy
+    of k or v exists beyond the gathered blocks themselves (as without grouping)."""
+    if not per_head and (group == 1 or x.shape[1] == 1):
         return x[:, :, table]
-    if x.shape[1] == 1:
-        x = jnp.broadcast_to(x, (x.shape[0], table.shape[0]) + x.shape[2:])
-    heads = jnp.arange(table.shape[0])[:, None, None]
-    return x[:, heads, table]
+    kv_head = jnp.arange(num_heads) // group if x.shape[1] > 1 else jnp.zeros((num_heads,), jnp.int32)
+    rows = table if per_head else table[None]
+    return x[:, kv_head[:, None, None], rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,16 +177,20 @@ class _Static:
     self_mode: str | None
     scale: float
     per_head: bool
+    num_heads: int = 1
+    group: int = 1
+    softcap: float | None = None
 
 
 def _flat_keys(x, tbl, cfg: _Static):
     """Gather key blocks and flatten them: [b, h, nk, bk, ...] -> [b, h, nq, r * bk, ...]."""
-    g = _gather_blocks(x, tbl, cfg.per_head)
+    g = _gather_blocks(x, tbl, cfg.per_head, cfg.num_heads, cfg.group)
     return g.reshape(g.shape[:3] + (g.shape[3] * g.shape[4],) + g.shape[5:])
 
 
 def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
-    """Scaled logits [B, H, nq, bq, r * bk] of the gathered keys and which of them are visible.
+    """Scaled (and soft-capped) logits [B, H, nq, bq, r * bk] of the gathered keys, which of
+    them are visible, and the soft cap's derivative ``1 - tanh^2`` (None without a cap).
 
     ``qb`` and the query-side entries of ``aux`` may be a run of query blocks starting at
     block ``first_block`` (only the band needs the absolute index).
@@ -179,6 +198,10 @@ def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
     tbl = aux["table"]
     kg = _flat_keys(kb, tbl, cfg)
     logits = jnp.einsum("bhqid,bhqjd->bhqij", qb, kg) * cfg.scale
+    d_cap = None
+    if cfg.softcap is not None:  # before the fallback penalty, which must stay a large shift
+        t = jnp.tanh(logits / cfg.softcap)
+        logits, d_cap = cfg.softcap * t, 1.0 - t * t
     slot_ok = jnp.repeat(aux["slot_ok"], cfg.block_k, axis=-1)[..., None, :]  # [(H,) nq, 1, r*bk]
     vis = jnp.logical_and(_flat_keys(aux["valid"], tbl, cfg)[..., None, :], slot_ok)
     if aux["q_pos"] is not None:
@@ -197,7 +220,7 @@ def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
         qi = (first_block * bq + jnp.arange(nq * bq)).reshape(nq, bq, 1)
         kj = (tbl[..., None] * cfg.block_k + jnp.arange(cfg.block_k)).reshape(tbl.shape[:-1] + (1, -1))
         vis = jnp.logical_and(vis, jnp.logical_and(kj >= qi - left, kj <= qi + right))
-    return logits, vis
+    return logits, vis, d_cap
 
 
 CHUNK_ELEMENTS: int | None = None
@@ -249,7 +272,7 @@ def _join_runs(x, nq: int):
 
 
 def _forward_run(qb, kb, vb, aux, cfg: _Static, first_block=0):
-    logits, vis = _logits_and_visibility(qb, kb, aux, cfg, first_block)
+    logits, vis, _ = _logits_and_visibility(qb, kb, aux, cfg, first_block)
     masked = jnp.where(vis, logits, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
     m = jnp.where(m == -jnp.inf, 0.0, m)  # nothing visible: any finite shift; NaN stays NaN
@@ -291,16 +314,19 @@ def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse, first_b
     """Gradients of one run of query blocks: (dq, dk, dv), dk/dv over all key blocks.
 
     dS_ij = p_ij (dP_ij - delta_i + dlse_i),  dP = dO V^T,  delta_i = sum_e dO_ie out_ie,
-    with p recomputed from the logits and the saved lse.
+    with p recomputed from the logits and the saved lse (times 1 - tanh^2 under a soft cap).
     """
-    logits, vis = _logits_and_visibility(qb, kb, aux, cfg, first_block)
+    logits, vis, d_cap = _logits_and_visibility(qb, kb, aux, cfg, first_block)
     lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)[..., None]  # unseen rows: p = 0; NaN rows stay NaN
     p = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - lse_safe), 0.0)
     gather = lambda x: _flat_keys(x, aux["table"], cfg)
     vg, v_transpose = jax.vjp(gather, vb)
     dp = jnp.einsum("bhqie,bhqje->bhqij", d_out, vg)
     delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
-    ds = p * (dp - delta + d_lse[..., None]) * cfg.scale
+    ds = p * (dp - delta + d_lse[..., None])
+    if d_cap is not None:  # where, not a product: an invisible NaN key has a NaN derivative
+        ds = jnp.where(vis, ds * d_cap, 0.0)
+    ds = ds * cfg.scale
     kg, k_transpose = jax.vjp(gather, kb)
     dq = jnp.einsum("bhqij,bhqjd->bhqid", ds, kg)
     (dk,) = k_transpose(jnp.einsum("bhqij,bhqid->bhqjd", ds, qb))
@@ -339,8 +365,8 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def block_sparse_attention(
     q: Float[Array, "B H T D"],
-    k: Float[Array, "B H S D"],
-    v: Float[Array, "B H S E"],
+    k: Float[Array, "B Hkv S D"],
+    v: Float[Array, "B Hkv S E"],
     table,
     *,
     block_q: int,
@@ -354,22 +380,33 @@ def block_sparse_attention(
     band: tuple[int, int] | None = None,
     self_mode: Literal["exclude", "fallback"] | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: Float[Array, "H"] | None = None,
 ) -> tuple[Float[Array, "B H T E"], Float[Array, "B H T"]]:
     """Softmax attention restricted to the key blocks of ``table``; returns ``(out, lse)``.
 
     ``out`` is float32 and zero where a query sees no key; ``lse`` is the log of the
     softmax normaliser (``-inf`` there). See the module docstring for every option.
-    Differentiable in q, k, v by a custom VJP that recomputes the block logits in the
-    backward pass, so only q, k, v, out and lse are kept: O(N d) saved, not O(N r b).
+    Differentiable in q, k, v (and ``sinks``) by a custom VJP that recomputes the block
+    logits in the backward pass, so only q, k, v, out and lse are kept: O(N d) saved, not
+    O(N r b). k and v may have Hkv heads dividing H (query head h reads kv head h // (H /
+    Hkv)); key-side masks (``kv_valid``, ``k_pos``, ``k_seg``) then have 1 or Hkv heads.
     """
     B, H, T, D = q.shape
-    S, E = k.shape[2], v.shape[3]
-    if k.shape != (B, H, S, D) or v.shape[:3] != (B, H, S):
-        raise ValueError(f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree")
+    Hkv, S, E = k.shape[1], k.shape[2], v.shape[3]
+    if k.ndim != 4 or k.shape[0] != B or k.shape[3] != D or v.shape[:3] != (B, Hkv, S) or H % Hkv:
+        raise ValueError(
+            f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree (head-major [B, H, T, D], "
+            "[B, Hkv, S, D], [B, Hkv, S, E] with Hkv dividing H)"
+        )
     if self_mode not in (None, "exclude", "fallback"):
         raise ValueError(f'block_sparse_attention: self_mode must be None, "exclude" or "fallback", got {self_mode!r}')
     if (q_seg is None) != (k_seg is None):
         raise ValueError("block_sparse_attention: give both q_seg and k_seg, or neither")
+    if softcap is not None and not (float(softcap) > 0 and math.isfinite(float(softcap))):
+        raise ValueError(f"block_sparse_attention: softcap must be a finite number > 0, got {softcap}")
+    if sinks is not None and jnp.shape(sinks) != (H,):
+        raise ValueError(f"block_sparse_attention: sinks must have shape [{H}] (one logit per query head), got {jnp.shape(sinks)}")
     nq, nk = num_blocks(T, block_q), num_blocks(S, block_k)
 
     per_head = jnp.ndim(table) == 3
@@ -390,12 +427,12 @@ def block_sparse_attention(
         return x.reshape(x.shape[:2] + (nq, block_q))
 
     def k_side(x, name, fill):
-        x = _pad_axis(_as_bht(x, name, B, H, S), 2, Sp, fill)
+        x = _pad_axis(_as_bht(x, name, B, Hkv, S), 2, Sp, fill)
         return x.reshape(x.shape[:2] + (nk, block_k))
 
     valid = jnp.arange(Sp).reshape(1, 1, nk, block_k) < S  # padding is never visible
     if kv_valid is not None:
-        keep = _as_bht(kv_valid, "kv_valid", B, H, S)[..., None]  # [1|B, 1|H, S, 1]
+        keep = _as_bht(kv_valid, "kv_valid", B, Hkv, S)[..., None]  # [1|B, 1|Hkv, S, 1]
         valid = jnp.logical_and(valid, k_side(kv_valid, "kv_valid", False))
         # hidden keys are read by no product (forward or backward): where, not a product
         k, v = jnp.where(keep, k, jnp.zeros((), k.dtype)), jnp.where(keep, v, jnp.zeros((), v.dtype))
@@ -403,8 +440,8 @@ def block_sparse_attention(
     v = jnp.where(bad, jnp.zeros((), v.dtype), v)
     k = jnp.where(bad, jnp.asarray(jnp.nan, k.dtype), k)  # a bad value poisons who sees its key
     qb = _pad_axis(q.astype(f32), 2, Tp, 0.0).reshape(B, H, nq, block_q, D)
-    kb = _pad_axis(k.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, D)
-    vb = _pad_axis(v.astype(f32), 2, Sp, 0.0).reshape(B, H, nk, block_k, E)
+    kb = _pad_axis(k.astype(f32), 2, Sp, 0.0).reshape(B, Hkv, nk, block_k, D)
+    vb = _pad_axis(v.astype(f32), 2, Sp, 0.0).reshape(B, Hkv, nk, block_k, E)
     need_pos = causal or self_mode is not None
     aux = {
         "table": jnp.clip(table, 0, nk - 1),
@@ -423,9 +460,33 @@ def block_sparse_attention(
         self_mode=self_mode,
         scale=float(1.0 / math.sqrt(D) if scale is None else scale),
         per_head=bool(per_head),
+        num_heads=H,
+        group=H // Hkv,
+        softcap=None if softcap is None else float(softcap),
     )
     out, lse = _attend(qb, kb, vb, aux, cfg)
-    return out.reshape(B, H, Tp, E)[:, :, :T], lse.reshape(B, H, Tp)[:, :, :T]
+    out, lse = out.reshape(B, H, Tp, E)[:, :, :T], lse.reshape(B, H, Tp)[:, :, :T]
+    return (out, lse) if sinks is None else add_sinks(out, lse, sinks)
+
+
+def add_sinks(
+    out: Float[Array, "B H T E"], lse: Float[Array, "B H T"], sinks: Float[Array, "H"]
+) -> tuple[Float[Array, "B H T E"], Float[Array, "B H T"]]:
+    """``(out, lse)`` of a softmax whose denominator also holds ``exp(sink_h)``, a logit with
+    no value, from those of the softmax without it:
+
+        lse' = logaddexp(lse, sink),   out' = out exp(lse - lse')
+
+    Rows that saw nothing (lse = -inf) stay 0 and -inf; a NaN row stays NaN. Differentiable
+    (plain autodiff), so the sink gets its gradient -sum_i p_sink,i (dO_i . out'_i - dlse'_i).
+    Apply it once, after ``merge_softmax`` of disjoint key sets, never to each part.
+    """
+    seen = lse != -jnp.inf  # NaN counts as seen, and stays NaN
+    safe = jnp.where(seen, lse, 0.0)
+    sink = jnp.asarray(sinks, jnp.float32)[None, :, None]
+    total = jnp.logaddexp(safe, sink)
+    out = jnp.where(seen[..., None], out * jnp.exp(safe - total)[..., None], out)
+    return out, jnp.where(seen, total, -jnp.inf)
 
 
 def merge_softmax(

@@ -28,7 +28,10 @@ imply, pair by pair:
     self:     "exclude" hides k_pos[j] == q_pos[i]; "fallback" lowers that logit by
               ``SELF_PENALTY`` (so a query attends to itself only when alone)
 
-It returns ``(out, lse)`` like the engine. O(T S) memory: small inputs only (tests, the
+k and v may have Hkv heads (query head h reads kv head h // (H / Hkv), by ``jnp.repeat``
+here: a reference may repeat); ``softcap`` c puts c tanh(s / c) in place of s (before the
+fallback penalty); ``sinks`` [H] is one more, value-less logit per head, visible to every row
+that sees a key (it enters lse). It returns ``(out, lse)`` like the engine. O(T S) memory: small inputs only (tests, the
 approximation experiment's ground truth). Computation is float32.
 
 Non-finite inputs follow the rules of ``ops.masks``, written out: whether a row sees anything
@@ -176,13 +179,17 @@ def softmax_attention(
     return weighted_values(weights, visibility(mask, B, T, k.shape[1]), values).transpose(0, 2, 1, 3)
 
 
-def _per_position(x) -> Array:
-    """[L], [B, L] or [B|1, H|1, L] -> an array broadcastable to [B, H, L] (the engine's rule)."""
+def _per_position(x, num_heads: int | None = None) -> Array:
+    """[L], [B, L] or [B|1, H|1, L] -> an array broadcastable to [B, H, L] (the engine's rule).
+
+    With ``num_heads``, a key-side array of Hkv < H heads is repeated per query head."""
     x = jnp.asarray(x)
     if x.ndim == 1:
         return x[None, None]
     if x.ndim == 2:
         return x[:, None]
+    if num_heads is not None and x.shape[1] not in (1, num_heads):
+        return jnp.repeat(x, num_heads // x.shape[1], axis=1)
     return x
 
 
@@ -201,12 +208,15 @@ def block_table_visibility(
     k_seg: Int[Array, "Bk Hk S"] | None = None,
     band: tuple[int, int] | None = None,
     self_mode: str | None = None,
+    num_heads: int | None = None,
 ) -> Bool[Array, "Bv Hv T S"]:
     """The ``[B|1, H|1, T, S]`` pairs the block-sparse engine lets attend (module docstring).
 
     ``self_mode="fallback"`` changes a logit, not the visibility: it is applied by
-    ``block_sparse_reference``, not here.
+    ``block_sparse_reference``, not here. ``num_heads``: key-side masks of fewer (kv) heads
+    are repeated to it.
     """
+    H = num_heads
     table = jnp.asarray(table, jnp.int32)
     if table.ndim == 2:
         table = table[None]  # one pattern for every head
@@ -215,16 +225,16 @@ def block_table_visibility(
     listed = jnp.any(rows[:, :, None, :] == (j // block_k)[None, None, :, None], axis=-1)  # [H|1, T, S]
     vis = listed[None]  # [1, H|1, T, S]; the per-position masks below broadcast it to [B|1, H|1, T, S]
     if kv_valid is not None:
-        vis = vis & _per_position(kv_valid)[..., None, :]
+        vis = vis & _per_position(kv_valid, H)[..., None, :]
     if causal or self_mode == "exclude":
         qp = _per_position(i if q_pos is None else q_pos)[..., :, None]
-        kp = _per_position(j if k_pos is None else k_pos)[..., None, :]
+        kp = _per_position(j if k_pos is None else k_pos, H)[..., None, :]
         if causal:
             vis = vis & (kp <= qp)
         if self_mode == "exclude":
             vis = vis & (kp != qp)
     if q_seg is not None:
-        vis = vis & (_per_position(q_seg)[..., :, None] == _per_position(k_seg)[..., None, :])
+        vis = vis & (_per_position(q_seg)[..., :, None] == _per_position(k_seg, H)[..., None, :])
     if band is not None:
         left, right = band
         vis = vis & (j[None, :] >= i[:, None] - left) & (j[None, :] <= i[:, None] + right)
@@ -233,8 +243,8 @@ def block_table_visibility(
 
 def block_sparse_reference(
     q: Float[Array, "B H T D"],
-    k: Float[Array, "B H S D"],
-    v: Float[Array, "B H S E"],
+    k: Float[Array, "B Hkv S D"],
+    v: Float[Array, "B Hkv S E"],
     table,
     *,
     block_q: int,
@@ -248,22 +258,34 @@ def block_sparse_reference(
     band: tuple[int, int] | None = None,
     self_mode: str | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: Float[Array, "H"] | None = None,
 ) -> tuple[Float[Array, "B H T E"], Float[Array, "B H T"]]:
     """Dense attention over the block table: ``(out, lse)`` as ``block_sparse_attention`` returns."""
-    T, D = q.shape[2], q.shape[3]
+    B, H, T, D = q.shape
     S = k.shape[2]
     vis = block_table_visibility(
         table, T, S, block_q=block_q, block_k=block_k, causal=causal, kv_valid=kv_valid,
-        q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, band=band, self_mode=self_mode,
+        q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg, band=band, self_mode=self_mode, num_heads=H,
     )
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k.astype(jnp.float32)
+    k, v = (jnp.repeat(x, H // x.shape[1], axis=1) for x in (k.astype(jnp.float32), v))  # kv head h // G
     if kv_valid is not None:  # keys no query sees: out before any product
-        k = jnp.where(_per_position(kv_valid)[..., None], k, 0.0)
+        k = jnp.where(_per_position(kv_valid, H)[..., None], k, 0.0)
     logits = jnp.einsum("bhtd,bhsd->bhts", q.astype(jnp.float32), k) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     if self_mode == "fallback":
         qp = _per_position(jnp.arange(T) if q_pos is None else q_pos)[..., :, None]
-        kp = _per_position(jnp.arange(S) if k_pos is None else k_pos)[..., None, :]
+        kp = _per_position(jnp.arange(S) if k_pos is None else k_pos, H)[..., None, :]
         logits = jnp.where(kp == qp, logits - SELF_PENALTY, logits)
-    weights, lse = masked_softmax_lse(logits, vis)
+    if sinks is None:
+        weights, lse = masked_softmax_lse(logits, vis)
+    else:  # the sink as an extra column, visible to the rows that see a key
+        vis_full = jnp.broadcast_to(vis, logits.shape)
+        seen = jnp.any(vis_full, axis=-1, keepdims=True)
+        sink_col = jnp.broadcast_to(jnp.asarray(sinks, jnp.float32)[None, :, None, None], (B, H, T, 1))
+        weights, lse = masked_softmax_lse(jnp.concatenate([logits, sink_col], -1),
+                                          jnp.concatenate([vis_full, seen], -1))
+        weights = weights[..., :S]
     return weighted_values(weights, vis, v), lse
