@@ -1,6 +1,6 @@
 """Linear attention from feature maps: the engine of ``linear``, ``performer`` and ``cosformer``.
 
-Given feature maps phi(Q) [B, T, H, F] and phi(K) [B, S, H, F] (computed by the variant),
+Given feature maps phi(Q) [B, T, H, F] and phi(K) [B, S, Hkv, F] (computed by the variant),
 
     out_i = sum_j (phi(q_i) . phi(k_j)) v_j  /  sum_j phi(q_i) . phi(k_j)
 
@@ -60,13 +60,45 @@ keys; causal, M_i = max over the keys j <= i, tracked like an online softmax: th
 state is kept at the scale of the running max of earlier chunks and rescaled when a chunk
 raises it, and within a chunk row i uses the cumulative max up to i. Every exponent is then
 <= 0, and output i depends only on keys j <= i, bit for bit.
+
+Grouped-query heads (GQA). phi(K), V and the log scales may have Hkv < H heads (H a multiple
+of Hkv): query head h reads kv head h // (H / Hkv). The queries are viewed as [.., Hkv, G, F]
+(G = H / Hkv) and every state phi(K)^T [V | 1] is built once per kv head and read by its G
+query heads; k and v are never repeated per query head, so the state memory is that of Hkv
+heads and the gradient of a shared key sums over its group by construction.
+
+Packed sequences (``q_segment_ids`` / ``kv_segment_ids``): a query sees only keys of its own
+segment. The engine works on a layout where every segment is one contiguous run of tokens:
+
+    aligned (self-attention, T == S and equal ids: what packing writes): tokens sorted by id,
+        stable, so a segment's tokens keep their order (sorted ids, the usual case, are left
+        where they are);
+    merged (cross attention, or different query and key ids): the T queries and S keys are
+        put in ONE sequence of T + S elements sorted by (id, position, key-before-query), the
+        queries carrying no key features and the keys no query features.
+
+(A call with T == S chooses between the two with ``lax.cond`` on whether the ids are equal,
+unless both ids are the same array.) On that layout, chunk-parallel, never a loop over segments:
+
+    in a chunk, the C x C scores are masked to pairs of one segment (and j <= i when causal);
+    a carry from the left, entering chunk c, is the sum phi(K)^T [V | 1] of the run that holds
+    the last token before the chunk (it is kept across the boundary only where that run goes
+    on, i.e. reset at each segment start); a query adds it when it belongs to that run;
+    bidirectional, a carry from the right (a reverse scan) does the same for the run that
+    holds the first token after the chunk.
+
+Cost O(L C F + L F Dv) time and O(L C + (L / C) F Dv) memory for L = T (aligned) or T + S
+(merged), plus an O(L log L) sort of the ids: linear in the tokens, independent of the
+number of segments. Log scales are maximised over a query's own segment only (the row's
+constant never comes from another sequence), so a packed row equals the sequence alone.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.ops.masks import split_nonfinite
 
@@ -96,70 +128,215 @@ def _pad_len(x, axis: int, size: int, value=0.0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _noncausal(phi_q, phi_k, v1, log_scale):
-    if log_scale is not None:
-        top = lax.stop_gradient(jnp.max(log_scale, axis=1, keepdims=True))  # [B, 1, H]
-        phi_k = phi_k * jnp.exp(log_scale - top)[..., None]
-    kv = jnp.einsum("bshf,bshe->bhfe", phi_k, v1)
-    return jnp.einsum("bthf,bhfe->bthe", phi_q, kv)
-
-
-def _causal(phi_q, phi_k, v1, log_scale, chunk: int):
-    B, N, H, F = phi_q.shape
-    E = v1.shape[-1]
+def _chunker(N: int, chunk: int):
+    """(C, n, chunks): ``chunks(x)`` cuts [B, N, K, ...] into [n, B, K, C, ...] (padded to n C)."""
     C = min(chunk, N)
     n = -(-N // C)
-    L = n * C
 
-    def chunks(x, value=0.0):  # [B, N, H, ...] -> [n, B, H, C, ...]
-        x = _pad_len(x, 1, L, value)
-        x = x.reshape((B, n, C) + x.shape[2:])
+    def chunks(x, value=0.0):
+        x = _pad_len(x, 1, n * C, value)
+        x = x.reshape((x.shape[0], n, C) + x.shape[2:])
         return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 2, 3)
 
-    qc, kc, vc = chunks(phi_q), chunks(phi_k), chunks(v1)
+    return C, n, chunks
+
+
+def _unchunk(out, N: int):
+    """[n, B, K, C, G, E] -> [B, N, K, G, E]."""
+    n, B, K, C = out.shape[:4]
+    out = jnp.moveaxis(jnp.moveaxis(out, 3, 2), 0, 1).reshape((B, n * C, K) + out.shape[4:])
+    return out[:, :N]
+
+
+# Shapes inside: q [B, T, K, G, F] (K = kv heads, G query heads per kv head), k [B, S, K, F],
+# v1 [B, S, K, E] (values with the all-ones column), l [B, S, K] or None.
+
+
+def _noncausal(q, k, v1, log_scale):
+    if log_scale is not None:
+        top = lax.stop_gradient(jnp.max(log_scale, axis=1, keepdims=True))  # [B, 1, K]
+        k = k * jnp.exp(log_scale - top)[..., None]
+    kv = jnp.einsum("bskf,bske->bkfe", k, v1)  # one state per kv head
+    return jnp.einsum("btkgf,bkfe->btkge", q, kv)
+
+
+def _causal(q, k, v1, log_scale, chunk: int):
+    B, N, K, G, F = q.shape
+    E = v1.shape[-1]
+    C, _, chunks = _chunker(N, chunk)
+    qc, kc, vc = chunks(q), chunks(k), chunks(v1)  # [n, B, K, C, G, F], [n, B, K, C, F], [n, B, K, C, E]
     tri = jnp.tril(jnp.ones((C, C), bool))
     if log_scale is None:
 
         def step(state, xs):
             q, k, v = xs
-            s = jnp.where(tri, jnp.einsum("bhif,bhjf->bhij", q, k), 0.0)  # future NaN: where, after the product
-            out = jnp.einsum("bhij,bhje->bhie", s, v) + jnp.einsum("bhif,bhfe->bhie", q, state)
-            return state + jnp.einsum("bhjf,bhje->bhfe", k, v), out
+            s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k), 0.0)  # future NaN: where, after the product
+            out = jnp.einsum("bkgij,bkje->bkige", s, v) + jnp.einsum("bkigf,bkfe->bkige", q, state)
+            return state + jnp.einsum("bkjf,bkje->bkfe", k, v), out
 
-        init = jnp.zeros((B, H, F, E), jnp.float32)
+        init = jnp.zeros((B, K, F, E), jnp.float32)
         _, out = lax.scan(step, init, (qc, kc, vc))
     else:
-        lc = chunks(log_scale, _NEG)  # [n, B, H, C]
+        lc = chunks(log_scale, _NEG)  # [n, B, K, C]
 
         def step(carry, xs):
-            state, top = carry  # state at scale exp(-top); top [B, H]
+            state, top = carry  # state at scale exp(-top); top [B, K]
             q, k, v, l = xs
             ls = lax.stop_gradient(l)
-            row_top = jnp.maximum(top[..., None], lax.cummax(ls, axis=2))  # [B, H, C]
+            row_top = jnp.maximum(top[..., None], lax.cummax(ls, axis=2))  # [B, K, C]
             # exponent l_j - row_top_i <= 0 for j <= i; masked before exp (no inf, no NaN grad)
             w = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], _NEG))
-            s = jnp.where(tri, jnp.einsum("bhif,bhjf->bhij", q, k) * w, 0.0)  # where after the product
-            inter = jnp.einsum("bhif,bhfe->bhie", q, state) * jnp.exp(top[..., None] - row_top)[..., None]
-            out = jnp.einsum("bhij,bhje->bhie", s, v) + inter
+            s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k) * w[:, :, None], 0.0)  # where after the product
+            inter = jnp.einsum("bkigf,bkfe->bkige", q, state) * jnp.exp(top[..., None] - row_top)[..., None, None]
+            out = jnp.einsum("bkgij,bkje->bkige", s, v) + inter
             new_top = jnp.maximum(top, jnp.max(ls, axis=2))
             kw = k * jnp.exp(l - new_top[..., None])[..., None]
-            state = state * jnp.exp(top - new_top)[..., None, None] + jnp.einsum("bhjf,bhje->bhfe", kw, v)
+            state = state * jnp.exp(top - new_top)[..., None, None] + jnp.einsum("bkjf,bkje->bkfe", kw, v)
             return (state, new_top), out
 
-        init = (jnp.zeros((B, H, F, E), jnp.float32), jnp.full((B, H), _NEG, jnp.float32))
+        init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), _NEG, jnp.float32))
         _, out = lax.scan(step, init, (qc, kc, vc, lc))
-    out = jnp.moveaxis(jnp.moveaxis(out, 3, 2), 0, 1).reshape(B, L, H, E)
-    return out[:, :N]
+    return _unchunk(out, N)
+
+
+# ------------------------------------------------------------------------- packed segments
+
+
+def _run_carries(kc, vc, lc, idc, reverse: bool):
+    """The carry entering each chunk from the left (or, ``reverse``, from the right): the sum
+    exp(l - top) phi(k) [v | 1]^T over the run of the token just outside the chunk, its top
+    and that run's id. Runs are contiguous, so a run that goes on through a chunk covers it."""
+    _, B, K, C, F = kc.shape
+    E = vc.shape[-1]
+    edge = 0 if reverse else C - 1  # the chunk's token that the next carry continues from
+
+    def step(carry, xs):
+        state, top, run = carry  # [B, K, F, E], [B, K], [B]
+        k, v, ids, *l = xs  # l: [] or [log scales]
+        last = ids[:, edge]
+        cont = (last == run)[:, None]  # the run goes on through the whole chunk
+        keep = ids == last[:, None]  # [B, C]: the chunk's tokens of the new run
+        kk = jnp.where(keep[:, None, :, None], k, 0.0)  # other runs' keys (even NaN ones) never enter
+        if not l:
+            state = jnp.where(cont[..., None, None], state, 0.0) + jnp.einsum("bkjf,bkje->bkfe", kk, v)
+        else:
+            ls = lax.stop_gradient(l[0])
+            new_top = jnp.maximum(jnp.where(cont, top, _NEG), jnp.max(jnp.where(keep[:, None], ls, _NEG), axis=2))
+            old = jnp.exp(jnp.where(cont, top - new_top, 0.0))[..., None, None]
+            w = jnp.exp(jnp.where(keep[:, None], l[0] - new_top[..., None], _NEG))  # exponents <= 0
+            kept = jnp.where(cont[..., None, None], state * old, 0.0)
+            state = kept + jnp.einsum("bkjf,bkje->bkfe", kk * w[..., None], v)
+            top = new_top
+        return (state, top, last), (state, top, last)
+
+    init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), _NEG, jnp.float32), idc[0, :, 0])
+    xs = (kc, vc, idc) if lc is None else (kc, vc, idc, lc)
+    _, (after_state, after_top, after_run) = lax.scan(step, init, xs, reverse=reverse)
+
+    # entering chunk c = the carry after chunk c - 1 (left) or c + 1 (right); nothing at the ends
+    def shift(x, first):
+        return jnp.concatenate([x[1:], first[None]]) if reverse else jnp.concatenate([first[None], x[:-1]])
+
+    return shift(after_state, init[0]), shift(after_top, init[1]), shift(after_run, init[2])
+
+
+def _contiguous(q, k, v1, log_scale, ids, causal: bool, chunk: int):
+    """Attention within segments on a layout where each id is ONE contiguous run (module docstring)."""
+    B, N, K, G, F = q.shape
+    C, _, chunks = _chunker(N, chunk)
+    ids = _pad_len(ids, 1, -(-N // C) * C, 0)
+    ids = jnp.where(jnp.arange(ids.shape[1]) < N, ids, ids[:, N - 1 : N])  # padding extends the last run
+    qc, kc, vc = chunks(q), chunks(k), chunks(v1)
+    idc = jnp.moveaxis(ids.reshape(B, -1, C), 1, 0)  # [n, B, C]
+    lc = None if log_scale is None else chunks(log_scale, _NEG)  # [n, B, K, C]
+    sides = [_run_carries(kc, vc, lc, idc, reverse=False)]
+    if not causal:
+        sides.append(_run_carries(kc, vc, lc, idc, reverse=True))
+    same = idc[..., :, None] == idc[..., None, :]  # [n, B, C, C]
+    if causal:
+        same = same & jnp.tril(jnp.ones((C, C), bool))
+    reads = [idc == run[..., None] for _, _, run in sides]  # [n, B, C]: the query belongs to that run
+    scores = jnp.einsum("nbkigf,nbkjf->nbkgij", qc, kc)
+    if lc is None:
+        s = jnp.where(same[:, :, None, None], scores, 0.0)  # where after the product
+        out = jnp.einsum("nbkgij,nbkje->nbkige", s, vc)
+        for (state, _, _), read in zip(sides, reads):
+            inter = jnp.einsum("nbkigf,nbkfe->nbkige", qc, state)
+            out = out + jnp.where(read[:, :, None, :, None, None], inter, 0.0)
+        return _unchunk(out, N)
+    ls = lax.stop_gradient(lc)
+    # the row's constant: the largest log scale among the keys of ITS segment only
+    row_top = jnp.max(jnp.where(same[:, :, None], ls[..., None, :], _NEG), axis=-1)  # [n, B, K, C]
+    for (_, top, _), read in zip(sides, reads):
+        row_top = jnp.maximum(row_top, jnp.where(read[:, :, None], top[..., None], _NEG))
+    w = jnp.exp(jnp.where(same[:, :, None], lc[..., None, :] - row_top[..., :, None], _NEG))  # exponents <= 0
+    s = jnp.where(same[:, :, None, None], scores * w[:, :, :, None], 0.0)
+    out = jnp.einsum("nbkgij,nbkje->nbkige", s, vc)
+    for (state, top, _), read in zip(sides, reads):
+        r = read[:, :, None]  # [n, B, 1, C]
+        scale = jnp.exp(jnp.where(r, top[..., None] - row_top, _NEG))[..., None, None]
+        inter = jnp.einsum("nbkigf,nbkfe->nbkige", qc, state) * scale
+        out = out + jnp.where(r[..., None, None], inter, 0.0)
+    return _unchunk(out, N)
+
+
+def _rows(x, index):
+    """x[b, index[b]] for every batch row b (a gather along axis 1)."""
+    return jax.vmap(lambda a, i: a[i])(x, index)
+
+
+def _aligned(q, k, v1, log_scale, ids, causal: bool, chunk: int):
+    """Self-attention with equal query and key ids: tokens stably sorted by id, attended, put back."""
+    order = jnp.argsort(ids, axis=1, stable=True)
+    back = jnp.argsort(order, axis=1)
+    ls = None if log_scale is None else _rows(log_scale, order)
+    out = _contiguous(_rows(q, order), _rows(k, order), _rows(v1, order), ls, _rows(ids, order), causal, chunk)
+    return _rows(out, back)
+
+
+def _merged(q, k, v1, log_scale, q_ids, kv_ids, causal: bool, chunk: int):
+    """Any ids: queries and keys in one sequence sorted by (id, position, key first), attended, taken back."""
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    zq = jnp.concatenate([q, jnp.zeros((B, S) + q.shape[2:], q.dtype)], axis=1)
+    zk = jnp.concatenate([jnp.zeros((B, T) + k.shape[2:], k.dtype), k], axis=1)
+    zv = jnp.concatenate([jnp.zeros((B, T) + v1.shape[2:], v1.dtype), v1], axis=1)
+    zl = None
+    if log_scale is not None:
+        zl = jnp.concatenate([jnp.full((B, T) + log_scale.shape[2:], _NEG, log_scale.dtype), log_scale], axis=1)
+    ids = jnp.concatenate([q_ids, kv_ids], axis=1)
+    position = jnp.broadcast_to(jnp.concatenate([jnp.arange(T), jnp.arange(S)]), ids.shape)
+    is_query = jnp.broadcast_to(jnp.concatenate([jnp.ones(T, jnp.int32), jnp.zeros(S, jnp.int32)]), ids.shape)
+    order = jnp.lexsort((is_query, position, ids), axis=1)  # ids first; a key before the query of its position
+    back = jnp.argsort(order, axis=1)
+    zl = None if zl is None else _rows(zl, order)
+    out = _contiguous(_rows(zq, order), _rows(zk, order), _rows(zv, order), zl, _rows(ids, order), causal, chunk)
+    return _rows(out, back)[:, :T]
+
+
+def _packed(q, k, v1, log_scale, q_ids, kv_ids, causal: bool, chunk: int):
+    if q_ids is kv_ids:
+        return _aligned(q, k, v1, log_scale, q_ids, causal, chunk)
+    if q.shape[1] != k.shape[1]:
+        return _merged(q, k, v1, log_scale, q_ids, kv_ids, causal, chunk)
+    return lax.cond(
+        jnp.all(q_ids == kv_ids),
+        lambda ops: _aligned(*ops[:4], ops[4], causal, chunk),
+        lambda ops: _merged(*ops, causal, chunk),
+        (q, k, v1, log_scale, q_ids, kv_ids),
+    )
 
 
 def linear_attention(
     phi_q: Float[Array, "B T H F"],
-    phi_k: Float[Array, "B S H F"],
-    v: Float[Array, "B S H Dv"],
+    phi_k: Float[Array, "B S Hkv F"],
+    v: Float[Array, "B S Hkv Dv"],
     *,
     causal: bool = False,
     kv_mask: Bool[Array, "B S"] | None = None,
-    k_log_scale: Float[Array, "B S H"] | None = None,
+    k_log_scale: Float[Array, "B S Hkv"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
     eps: float = 0.0,
     chunk_size: int = 64,
 ) -> Float[Array, "B T H Dv"]:
@@ -167,11 +344,23 @@ def linear_attention(
 
     ``causal`` needs T == S. ``k_log_scale``: optional per-key log multiplier of phi(k); the
     denominator is then known only up to the engine's rescaling, so ``eps`` must be 0.
+    phi(K), v (and the log scales) may have Hkv heads dividing H (grouped-query attention:
+    query head h reads kv head h // (H / Hkv)). ``q_segment_ids`` / ``kv_segment_ids``
+    (both or neither): packed sequences, a query sees only keys of its own segment.
     """
-    if causal and phi_q.shape[1] != phi_k.shape[1]:
-        raise ValueError(f"causal linear attention needs T == S, got {phi_q.shape[1]} and {phi_k.shape[1]}")
+    B, T, H, F = phi_q.shape
+    S, Hkv = phi_k.shape[1], phi_k.shape[2]
+    if causal and T != S:
+        raise ValueError(f"causal linear attention needs T == S, got {T} and {S}")
     if k_log_scale is not None and eps != 0:
         raise ValueError("linear_attention: eps must be 0 with k_log_scale (the rescaled denominator has no fixed scale)")
+    if v.shape[2] != Hkv or H % Hkv:
+        raise ValueError(
+            f"linear_attention: phi_k and v must have the same kv head count dividing the {H} query heads, "
+            f"got phi_k {tuple(phi_k.shape)} and v {tuple(v.shape)}"
+        )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("linear_attention: give both q_segment_ids and kv_segment_ids, or neither")
     phi_q, phi_k, v = (x.astype(jnp.float32) for x in (phi_q, phi_k, v))
     if k_log_scale is not None:
         k_log_scale = k_log_scale.astype(jnp.float32)
@@ -184,8 +373,12 @@ def linear_attention(
         if k_log_scale is not None:
             k_log_scale = jnp.where(keep, k_log_scale, _NEG)
     v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
-    if causal:
-        nd = _causal(phi_q, phi_k, v1, k_log_scale, chunk_size)
+    q = phi_q.reshape(B, T, Hkv, H // Hkv, F)  # query head h = kv head h // G, member h % G
+    if q_segment_ids is not None:
+        nd = _packed(q, phi_k, v1, k_log_scale, q_segment_ids, kv_segment_ids, bool(causal), chunk_size)
+    elif causal:
+        nd = _causal(q, phi_k, v1, k_log_scale, chunk_size)
     else:
-        nd = _noncausal(phi_q, phi_k, v1, k_log_scale)
+        nd = _noncausal(q, phi_k, v1, k_log_scale)
+    nd = nd.reshape(B, T, H, -1)
     return normalise(nd[..., :-1], nd[..., -1:], eps)

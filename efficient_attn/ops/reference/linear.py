@@ -6,9 +6,11 @@ per-key log scales l [B, S, H],
     W_ij  = phi(q_i) . phi(k_j) exp(l_j)            over the keys j visible to query i
     out_i = sum_j W_ij v_j / (sum_j W_ij + eps)     where sum_j W_ij > 0, else 0
 
-(visible: j <= i when causal; kv_mask[j]; a masked key's features, value and scale are
-replaced by zeros / "no weight" with ``where``, so whatever they held cannot leak). Here the
-same quantity is computed three obviously-right ways, slowly:
+(visible: j <= i when causal; kv_mask[j]; packed sequences: q_segment_ids[i] ==
+kv_segment_ids[j]; a masked key's features, value and scale are replaced by zeros / "no
+weight" with ``where``, so whatever they held cannot leak). Grouped-query heads: phi(K), V and
+l may have Hkv heads dividing H; query head h reads kv head h // (H / Hkv), looked up here by
+index (``_per_query_head``). Here the same quantity is computed three obviously-right ways, slowly:
 
 ``kernel_matrix_attention``    from an explicit [B, H, T, S] kernel matrix W (masked by zeroing)
 ``linear_attention_quadratic`` W = phi(Q) (phi(K) exp(l))^T formed explicitly, then the above
@@ -37,7 +39,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.ops.reference.softmax import masked_softmax_lse, weighted_values
 
@@ -51,13 +53,26 @@ __all__ = [
 _NO_KEY = -1e30  # log scale of "no key seen yet": finite, so differences of two of them are 0, not NaN
 
 
-def _visible(B: int, T: int, S: int, causal: bool, kv_mask) -> Bool[Array, "B 1 T S"]:
+def _visible(B: int, T: int, S: int, causal: bool, kv_mask, q_segment_ids=None, kv_segment_ids=None
+             ) -> Bool[Array, "B 1 T S"]:
     vis = jnp.ones((B, 1, T, S), bool)
     if causal:
         vis = vis & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
     if kv_mask is not None:
         vis = vis & kv_mask[:, None, None, :]
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("linear attention reference: give both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None:  # packed sequences: pairs of one segment only
+        vis = vis & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
     return vis
+
+
+def _per_query_head(x, num_heads: int):
+    """[B, S, Hkv, ...] -> [B, S, H, ...]: query head h's copy of kv head h // (H / Hkv)."""
+    Hkv = x.shape[2]
+    if num_heads % Hkv:
+        raise ValueError(f"linear attention reference: {Hkv} kv heads do not divide {num_heads} query heads")
+    return jnp.take(x, jnp.arange(num_heads) // (num_heads // Hkv), axis=2)
 
 
 def _check_log_scale(k_log_scale, eps: float) -> None:
@@ -76,17 +91,19 @@ def _ratio(num, den, eps: float):
 
 def kernel_matrix_attention(
     weights: Float[Array, "B H T S"],
-    v: Float[Array, "B S H Dv"],
+    v: Float[Array, "B S Hkv Dv"],
     *,
     causal: bool = False,
     kv_mask: Bool[Array, "B S"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
     eps: float = 0.0,
 ) -> Float[Array, "B T H Dv"]:
     """out_i = sum_j W_ij v_j / (sum_j W_ij + eps) over the visible j (0 where the sum is <= 0)."""
-    B, _, T, S = weights.shape
-    vis = _visible(B, T, S, causal, kv_mask)
+    B, H, T, S = weights.shape
+    vis = _visible(B, T, S, causal, kv_mask, q_segment_ids, kv_segment_ids)
     w = jnp.where(vis, weights.astype(jnp.float32), 0.0)
-    v = v.astype(jnp.float32)
+    v = _per_query_head(v.astype(jnp.float32), H)
     if kv_mask is not None:
         v = jnp.where(kv_mask[:, :, None, None], v, 0.0)
     num = weighted_values(w, vis, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # NaN only where seen
@@ -96,29 +113,33 @@ def kernel_matrix_attention(
 
 def linear_attention_quadratic(
     phi_q: Float[Array, "B T H F"],
-    phi_k: Float[Array, "B S H F"],
-    v: Float[Array, "B S H Dv"],
+    phi_k: Float[Array, "B S Hkv F"],
+    v: Float[Array, "B S Hkv Dv"],
     *,
     causal: bool = False,
     kv_mask: Bool[Array, "B S"] | None = None,
-    k_log_scale: Float[Array, "B S H"] | None = None,
+    k_log_scale: Float[Array, "B S Hkv"] | None = None,
+    q_segment_ids: Int[Array, "B T"] | None = None,
+    kv_segment_ids: Int[Array, "B S"] | None = None,
     eps: float = 0.0,
 ) -> Float[Array, "B T H Dv"]:
     """The engine's output with the [T, S] kernel matrix W = phi(Q) (phi(K) exp(l))^T formed explicitly."""
     _check_log_scale(k_log_scale, eps)
     phi_q, phi_k = phi_q.astype(jnp.float32), phi_k.astype(jnp.float32)
-    B, T = phi_q.shape[:2]
+    B, T, H = phi_q.shape[:3]
     S = phi_k.shape[1]
     if kv_mask is not None:
         phi_k = jnp.where(kv_mask[:, :, None, None], phi_k, 0.0)
-    w = jnp.einsum("bthf,bshf->bhts", phi_q, phi_k)
+    w = jnp.einsum("bthf,bshf->bhts", phi_q, _per_query_head(phi_k, H))
     if k_log_scale is not None:
-        vis = _visible(B, T, S, causal, kv_mask)
-        l = jnp.broadcast_to(k_log_scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, :], w.shape)  # [B, H, T, S]
+        vis = _visible(B, T, S, causal, kv_mask, q_segment_ids, kv_segment_ids)
+        l = _per_query_head(k_log_scale.astype(jnp.float32), H)
+        l = jnp.broadcast_to(l.transpose(0, 2, 1)[:, :, None, :], w.shape)  # [B, H, T, S]
         top = jnp.max(jnp.where(vis, l, -jnp.inf), axis=-1, keepdims=True)  # c_i: largest visible scale
         top = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
         w = w * jnp.where(vis, jnp.exp(jnp.where(vis, l - top, 0.0)), 0.0)
-    return kernel_matrix_attention(w, v, causal=causal, kv_mask=kv_mask, eps=eps)
+    return kernel_matrix_attention(w, v, causal=causal, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                                   kv_segment_ids=kv_segment_ids, eps=eps)
 
 
 def linear_attention_recurrent(
