@@ -49,6 +49,20 @@ bigbird -- Zaheer et al., "Big Bird: Transformers for Longer Sequences", NeurIPS
     Defaults: block 64 and 3 random blocks as in LRA and the paper; 2 global blocks as in
     the paper's BigBird-ITC setting (2 x 64 global tokens).
 
+Options of the softmax family, native in all three (``Capabilities`` gqa, segments, softcap,
+sinks), on the engine:
+
+- grouped-query k/v: query head h reads kv head h // G by index, never a repeated copy;
+- packed sequences (``Mask`` segment ids): the pattern is that of the packed sequence (its
+  blocks, strides, global and random blocks are positions of the whole row), and pairs whose
+  ids differ are masked inside it. A packed sequence thus sees a subset of what it would see
+  alone (the same where the pattern covers its whole segment, e.g. at the exact limit);
+- ``softcap`` c: s -> c tanh(s / c) on every logit;
+- ``sinks``: a learned value-less logit per head, once in the denominator of every row that
+  sees a key (longformer adds it after merging its window and global parts).
+
+Decoding refuses softcap and sinks, and decodes one sequence per row (no segments).
+
 Decoding (``init_state`` / ``prefill`` / ``step``): all three keep a KV cache of the
 state's max_len slots and read, per step, the cached keys their pattern gives the step's
 position (one masked softmax over the cache: O(max_len d) per step). sparse_transformer's
@@ -70,6 +84,7 @@ from jaxtyping import Array, Float
 from efficient_attn.core import Attention, Capabilities, Mask, check_config, check_positive_int
 from efficient_attn.ops import kv_cache
 from efficient_attn.ops.block_sparse import (
+    add_sinks,
     band_block_size,
     banded_table,
     block_sparse_attention,
@@ -77,7 +92,9 @@ from efficient_attn.ops.block_sparse import (
     num_blocks,
     pad_rows,
 )
+from efficient_attn.ops.online_softmax import check_softcap
 from efficient_attn.registry import Budget, register
+from efficient_attn.variants.blockwise import sink_logits
 
 
 def _bhtd(x):
@@ -86,6 +103,29 @@ def _bhtd(x):
 
 def _unpack(mask: Mask):
     return mask.causal, mask.kv_mask
+
+
+def _check_options(variant: str, config) -> None:
+    """The softmax-family options every config here has: softcap (None or c > 0) and sinks (bool)."""
+    check_softcap(variant, config.softcap)
+    check_config(variant, isinstance(config.sinks, bool), f"sinks must be True or False, got {config.sinks!r}")
+
+
+class _SoftmaxOptions(Attention):
+    """What the three variants share: the learned sinks, and no decoding with softcap/sinks."""
+
+    def __init__(self, config, dims, *, rngs):
+        super().__init__(config, dims, rngs=rngs)
+        self.sinks = sink_logits(dims.num_heads, config.sinks)
+
+    def _sink_values(self):
+        return None if self.sinks is None else self.sinks[...]
+
+    def _refuse_decoding_options(self) -> None:
+        if self.config.softcap is not None or self.config.sinks:
+            raise ValueError(
+                f"{self.variant_name}: decoding with softcap or sinks is not implemented; build without them to decode"
+            )
 
 
 # ----------------------------------------------------------------------------------------
@@ -100,8 +140,11 @@ class SparseTransformerConfig:
     block_size: int = 16
     stride: int | None = None
     mode: str = "fixed"
+    softcap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self):
+        _check_options("sparse_transformer", self)
         check_positive_int("sparse_transformer", "block_size", self.block_size)
         if self.stride is not None:
             check_positive_int("sparse_transformer", "stride", self.stride)
@@ -143,18 +186,19 @@ def sparse_transformer_table(num_block: int, stride: int, mode: str, causal: boo
     pattern_setting={"block_size": 4},
     exact_limit=lambda n: {"block_size": n},  # one block: every key visible
 )
-class SparseTransformerAttention(Attention):
+class SparseTransformerAttention(_SoftmaxOptions):
     """Sparse Transformer: the union of a local and a strided (or fixed/summary) block pattern."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N + (N/b)^1.5)", decode=True
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N sqrt(N b))", memory="O(N + (N/b)^1.5)",
+        gqa=True, segments=True, softcap=True, sinks=True, decode=True,
     )
 
     def attend(
         self,
         q: Float[Array, "B T H D"],
-        k: Float[Array, "B S H D"],
-        v: Float[Array, "B S H Dv"],
+        k: Float[Array, "B S Hkv D"],
+        v: Float[Array, "B S Hkv Dv"],
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv = _unpack(mask)
@@ -164,7 +208,8 @@ class SparseTransformerAttention(Attention):
         table = sparse_transformer_table(nb, sparse_transformer_stride(nb, cfg.stride), cfg.mode, causal)
         out, _ = block_sparse_attention(
             _bhtd(q), _bhtd(k), _bhtd(v), table, block_q=cfg.block_size, block_k=cfg.block_size,
-            causal=causal, kv_valid=kv,
+            causal=causal, kv_valid=kv, q_seg=mask.q_segment_ids, k_seg=mask.kv_segment_ids,
+            softcap=cfg.softcap, sinks=self._sink_values(),
         )
         return _bhtd(out)
 
@@ -174,6 +219,7 @@ class SparseTransformerAttention(Attention):
     # the causal forward over max_len tokens
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
+        self._refuse_decoding_options()
         d = self.dims
         return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
 
@@ -207,8 +253,11 @@ class LongformerConfig:
 
     window: int = 512
     global_tokens: tuple[int, ...] = ()
+    softcap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self):
+        _check_options("longformer", self)
         check_positive_int("longformer", "window", self.window, minimum=2)
         tokens = self.global_tokens
         check_config(
@@ -229,16 +278,19 @@ class LongformerConfig:
     pattern_setting={"window": 16},
     exact_limit=lambda n: {"window": 2 * n},  # n keys on each side
 )
-class LongformerAttention(Attention):
+class LongformerAttention(_SoftmaxOptions):
     """Longformer: a sliding window plus symmetric global attention on chosen positions."""
 
-    capabilities = Capabilities(causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N + w^2)", decode=True)
+    capabilities = Capabilities(
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N (w + g))", memory="O(N + w^2)",
+        gqa=True, segments=True, softcap=True, sinks=True, decode=True,
+    )
 
     def attend(
         self,
         q: Float[Array, "B T H D"],
-        k: Float[Array, "B S H D"],
-        v: Float[Array, "B S H Dv"],
+        k: Float[Array, "B S Hkv D"],
+        v: Float[Array, "B S Hkv Dv"],
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv = _unpack(mask)
@@ -258,26 +310,32 @@ class LongformerAttention(Attention):
         if gpos:
             not_global = jnp.ones((T,), bool).at[np.asarray(gpos)].set(False)
             local_kv = not_global[None] if kv is None else jnp.logical_and(kv, not_global[None])
+        qs, ks = mask.q_segment_ids, mask.kv_segment_ids
+        opts = dict(softcap=self.config.softcap)
+        sinks = self._sink_values()
         out, lse = block_sparse_attention(
             qh, kh, vh, banded_table(nb, nb, b, b, half, right), block_q=b, block_k=b,
-            causal=causal, kv_valid=local_kv, band=(half, right),
+            causal=causal, kv_valid=local_kv, band=(half, right), q_seg=qs, k_seg=ks, **opts,
         )
         if not gpos:
-            return _bhtd(out)
+            return _bhtd(out if sinks is None else add_sinks(out, lse, sinks)[0])
         g = len(gpos)
         idx = np.asarray(gpos)
         kv_g = None if kv is None else kv[:, idx]
         # every query against the global keys
         out_g, lse_g = block_sparse_attention(
             qh, kh[:, :, idx], vh[:, :, idx], np.zeros((nb, 1), np.int32), block_q=b, block_k=g,
-            causal=causal, kv_valid=kv_g, k_pos=idx,
+            causal=causal, kv_valid=kv_g, k_pos=idx, q_seg=qs, k_seg=None if ks is None else ks[:, idx], **opts,
         )
-        out, _ = merge_softmax(jnp.stack([out, out_g]), jnp.stack([lse, lse_g]))
+        out, lse = merge_softmax(jnp.stack([out, out_g]), jnp.stack([lse, lse_g]))
+        if sinks is not None:  # once, in the union's denominator
+            out, _ = add_sinks(out, lse, sinks)
         # global queries against every key, in blocks of at most b queries
         bg = min(g, b)
         rows, _ = block_sparse_attention(
             qh[:, :, idx], kh, vh, np.tile(np.arange(nb, dtype=np.int32), (num_blocks(g, bg), 1)),
             block_q=bg, block_k=b, causal=causal, kv_valid=kv, q_pos=idx,
+            q_seg=None if qs is None else qs[:, idx], k_seg=ks, sinks=sinks, **opts,
         )
         return _bhtd(out.at[:, :, idx].set(rows))
 
@@ -285,6 +343,7 @@ class LongformerAttention(Attention):
     # sees the window, the global keys, and everything when its own position is global
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
+        self._refuse_decoding_options()
         d = self.dims
         return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
 
@@ -319,8 +378,11 @@ class BigBirdConfig:
     block_size: int = 64
     num_global_blocks: int = 2
     num_random_blocks: int = 3
+    softcap: float | None = None
+    sinks: bool = False
 
     def __post_init__(self):
+        _check_options("bigbird", self)
         check_positive_int("bigbird", "block_size", self.block_size)
         check_positive_int("bigbird", "num_global_blocks", self.num_global_blocks, minimum=0)
         check_positive_int("bigbird", "num_random_blocks", self.num_random_blocks, minimum=0)
@@ -388,11 +450,12 @@ def bigbird_table(u, num_block: int, num_global: int, causal: bool):
     pattern_setting={"block_size": 8},
     exact_limit=lambda n: {"block_size": n},  # one block: every key visible
 )
-class BigBirdAttention(Attention):
+class BigBirdAttention(_SoftmaxOptions):
     """BigBird (ITC): window of 3 blocks + global blocks + random blocks fixed per module."""
 
     capabilities = Capabilities(
-        causal=True, cross=False, kv_mask=True, exact=False, time="O(N b (g + r + 3))", memory="O(N b)", decode=True
+        causal=True, cross=False, kv_mask=True, exact=False, time="O(N b (g + r + 3))", memory="O(N b)",
+        gqa=True, segments=True, softcap=True, sinks=True, decode=True,
     )
 
     def __init__(self, config: BigBirdConfig, dims, *, rngs: nnx.Rngs):
@@ -409,11 +472,13 @@ class BigBirdAttention(Attention):
     def attend(
         self,
         q: Float[Array, "B T H D"],
-        k: Float[Array, "B S H D"],
-        v: Float[Array, "B S H Dv"],
+        k: Float[Array, "B S Hkv D"],
+        v: Float[Array, "B S Hkv Dv"],
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv = _unpack(mask)
+        qs, ks = mask.q_segment_ids, mask.kv_segment_ids
+        opts = dict(softcap=self.config.softcap, sinks=self._sink_values(), k_seg=ks)
         T = q.shape[1]
         b = self.config.block_size
         nb = num_blocks(T, b)
@@ -424,13 +489,13 @@ class BigBirdAttention(Attention):
         if g:
             rows, _ = block_sparse_attention(
                 qh[:, :, :gT], kh, vh, np.tile(np.arange(nb, dtype=np.int32), (g, 1)), block_q=b, block_k=b,
-                causal=causal, kv_valid=kv,
+                causal=causal, kv_valid=kv, q_seg=None if qs is None else qs[:, :gT], **opts,
             )
             parts.append(rows)
         if gT < T:
             rest, _ = block_sparse_attention(
                 qh[:, :, gT:], kh, vh, self.table(T, causal), block_q=b, block_k=b,
-                causal=causal, kv_valid=kv, q_pos=jnp.arange(gT, T),
+                causal=causal, kv_valid=kv, q_pos=jnp.arange(gT, T), q_seg=None if qs is None else qs[:, gT:], **opts,
             )
             parts.append(rest)
         return _bhtd(jnp.concatenate(parts, axis=2) if len(parts) > 1 else parts[0])
@@ -439,6 +504,7 @@ class BigBirdAttention(Attention):
     # any other sees the blocks of its row of ``table`` (per head: global, window, random)
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
+        self._refuse_decoding_options()
         d = self.dims
         return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
 
