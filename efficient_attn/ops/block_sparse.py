@@ -17,9 +17,12 @@ below and takes a softmax over the gathered keys:
 
 Options of the softmax family, native here:
 
-- grouped-query attention: k and v have Hkv heads dividing H; query head h gathers its
-  blocks from kv head h // (H / Hkv) by index (k and v are never repeated per query head;
-  the backward of the gather sums a shared head's gradient over its group);
+- grouped-query attention: k and v have Hkv heads dividing H; query head h reads kv head
+  h // G (G = H / Hkv), k and v are never repeated per query head. With one table for all
+  heads, the G query heads of a group become G x block_q rows of each query block of their
+  kv head (``_fold_group``), so each kv head's blocks are gathered once for its group; with
+  a table per head, each query head gathers its own blocks from its kv head by index. The
+  backward of the gather sums a shared head's gradient over its group;
 - ``softcap`` c: s_ij -> c tanh(s_ij / c) before the masks (the backward multiplies by
   1 - tanh^2);
 - ``sinks`` [H]: a value-less logit per query head in the denominator of every row that
@@ -166,6 +169,22 @@ def _gather_blocks(x, table, per_head: bool, num_heads: int, group: int):
     return x[:, kv_head[:, None, None], rows]
 
 
+def _fold_group(x, group: int):
+    """[b, H, nq, bq, ...] -> [b, H / group, nq, group * bq, ...]: the query heads that read one
+    kv head become more rows of each of its query blocks (head-major within a block), so that
+    with a shared table their keys are gathered once per kv head, not once per query head."""
+    b, H, nq, bq = x.shape[:4]
+    x = x.reshape((b, H // group, group, nq, bq) + x.shape[4:])
+    return jnp.moveaxis(x, 2, 3).reshape((b, H // group, nq, group * bq) + x.shape[5:])
+
+
+def _unfold_group(x, group: int):
+    """Inverse of ``_fold_group``: [b, Hkv, nq, group * bq, ...] -> [b, Hkv * group, nq, bq, ...]."""
+    b, Hkv, nq, rows = x.shape[:4]
+    x = x.reshape((b, Hkv, nq, group, rows // group) + x.shape[4:])
+    return jnp.moveaxis(x, 3, 2).reshape((b, Hkv * group, nq, rows // group) + x.shape[5:])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Hashable settings of one engine call (the custom VJP's non-differentiable argument)."""
@@ -188,12 +207,12 @@ def _flat_keys(x, tbl, cfg: _Static):
     return g.reshape(g.shape[:3] + (g.shape[3] * g.shape[4],) + g.shape[5:])
 
 
-def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
+def _logits_and_visibility(qb, kb, aux, cfg: _Static):
     """Scaled (and soft-capped) logits [B, H, nq, bq, r * bk] of the gathered keys, which of
     them are visible, and the soft cap's derivative ``1 - tanh^2`` (None without a cap).
 
-    ``qb`` and the query-side entries of ``aux`` may be a run of query blocks starting at
-    block ``first_block`` (only the band needs the absolute index).
+    ``qb`` and the query-side entries of ``aux`` may be a run of query blocks (the band reads
+    each query row's absolute index from ``aux["q_row"]``).
     """
     tbl = aux["table"]
     kg = _flat_keys(kb, tbl, cfg)
@@ -216,8 +235,7 @@ def _logits_and_visibility(qb, kb, aux, cfg: _Static, first_block=0):
         vis = jnp.logical_and(vis, aux["q_seg"][..., None] == _flat_keys(aux["k_seg"], tbl, cfg)[..., None, :])
     if cfg.band is not None:
         left, right = cfg.band
-        nq, bq = qb.shape[2], qb.shape[3]
-        qi = (first_block * bq + jnp.arange(nq * bq)).reshape(nq, bq, 1)
+        qi = aux["q_row"][..., None]  # [1, 1|H, nq, bq, 1]
         kj = (tbl[..., None] * cfg.block_k + jnp.arange(cfg.block_k)).reshape(tbl.shape[:-1] + (1, -1))
         vis = jnp.logical_and(vis, jnp.logical_and(kj >= qi - left, kj <= qi + right))
     return logits, vis, d_cap
@@ -237,7 +255,7 @@ def run_budget() -> int:
     return 1 << 20 if jax.default_backend() == "cpu" else 1 << 24
 
 
-_Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg")  # per-query-block entries of aux
+_Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg", "q_row")  # per-query-block entries of aux
 
 
 def _blocks_per_run(qb, aux, cfg: _Static) -> int:
@@ -261,6 +279,7 @@ def _split_runs(qb, aux, run: int):
         "slot_ok": cut(aux["slot_ok"], aux["slot_ok"].ndim - 2, False),
         "q_pos": None if aux["q_pos"] is None else cut(aux["q_pos"], 2, -1),
         "q_seg": None if aux["q_seg"] is None else cut(aux["q_seg"], 2, -1),
+        "q_row": None if aux["q_row"] is None else cut(aux["q_row"], 2, -1),
     }
     return cut(qb, 2, 0.0), q_aux, n
 
@@ -271,8 +290,8 @@ def _join_runs(x, nq: int):
     return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :nq]
 
 
-def _forward_run(qb, kb, vb, aux, cfg: _Static, first_block=0):
-    logits, vis, _ = _logits_and_visibility(qb, kb, aux, cfg, first_block)
+def _forward_run(qb, kb, vb, aux, cfg: _Static):
+    logits, vis, _ = _logits_and_visibility(qb, kb, aux, cfg)
     masked = jnp.where(vis, logits, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
     m = jnp.where(m == -jnp.inf, 0.0, m)  # nothing visible: any finite shift; NaN stays NaN
@@ -293,10 +312,10 @@ def _forward(qb, kb, vb, aux, cfg: _Static):
     shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
 
     def body(xs):
-        i, q_i, aux_i = xs
-        return _forward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, i * run)
+        q_i, aux_i = xs
+        return _forward_run(q_i, kb, vb, {**shared, **aux_i}, cfg)
 
-    out, lse = jax.lax.map(body, (jnp.arange(n), q_runs, q_aux))
+    out, lse = jax.lax.map(body, (q_runs, q_aux))
     return _join_runs(out, nq), _join_runs(lse, nq)
 
 
@@ -310,13 +329,13 @@ def _attend_fwd(qb, kb, vb, aux, cfg):
     return (out, lse), (qb, kb, vb, aux, out, lse)
 
 
-def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse, first_block=0):
+def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse):
     """Gradients of one run of query blocks: (dq, dk, dv), dk/dv over all key blocks.
 
     dS_ij = p_ij (dP_ij - delta_i + dlse_i),  dP = dO V^T,  delta_i = sum_e dO_ie out_ie,
     with p recomputed from the logits and the saved lse (times 1 - tanh^2 under a soft cap).
     """
-    logits, vis, d_cap = _logits_and_visibility(qb, kb, aux, cfg, first_block)
+    logits, vis, d_cap = _logits_and_visibility(qb, kb, aux, cfg)
     lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)[..., None]  # unseen rows: p = 0; NaN rows stay NaN
     p = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - lse_safe), 0.0)
     gather = lambda x: _flat_keys(x, aux["table"], cfg)
@@ -351,11 +370,11 @@ def _attend_bwd(cfg, res, cotangents):
 
     def body(carry, xs):
         dk_acc, dv_acc = carry
-        i, q_i, aux_i, out_i, lse_i, dout_i, dlse_i = xs
-        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i, i * run)
+        q_i, aux_i, out_i, lse_i, dout_i, dlse_i = xs
+        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i)
         return (dk_acc + dk, dv_acc + dv), dq
 
-    xs = (jnp.arange(n), q_runs, q_aux, cut(out), cut(lse), cut(d_out), cut(d_lse))
+    xs = (q_runs, q_aux, cut(out), cut(lse), cut(d_out), cut(d_lse))
     (dk, dv), dq = jax.lax.scan(body, (jnp.zeros_like(kb), jnp.zeros_like(vb)), xs)
     return _join_runs(dq, nq), dk, dv, None
 
@@ -451,7 +470,14 @@ def block_sparse_attention(
         "k_pos": k_side(jnp.arange(S) if k_pos is None else k_pos, "k_pos", -2) if need_pos else None,
         "q_seg": None if q_seg is None else q_side(q_seg, "q_seg", -1),
         "k_seg": None if k_seg is None else k_side(k_seg, "k_seg", -2),
+        "q_row": None if band is None else q_side(jnp.arange(T), "q_row", -1),
     }
+    G = H // Hkv
+    fold = G > 1 and not per_head
+    if fold:  # one shared table: the G query heads of a kv head share its gathered blocks
+        qb = _fold_group(qb, G)
+        aux.update({key: None if aux[key] is None else _fold_group(jnp.broadcast_to(
+            aux[key], aux[key].shape[:1] + (H,) + aux[key].shape[2:]), G) for key in ("q_pos", "q_seg", "q_row")})
     cfg = _Static(
         block_q=block_q,
         block_k=block_k,
@@ -460,11 +486,13 @@ def block_sparse_attention(
         self_mode=self_mode,
         scale=float(1.0 / math.sqrt(D) if scale is None else scale),
         per_head=bool(per_head),
-        num_heads=H,
-        group=H // Hkv,
+        num_heads=Hkv if fold else H,
+        group=1 if fold else G,
         softcap=None if softcap is None else float(softcap),
     )
     out, lse = _attend(qb, kb, vb, aux, cfg)
+    if fold:
+        out, lse = _unfold_group(out, G), _unfold_group(lse, G)
     out, lse = out.reshape(B, H, Tp, E)[:, :, :T], lse.reshape(B, H, Tp)[:, :, :T]
     return (out, lse) if sinks is None else add_sinks(out, lse, sinks)
 
