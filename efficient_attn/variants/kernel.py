@@ -68,8 +68,19 @@ relu(-inf) would give); masked keys are zeroed before the feature map. A finite 
 large that |x'|^2 overflows float32 (|k| of about 1e19) has NaN FAVOR+ features: the rows
 that see it are NaN rather than its softmax weight of 1.
 
+Grouped-query heads and packed sequences (all three: capabilities ``gqa`` and ``segments``).
+The feature maps act on each head alone, so phi(K) has the Hkv heads of k, and the engine
+keeps one state per kv head, read by its H / Hkv query heads (never a copy of k or v per query
+head). Packed segments are the engine's (state reset at each segment start, chunk-parallel).
+performer uses one W for the whole call, so a packed row equals each sequence run alone with
+the same W. cosformer's re-weighting is positional: with packed segments the positions
+restart at each segment's start and M is that segment's length (the larger of its query and
+key counts), i.e. exactly what each sequence run alone gets (positions 1.. and M = its own
+length); the in-segment weight cos(pi/2 (i - j) / M) stays positive.
+
 Decoding (``init_state`` / ``prefill`` / ``step``): all three carry the running sums of
-phi(k) [v | 1]^T, [F, Dv + 1] per head whatever the position (``ops.linear_state``).
+phi(k) [v | 1]^T, [F, Dv + 1] per kv head whatever the position (``ops.linear_state``); a step
+writes its key once per kv head and each query head reads its kv head's sums.
 performer draws its W once per decoded sequence, in ``init_state`` (a forward call with
 ``redraw`` draws one per call), and keeps it in the state. cosformer needs a step's position
 i in a_i = pi i / (2M): it is the state's position; M is the state's ``max_len`` (the forward
@@ -86,11 +97,11 @@ import jax.numpy as jnp
 from flax import errors as flax_errors
 from flax import nnx
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops import linear_state, masks
-from efficient_attn.ops.linear_attention import linear_attention
+from efficient_attn.ops.linear_attention import linear_attention, normalise
 from efficient_attn.ops.masks import hide_keys, poison_nonfinite_rows
 from efficient_attn.registry import Budget, register
 
@@ -105,6 +116,7 @@ __all__ = [
     "orthogonal_gaussian",
     "favor_log_features",
     "cosformer_features",
+    "segment_angles",
 ]
 
 
@@ -119,6 +131,22 @@ def _check_eps(name: str, eps) -> None:
 
 def _mask_parts(mask: Mask):
     return mask.causal, mask.kv_mask
+
+
+def _segments(mask: Mask) -> dict:
+    """The packed-sequence ids as the engine's keyword arguments."""
+    return {"q_segment_ids": mask.q_segment_ids, "kv_segment_ids": mask.kv_segment_ids}
+
+
+def _grouped_step(phi_q_t, phi_k_t, v_t, sums: linear_state.LinearState, *, k_log_scale_t=None, eps: float = 0.0):
+    """``linear_state.step`` for H query heads over sums of Hkv kv heads: the token's key is
+    written once per kv head, and query head h reads kv head h // (H / Hkv)."""
+    sums = linear_state.write(sums, phi_k_t, v_t, k_log_scale_t=k_log_scale_t)
+    B, H, F = phi_q_t.shape
+    Hkv = sums.kv.shape[1]
+    q = phi_q_t.astype(jnp.float32).reshape(B, Hkv, H // Hkv, F)
+    nd = jnp.einsum("bkgf,bkfe->bkge", q, sums.kv).reshape(B, H, -1)
+    return normalise(nd[..., :-1], nd[..., -1:], eps), sums
 
 
 def _real_keys(k: Float[Array, "B S H D"], kv_mask) -> Float[Array, "B S H D"]:
@@ -153,27 +181,29 @@ class LinearConfig:
 class LinearAttention(Attention):
     """Linear attention with the elu(x) + 1 feature map; O(N d^2) time, O(N d) memory."""
 
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)", decode=True)
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)",
+                                gqa=True, segments=True, decode=True)
 
     def attend(
         self,
         q: Float[Array, "B T H D"],
-        k: Float[Array, "B S H D"],
-        v: Float[Array, "B S H Dv"],
+        k: Float[Array, "B S Hkv D"],
+        v: Float[Array, "B S Hkv Dv"],
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
         phi_q = jax.nn.elu(poison_nonfinite_rows(q).astype(jnp.float32)) + 1.0
         phi_k = jax.nn.elu(_real_keys(k, kv_mask).astype(jnp.float32)) + 1.0
         return linear_attention(
-            phi_q, phi_k, v, causal=causal, kv_mask=kv_mask, eps=self.config.eps, chunk_size=self.config.chunk_size
+            phi_q, phi_k, v, causal=causal, kv_mask=kv_mask, eps=self.config.eps, chunk_size=self.config.chunk_size,
+            **_segments(mask),
         )
 
-    # decoding: the running sums of phi(k) [v | 1]^T, [F, Dv + 1] per head at every position
+    # decoding: the running sums of phi(k) [v | 1]^T, [F, Dv + 1] per kv head at every position
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
         d = self.dims
-        return linear_state.init_state(batch, d.num_heads, d.head_dim, d.head_dim)
+        return linear_state.init_state(batch, d.num_kv_heads, d.head_dim, d.head_dim)
 
     def _prefill(self, q, k, v, mask: Mask, state):
         phi_k = jax.nn.elu(masks.hide_keys(k, mask.kv_mask).astype(jnp.float32)) + 1.0
@@ -181,7 +211,7 @@ class LinearAttention(Attention):
 
     def _step(self, q_t, k_t, v_t, state):
         phi_q, phi_k = (jax.nn.elu(x.astype(jnp.float32)) + 1.0 for x in (q_t, k_t))
-        return linear_state.step(phi_q, phi_k, v_t, state.data, eps=self.config.eps)
+        return _grouped_step(phi_q, phi_k, v_t, state.data, eps=self.config.eps)
 
 
 # ------------------------------------------------------------------------------- performer
@@ -255,7 +285,8 @@ class PerformerConfig:
 class Performer(Attention):
     """FAVOR+: positive orthogonal random features for the softmax kernel; O(N m d) time."""
 
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N m d)", memory="O(N m)", decode=True)
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N m d)", memory="O(N m)",
+                                gqa=True, segments=True, decode=True)
 
     def __init__(self, config: PerformerConfig, dims: Dims, *, rngs: nnx.Rngs):
         super().__init__(config, dims, rngs=rngs)
@@ -281,8 +312,8 @@ class Performer(Attention):
     def attend(
         self,
         q: Float[Array, "B T H D"],
-        k: Float[Array, "B S H D"],
-        v: Float[Array, "B S H Dv"],
+        k: Float[Array, "B S Hkv D"],
+        v: Float[Array, "B S Hkv Dv"],
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
@@ -301,6 +332,7 @@ class Performer(Attention):
             k_log_scale=k_scale,
             eps=0.0,
             chunk_size=self.config.chunk_size,
+            **_segments(mask),
         )
 
     # decoding: one projection W per decoded sequence, drawn by init_state (a forward call
@@ -309,7 +341,7 @@ class Performer(Attention):
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
         d = self.dims
-        sums = linear_state.init_state(batch, d.num_heads, self.config.num_features, d.head_dim)
+        sums = linear_state.init_state(batch, d.num_kv_heads, self.config.num_features, d.head_dim)
         return {"projection": self.draw(), "sums": sums}
 
     def _favor(self, x, w):
@@ -333,11 +365,18 @@ class Performer(Attention):
         w = state.data["projection"]
         phi_q, _ = self._favor(q_t[:, None], w)
         phi_k, k_scale = self._favor(k_t[:, None], w)
-        out, sums = linear_state.step(phi_q[:, 0], phi_k[:, 0], v_t, state.data["sums"], k_log_scale_t=k_scale[:, 0])
+        out, sums = _grouped_step(phi_q[:, 0], phi_k[:, 0], v_t, state.data["sums"], k_log_scale_t=k_scale[:, 0])
         return out, {"projection": w, "sums": sums}
 
 
 # ------------------------------------------------------------------------------- cosformer
+
+
+def _angle_features(x: Float[Array, "B N H D"], a: Float[Array, "B|1 N"]) -> Float[Array, "B N H 2D"]:
+    """[relu(x_i) sin(a_i), relu(x_i) cos(a_i)] for the angle a_i of each token."""
+    r = jax.nn.relu(x.astype(jnp.float32))
+    a = a[:, :, None, None]
+    return jnp.concatenate([r * jnp.sin(a), r * jnp.cos(a)], axis=-1)
 
 
 def cosformer_features(
@@ -345,9 +384,33 @@ def cosformer_features(
 ) -> Float[Array, "B N H 2D"]:
     """[relu(x_i) sin(a_i), relu(x_i) cos(a_i)] with a_i = pi i / (2 length), i = 1..N."""
     n = x.shape[1]
-    a = (math.pi / 2) * jnp.arange(1, n + 1, dtype=jnp.float32) / length
-    r = jax.nn.relu(x.astype(jnp.float32))
-    return jnp.concatenate([r * jnp.sin(a)[None, :, None, None], r * jnp.cos(a)[None, :, None, None]], axis=-1)
+    return _angle_features(x, (math.pi / 2) * jnp.arange(1, n + 1, dtype=jnp.float32)[None] / length)
+
+
+def segment_angles(
+    q_segment_ids: Int[Array, "B T"], kv_segment_ids: Int[Array, "B S"]
+) -> tuple[Float[Array, "B T"], Float[Array, "B S"]]:
+    """cosformer's a_i = pi p_i / (2 M) per token of packed rows: p_i its position within its
+    segment (1, 2, .. in order, whatever the ids' layout) and M that segment's length, the
+    larger of its query and key counts (what the sequence alone would have: positions from 1,
+    M = max(T, S) of its own call)."""
+
+    def counts(x, sorted_ids):  # how many of sorted_ids equal each x
+        return jnp.searchsorted(sorted_ids, x, side="right") - jnp.searchsorted(sorted_ids, x, side="left")
+
+    def positions(ids, sorted_ids):  # 1-based rank among the earlier tokens of the same id
+        order = jnp.argsort(ids, stable=True)
+        rank = jnp.arange(ids.shape[0]) - jnp.searchsorted(sorted_ids, sorted_ids, side="left")
+        return jnp.zeros(ids.shape, jnp.int32).at[order].set(rank.astype(jnp.int32)) + 1
+
+    def row(qi, ki):
+        sq, sk = jnp.sort(qi), jnp.sort(ki)
+        m_q = jnp.maximum(counts(qi, sq), counts(qi, sk))
+        m_k = jnp.maximum(counts(ki, sk), counts(ki, sq))
+        angle = lambda p, m: (math.pi / 2) * p.astype(jnp.float32) / m.astype(jnp.float32)  # noqa: E731
+        return angle(positions(qi, sq), m_q), angle(positions(ki, sk), m_k)
+
+    return jax.vmap(row)(q_segment_ids, kv_segment_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,25 +434,33 @@ class CosformerConfig:
 class Cosformer(Attention):
     """ReLU linear attention re-weighted by cos(pi/2 (i - j) / M); O(N d^2) time."""
 
-    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)", decode=True)
+    capabilities = Capabilities(causal=True, cross=True, kv_mask=True, exact=False, time="O(N d^2)", memory="O(N d)",
+                                gqa=True, segments=True, decode=True)
 
     def attend(
         self,
         q: Float[Array, "B T H D"],
-        k: Float[Array, "B S H D"],
-        v: Float[Array, "B S H Dv"],
+        k: Float[Array, "B S Hkv D"],
+        v: Float[Array, "B S Hkv Dv"],
         mask: Mask,
     ) -> Float[Array, "B T H Dv"]:
         causal, kv_mask = _mask_parts(mask)
-        length = max(q.shape[1], k.shape[1])
+        q, k = poison_nonfinite_rows(q), _real_keys(k, kv_mask)
+        if mask.q_segment_ids is None:
+            length = max(q.shape[1], k.shape[1])
+            phi_q, phi_k = cosformer_features(q, length), cosformer_features(k, length)
+        else:  # positions restart per segment, M = the segment's length (module docstring)
+            a_q, a_k = segment_angles(mask.q_segment_ids, mask.kv_segment_ids)
+            phi_q, phi_k = _angle_features(q, a_q), _angle_features(k, a_k)
         return linear_attention(
-            cosformer_features(poison_nonfinite_rows(q), length),
-            cosformer_features(_real_keys(k, kv_mask), length),
+            phi_q,
+            phi_k,
             v,
             causal=causal,
             kv_mask=kv_mask,
             eps=self.config.eps,
             chunk_size=self.config.chunk_size,
+            **_segments(mask),
         )
 
     # decoding: the running sums of phi(k_j) [v_j | 1]^T, where phi(k_j) carries the position
@@ -410,7 +481,7 @@ class Cosformer(Attention):
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
         d = self.dims
-        return linear_state.init_state(batch, d.num_heads, 2 * d.head_dim, d.head_dim)
+        return linear_state.init_state(batch, d.num_kv_heads, 2 * d.head_dim, d.head_dim)
 
     def _step(self, q_t, k_t, v_t, state):
         a = (math.pi / 2) * (state.position + 1).astype(jnp.float32) / state.max_len  # positions count from 1
@@ -419,4 +490,4 @@ class Cosformer(Attention):
             r = jax.nn.relu(x.astype(jnp.float32))
             return jnp.concatenate([r * jnp.sin(a), r * jnp.cos(a)], axis=-1)
 
-        return linear_state.step(phi(q_t), phi(k_t), v_t, state.data, eps=self.config.eps)
+        return _grouped_step(phi(q_t), phi(k_t), v_t, state.data, eps=self.config.eps)
