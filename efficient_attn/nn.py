@@ -8,6 +8,13 @@
 so the projections cost O(N F^2) and the core costs what its variant says (``full``:
 O(N^2 d) time and memory; the efficient ones less).
 
+Grouped-query attention (``num_kv_heads`` = Hkv, default ``num_heads``; the models' configs
+take it too): W_k and W_v project to Hkv heads instead of H, so their parameters shrink by
+H / Hkv, and the core is built with ``num_kv_heads`` (query head h reads kv head h // (H / Hkv),
+natively: no copy of k or v per query head). A core without the ``gqa`` capability is refused
+at construction with a ``CapabilityError``. Decoding states (``CausalLM.generate``) then hold
+Hkv heads.
+
 Fast exact path (``fast_exact=True``, the default): a core whose registration names a faster
 variant computing the same function (``get_spec(attention).fast_exact``: ``full`` names
 ``blockwise``, the online-softmax kernel of ``ops.online_softmax``, equal to float32 rounding
@@ -83,9 +90,11 @@ class MultiHeadAttention(nnx.Module):
 
     ``attention`` names a variant in the registry (``efficient_attn.list_variants()``);
     ``attention_kwargs`` are its hyperparameters. ``qkv_features`` (default ``in_features``)
-    is split into ``num_heads`` heads of ``qkv_features // num_heads``. ``fast_exact``: run the
-    core on its registered fast exact twin where that can take the call (module docstring);
-    ``fast_core`` is that twin, or None.
+    is split into ``num_heads`` heads of ``qkv_features // num_heads``; keys and values have
+    ``num_kv_heads`` heads of that width (default ``num_heads``; fewer is grouped-query
+    attention and must divide ``num_heads``). ``fast_exact``: run the core on its registered
+    fast exact twin where that can take the call (module docstring); ``fast_core`` is that
+    twin, or None.
     """
 
     def __init__(
@@ -100,14 +109,17 @@ class MultiHeadAttention(nnx.Module):
         out_features: int | None = None,
         fast_exact: bool = True,
         rotary: bool = False,
+        num_kv_heads: int | None = None,
         rngs: nnx.Rngs,
     ):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         qkv_features = in_features if qkv_features is None else qkv_features
         out_features = in_features if out_features is None else out_features
         for field, value in (("num_heads", num_heads), ("in_features", in_features),
                              ("qkv_features", qkv_features), ("out_features", out_features),
-                             ("max_len", max_len)):
+                             ("max_len", max_len), ("num_kv_heads", num_kv_heads)):
             check_positive_int("MultiHeadAttention", field, value)
+        _check_kv_heads("MultiHeadAttention", num_heads, num_kv_heads)
         check_config(
             "MultiHeadAttention",
             qkv_features % num_heads == 0,
@@ -115,15 +127,16 @@ class MultiHeadAttention(nnx.Module):
             f"use a multiple such as {num_heads * max(1, qkv_features // num_heads)}",
         )
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = qkv_features // num_heads
         self.attention = attention
         check_config("MultiHeadAttention", not rotary or self.head_dim % 2 == 0,
                      f"rotary positions rotate pairs of features: head_dim={self.head_dim} must be even")
         self.rotary = rotary
-        heads = (num_heads, self.head_dim)
+        heads, kv_heads = (num_heads, self.head_dim), (num_kv_heads, self.head_dim)
         self.query = nnx.LinearGeneral(in_features, heads, rngs=rngs)
-        self.key = nnx.LinearGeneral(in_features, heads, rngs=rngs)
-        self.value = nnx.LinearGeneral(in_features, heads, rngs=rngs)
+        self.key = nnx.LinearGeneral(in_features, kv_heads, rngs=rngs)
+        self.value = nnx.LinearGeneral(in_features, kv_heads, rngs=rngs)
         self.out = nnx.LinearGeneral(heads, out_features, axis=(-2, -1), rngs=rngs)
         self.core = build(
             attention,
@@ -131,17 +144,21 @@ class MultiHeadAttention(nnx.Module):
             head_dim=self.head_dim,
             max_len=max_len,
             rngs=rngs,
+            num_kv_heads=num_kv_heads,
             **_kwargs_dict(attention_kwargs),
         )
         # the twin computes the same function at its defaults: only without hyperparameters.
         # No rngs: drawing from them would move the initialisation of every later layer.
         twin = get_spec(attention).fast_exact if fast_exact and not _kwargs_dict(attention_kwargs) else None
-        self.fast_core = build(twin, num_heads=num_heads, head_dim=self.head_dim, max_len=max_len) if twin else None
+        if twin and num_kv_heads != num_heads and not get_spec(twin).capabilities.gqa:
+            twin = None  # the twin must take the same grouped k/v
+        self.fast_core = (build(twin, num_heads=num_heads, head_dim=self.head_dim, max_len=max_len,
+                                num_kv_heads=num_kv_heads) if twin else None)
 
     def qkv(
         self, x: Float[Array, "B T F"], context: Float[Array, "B S F"] | None = None
-    ) -> tuple[Float[Array, "B T H D"], Float[Array, "B S H D"], Float[Array, "B S H D"]]:
-        """The projected queries, keys and values, each ``[B, T|S, H, D]``."""
+    ) -> tuple[Float[Array, "B T H D"], Float[Array, "B S Hkv D"], Float[Array, "B S Hkv D"]]:
+        """The projected queries ``[B, T, H, D]``, keys and values ``[B, S, Hkv, D]``."""
         context = x if context is None else context
         return self.query(x), self.key(context), self.value(context)
 
@@ -160,6 +177,13 @@ class MultiHeadAttention(nnx.Module):
         if self.fast_core is not None and _can_take(self.fast_core.capabilities, mask, q.shape[1] != k.shape[1]):
             core = self.fast_core
         return self.out(core(q, k, v, mask=mask))
+
+
+def _check_kv_heads(who: str, num_heads: int, num_kv_heads) -> None:
+    check_config(who, num_heads % num_kv_heads == 0,
+                 f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (grouped-query attention: each kv "
+                 f"head serves num_heads / num_kv_heads query heads); choose one of "
+                 f"{[d for d in range(1, num_heads + 1) if num_heads % d == 0]}")
 
 
 def _can_take(caps: Capabilities, mask: Mask | None, cross: bool) -> bool:
@@ -195,8 +219,12 @@ def _check_model_config(cfg: EncoderConfig | LMConfig) -> None:
     path, positions); a dict of ``attention_kwargs`` is stored as sorted (name, value) pairs
     so that the frozen config stays hashable."""
     name = type(cfg).__name__
-    for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
+    if cfg.num_kv_heads is None:
+        object.__setattr__(cfg, "num_kv_heads", cfg.num_heads)
+    for field in ("vocab_size", "max_len", "num_classes", "num_layers", "emb_dim", "num_heads", "mlp_dim",
+                  "num_kv_heads"):
         check_positive_int(name, field, getattr(cfg, field))
+    _check_kv_heads(name, cfg.num_heads, cfg.num_kv_heads)
     check_config(name, cfg.emb_dim % cfg.num_heads == 0,
                  f"emb_dim={cfg.emb_dim} must be divisible by num_heads={cfg.num_heads}")
     check_config(name, isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0,
@@ -209,7 +237,10 @@ def _check_model_config(cfg: EncoderConfig | LMConfig) -> None:
     check_config(name, cfg.position in POSITIONS, f"position must be one of {POSITIONS}, got {cfg.position!r}")
     check_config(name, isinstance(cfg.short_conv, int) and not isinstance(cfg.short_conv, bool) and cfg.short_conv >= 0,
                  f"short_conv is a kernel size (0 = no short convolution, else e.g. 3 or 4), got {cfg.short_conv!r}")
-    get_spec(cfg.attention)  # unknown variant: fail now, with the registered names
+    spec = get_spec(cfg.attention)  # unknown variant: fail now, with the registered names
+    if cfg.num_kv_heads != cfg.num_heads and not spec.capabilities.gqa:
+        raise CapabilityError(cfg.attention, f"grouped-query attention (num_kv_heads={cfg.num_kv_heads} < "
+                                             f"num_heads={cfg.num_heads})", "gqa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +266,7 @@ class EncoderConfig:
     fast_exact: bool = True  # run on the variant's fast exact twin, if it has one (module docstring)
     position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
     short_conv: int = 0  # kernel of the causal depthwise convolution on the embeddings; 0 = none
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = num_heads
 
     def __post_init__(self):
         _check_model_config(self)
@@ -263,6 +295,7 @@ class LMConfig:
     fast_exact: bool = True  # run on the variant's fast exact twin, if it has one (module docstring)
     position: str = "learned"  # or "sinusoidal" or "rotary" (see the module docstring)
     short_conv: int = 0  # kernel of the causal depthwise convolution on the embeddings; 0 = none
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = num_heads
 
     def __post_init__(self):
         if self.num_classes is None:
@@ -332,7 +365,7 @@ class Block(nnx.Module):
         self.attn = MultiHeadAttention(
             cfg.num_heads, cfg.emb_dim, max_len=cfg.attention_len, attention=cfg.attention,
             attention_kwargs=_kwargs_dict(cfg.attention_kwargs), fast_exact=cfg.fast_exact,
-            rotary=cfg.position == "rotary", rngs=rngs,
+            rotary=cfg.position == "rotary", num_kv_heads=cfg.num_kv_heads, rngs=rngs,
         )
         self.ln2 = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
         self.mlp_in = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
