@@ -10,6 +10,13 @@ works with variants that declare ``dense_mask``. Dropout on attention weights is
 supported (weights are not materialised by most variants): a nonzero ``dropout_rate`` with
 ``deterministic=False`` raises.
 
+Grouped-query attention: flax's ``MultiHeadAttention(num_kv_heads=G)`` (Flax >= 0.12)
+projects keys and values to G < H heads and hands them over as ``[B, S, G, D]``; the variant is
+then built with ``num_kv_heads=G`` and reads kv head h // (H / G) natively (k and v are not
+repeated). A variant without the ``gqa`` capability refuses with a ``CapabilityError`` naming
+the variants that can; build flax's module with ``num_kv_heads=num_heads`` (the default) to
+use it.
+
 Flax's decode mode (``nnx.MultiHeadAttention(decode=True)`` after ``init_cache``): each call
 brings one query, the whole key/value cache ``[B, L, H, D]`` and the mask ``[B, 1, 1, L]``
 of the slots written so far (``arange(L) <= cache_index``, and any mask of the caller). Flax
@@ -74,12 +81,18 @@ def attention_fn(name: str, **hyperparameters) -> Callable:
                 "set dropout_rate=0.0 (use dropout on the projections instead)"
             )
         B, T, H, D = query.shape
-        S = key.shape[1]
-        key_ = (H, D, max(T, S))
+        S, Hkv = key.shape[1], key.shape[2]
+        if value.shape[2] != Hkv or H % Hkv:
+            raise ValueError(
+                f"attention_fn({name!r}): key and value must have one head count dividing the {H} query heads, "
+                f"got key {tuple(key.shape)} and value {tuple(value.shape)}"
+            )
+        key_ = (H, Hkv, D, max(T, S))
         if key_ not in cache:
             # concrete even when first called inside jit: the module is kept across traces
             with jax.ensure_compile_time_eval():
-                module = build(name, num_heads=H, head_dim=D, max_len=max(T, S), rngs=nnx.Rngs(0), **hyperparameters)
+                module = build(name, num_heads=H, head_dim=D, max_len=max(T, S), rngs=nnx.Rngs(0),
+                               num_kv_heads=Hkv, **hyperparameters)
             if nnx.state(module, nnx.Param):
                 raise ValueError(
                     f"attention_fn({name!r}): this variant has learned parameters, which a plain "
