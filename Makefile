@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PRESET ?= quick
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow reproduce install clean list
+.PHONY: test test-slow test-all reproduce install clean list
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,15 +15,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make test: the test suite (the CI command), on two worker processes; tests marked slow
-## (the 64K tier of the scale test) are left to `make test-slow`.
+## make test: the test suite (the CI command), on two worker processes. Tests marked slow (the
+## 64K tier of the scale test, the further shapes of parametrized engine tests: conftest.tiered)
+## are left to `make test-slow`; `make test-all` runs both.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
-## make test-slow: only the slow tests.
+## make test-slow: only the slow tests, in one process (the 64K compiles need the memory).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
+
+## make test-all: every test, slow ones included.
+test-all: test test-slow
 
 ## make reproduce: every experiment of the preset (PRESET=quick|cpu|lra), then results/README.md.
 reproduce: $(STAMP)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from conftest import assert_close, random_arrays
+from conftest import assert_close, random_arrays, tiered
 from efficient_attn.ops.online_softmax import _segment_reach, blockwise_attention
 from efficient_attn.ops.reference.softmax import softmax_attention
 
@@ -42,7 +42,8 @@ def _check(ours, ref, args, names, rtol=1e-4, atol=1e-5):
         assert_close(name, a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("T,S,Hkv,causal,kv", [(37, 37, 1, True, True), (37, 53, 2, False, True), (40, 40, 2, True, False)])
+@pytest.mark.parametrize("T,S,Hkv,causal,kv", tiered([(37, 37, 1, True, True), (37, 53, 2, False, True),
+                                                      (40, 40, 2, True, False)], ci=1))
 def test_gqa_matches_reference(T, S, Hkv, causal, kv):
     q, k, v, w = _data(T, S, 4, Hkv)
     m = None

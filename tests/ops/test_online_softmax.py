@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
-from conftest import assert_close, random_arrays
+from conftest import assert_close, random_arrays, tiered
 from efficient_attn.ops.online_softmax import blockwise_attention
 from efficient_attn.ops.reference.softmax import softmax_attention
 
-CASES = [
-    # T, S, causal, kv_mask, block_size
-    (37, 37, False, False, 8),
-    (37, 37, True, False, 8),
+CASES = tiered([
+    # T, S, causal, kv_mask, block_size; the first two (CI) cover cross lengths, causal, kv_mask
     (37, 53, False, True, 16),
     (64, 64, True, True, 16),
+    (37, 37, False, False, 8),
+    (37, 37, True, False, 8),
     (40, 40, True, True, 64),  # one block
     (5, 300, False, True, 32),
-]
+], ci=2)
 
 
 def _data(T, S, kv, seed=0):
@@ -50,8 +50,8 @@ def test_forward_and_backward_match_dense_reference(T, S, causal, kv, bs):
         assert_close(name, g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("T,causal,block,bwd_block", [(37, True, 24, 16), (37, True, 16, 24), (50, False, 16, 7),
-                                                      (64, True, 32, 8)])
+@pytest.mark.parametrize("T,causal,block,bwd_block", tiered([(37, True, 24, 16), (50, False, 16, 7), (37, True, 16, 24),
+                                                             (64, True, 32, 8)], ci=2))
 def test_mixed_blockings_match_dense_reference(T, causal, block, bwd_block):
     """Forward and backward blocks of different, non-dividing sizes; causal tiles straddle the diagonal."""
     q, k, v, w, m = _data(T, T, True)
