@@ -107,7 +107,8 @@ def _linear_shard(phi_q, phi_k, v, kv_mask, log_scale, *, axis, causal, eps, chu
         nd = jnp.einsum("bthf,bhfe->bthe", phi_q, kv)
         return normalise(nd[..., :-1], nd[..., -1:], eps)
 
-    local = _causal(phi_q, phi_k, v1, log_scale, chunk)  # [b, n, H, E], zero incoming state
+    # the engine's grouped layout with one query head per kv head: [b, n, H, 1, F] -> [b, n, H, E]
+    local = _causal(phi_q[:, :, :, None], phi_k, v1, log_scale, chunk)[:, :, :, 0]  # zero incoming state
     if log_scale is None:
         states = lax.all_gather(jnp.einsum("bshf,bshe->bhfe", phi_k, v1), axis)  # [P, b, H, F, E]
         incoming = jnp.sum(jnp.where(_earlier(states, axis)[:, None, None, None, None], states, 0.0), axis=0)

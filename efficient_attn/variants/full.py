@@ -94,6 +94,7 @@ def full_attention(
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
     visible = dense_visibility(mask, B, T, S)  # [B, 1|H, T, S] or None
     if visible is not None:  # a key no query of its group sees is read by no product, forward or backward
+        visible = jnp.broadcast_to(visible, (B, visible.shape[1], T, S))  # a kv_mask alone is [B, 1, 1, S]
         grouped = visible.reshape(B, Hkv, G, T, S) if visible.shape[1] == H else visible[:, :, None]
         used = jnp.broadcast_to(jnp.any(grouped, axis=(2, 3)), (B, Hkv, S)).transpose(0, 2, 1)[..., None]
         kf, vf = jnp.where(used, kf, 0.0), jnp.where(used, vf, 0.0)

@@ -81,13 +81,13 @@ def test_report_only_leaves_pending_units_unmeasured(tmp_path, monkeypatch):
 
 
 def test_failing_variant_is_recorded_retried_and_exits_1(tmp_path, monkeypatch, capsys):
-    from efficient_attn.variants.full import FullAttention
-
     @dataclasses.dataclass(frozen=True)
     class BrokenConfig:
         pass
 
-    class Broken(FullAttention):
+    class Broken(ea.Attention):
+        capabilities = ea.Capabilities(causal=True, cross=True, kv_mask=True)
+
         def attend(self, q, k, v, mask):
             raise RuntimeError("deliberately broken")
 
