@@ -23,7 +23,8 @@ log a_i the decay accumulated inside the chunk. Unrolling the recurrence shows
 
 i.e. (I + A) W = diag(beta) V - diag(beta e^g) K S_0 with the strictly lower triangular
 A_ri = beta_r e^{g_r - g_i} (k_r . k_i), i < r. One unit lower triangular solve per chunk (the
-UT transform; C x C, independent of the state, so every chunk is solved at once) gives
+UT transform; C x C, independent of the state, so every chunk is solved at once, with matmuls
+only: ``ops.triangular``) gives
 
     U = (I + A)^{-1} diag(beta) V,   Wk = (I + A)^{-1} diag(beta e^g) K,   W = U - Wk S_0,
     O = diag(e^g) (scale Q) S_0 + tril((scale Q) K^T * e^{g_r - g_i}) W,
@@ -59,8 +60,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Bool, Float
+
+from efficient_attn.ops.triangular import solve_unit_lower
 
 __all__ = ["delta_rule_attention", "delta_rule_step"]
 
@@ -159,7 +161,7 @@ def delta_rule_attention(
         a = jnp.where(strict, bc[..., :, None] * decay * kk, 0.0)
         lhs = a + jnp.eye(C, dtype=jnp.float32)
         rhs = jnp.concatenate([bc[..., None] * vc, (bc * jnp.exp(g))[..., None] * kc], axis=-1)
-        sol = solve_triangular(lhs, rhs, lower=True, unit_diagonal=True)
+        sol = solve_unit_lower(lhs, rhs)  # matmuls only: LAPACK's trsm deadlocks (ops/triangular.py)
         u, wk = sol[..., :Dv], sol[..., Dv:]  # [B, H, n, C, Dv], [B, H, n, C, Dk]
         g_last = g[..., -1]  # [B, H, n]
         k_tail = kc * jnp.exp(tail)[..., None]  # decay from i to the chunk end
