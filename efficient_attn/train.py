@@ -23,9 +23,21 @@
 - Validation every ``eval_every`` steps and at the end; each validation appends a JSON line
   to ``metrics_path`` and saves an orbax checkpoint (params, optimizer state, best params,
   history) under ``workdir``. The reported test score is that of the best-validation params.
-- The batch is sharded over every local device (``Mesh(jax.devices(), ("data",))``, batch
-  axis on "data"), parameters are replicated. The train and eval steps are compiled once
-  each, ahead of time (``jit(...).lower(...).compile()``), and the compile time reported apart.
+- Devices. Without ``TrainConfig.mesh`` the batch is sharded over every local device
+  (``Mesh(jax.devices(), ("data",))``, batch axis on "data"), parameters replicated. With
+  ``mesh="data=2,seq=4"`` (axes "data" and "seq" only, sizes multiplying to
+  ``jax.device_count()``) the batch goes on ``P("data")`` of that mesh, parameters are
+  replicated, and when "seq" has more than one device every attention core of (a copy of)
+  the model is replaced by its sequence-parallel form along "seq" (``parallel.models.
+  sequence_parallel``: ring attention for exact cores, context-parallel engines for the
+  linear ones; a core without a form is refused). The batch size (train and eval) must be
+  divisible by "data" and the attention's sequence length by "seq"; all of this is checked
+  before a device is touched. Loss and gradients are those of the one-device run (to float32
+  rounding; tests/parallel/test_training.py). On a CPU, simulate the devices before jax
+  starts: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. The returned ``model`` is
+  then the sequence-parallel one (it runs on the mesh).
+- The train and eval steps are compiled once each, ahead of time
+  (``jit(...).lower(...).compile()``), and the compile time reported apart.
 
 What a model must offer: ``model(tokens, mask)`` -> logits (``[B, C]`` for a classification
 task, ``[B, L, V]`` for a token task), and a class attribute ``accepts``, the set of optional
@@ -55,15 +67,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.core import check_config, check_positive_int
+from efficient_attn.parallel.mesh import check_divisible, format_mesh, make_mesh, parse_mesh
+from efficient_attn.parallel.models import sequence_parallel
 from efficient_attn.report import write_atomic
 from efficient_attn.tasks.base import IGNORE, Split, TaskData
 
 __all__ = [
     "TrainConfig",
+    "MESH_AXES",
+    "mesh_axes",
     "TrainResult",
     "TrainState",
     "Batch",
@@ -90,6 +106,23 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
+MESH_AXES = ("data", "seq")  # the batch is split over "data", the attention's sequence over "seq"
+
+
+def mesh_axes(spec: str) -> dict[str, int]:
+    """``"data=2,seq=4"`` -> ``{"data": 2, "seq": 4}`` for training: ``parallel.parse_mesh``,
+    and only the axes ``train`` knows (``MESH_AXES``); a ``ValueError`` naming the fix else."""
+    if not isinstance(spec, str):
+        raise ValueError(f"mesh must be a spec string such as 'data=2,seq=4' (or None), got {spec!r}")
+    axes = parse_mesh(spec)
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(
+            f"axis {unknown[0]!r} of mesh {spec!r} is not one training uses; name only {' and '.join(map(repr, MESH_AXES))} "
+            "('data': the batch is split over it; 'seq': the attention runs sequence-parallel along it), "
+            "e.g. 'data=2,seq=4'"
+        )
+    return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +142,11 @@ class TrainConfig:
     b2: float = 0.98
     eps: float = 1e-9
     eval_batch_size: int | None = None  # default: batch_size
+    mesh: str | None = None  # e.g. "data=2,seq=4" (module docstring); None = every device on "data"
+
+    # fields added after configs were stored (checkpoints, the experiments' row fingerprints):
+    # left out of ``record()`` while at these values, so that what was stored before still matches
+    ADDED_LATER = (("mesh", None),)
 
     def __post_init__(self):
         name = "TrainConfig"
@@ -125,10 +163,35 @@ class TrainConfig:
         check_config(name, 0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"b1, b2 must be in [0, 1), got {self.b1}, {self.b2}")
         check_config(name, self.schedule == "rsqrt" or self.warmup < self.steps,
                      f"warmup={self.warmup} must be < steps={self.steps} for a decaying schedule")
+        if self.mesh is not None:
+            try:
+                axes = mesh_axes(self.mesh)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{name}: mesh: {err}") from None
+            object.__setattr__(self, "mesh", format_mesh(axes))  # one spelling: one fingerprint
+            data = axes.get("data", 1)
+            for field, value in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch)):
+                check_config(name, value % data == 0,
+                             f"{field}={value} must be divisible by the size of the mesh's 'data' axis ({data} in "
+                             f"mesh={self.mesh!r}): the batch is split over it; use a multiple of {data} or "
+                             "another 'data' size")
 
     @property
     def eval_batch(self) -> int:
         return self.eval_batch_size or self.batch_size
+
+    def mesh_sizes(self) -> dict[str, int] | None:
+        """The mesh as ``{axis: size}``, or None without one."""
+        return None if self.mesh is None else parse_mesh(self.mesh)
+
+    def record(self) -> dict:
+        """The config as stored (checkpoints, rows): plain JSON values, the ``ADDED_LATER``
+        fields left out while at their old defaults."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        for field, value in self.ADDED_LATER:
+            if out[field] == value:
+                del out[field]
+        return out
 
 
 @dataclasses.dataclass
@@ -360,18 +423,21 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 
 
 class _Sharder:
-    """Puts batches on the 'data' axis of a mesh over every local device, params replicated."""
+    """Puts batches on the 'data' axis of ``mesh`` (default: every local device on 'data'),
+    params replicated. A mesh without a 'data' axis gets every batch whole on each device."""
 
-    def __init__(self, batch_size: int):
-        devices = jax.devices()
-        if batch_size % len(devices):
-            raise ValueError(
-                f"batch_size={batch_size} must be divisible by the {len(devices)} local devices "
-                f"(the batch is sharded over them); use a multiple of {len(devices)}"
-            )
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self.batch = NamedSharding(self.mesh, P("data"))
-        self.replicated = NamedSharding(self.mesh, P())
+    def __init__(self, batch_size: int, mesh: Mesh | None = None):
+        if mesh is None:
+            devices = jax.devices()
+            if batch_size % len(devices):
+                raise ValueError(
+                    f"batch_size={batch_size} must be divisible by the {len(devices)} local devices "
+                    f"(the batch is sharded over them); use a multiple of {len(devices)}"
+                )
+            mesh = Mesh(np.array(devices), ("data",))
+        self.mesh = mesh
+        self.batch = NamedSharding(mesh, P("data") if "data" in mesh.shape else P())
+        self.replicated = NamedSharding(mesh, P())
 
     def put_batch(self, batch: Batch) -> Batch:
         return jax.device_put(batch, self.batch)
@@ -422,7 +488,7 @@ class TrainState:
 
 
 def _config_json(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return cfg.record()
 
 
 def _is_key(x) -> bool:
@@ -526,8 +592,31 @@ def _check_data(model: nnx.Module, data: TaskData, cfg: TrainConfig, use_mask: b
             f"task {data.name!r} has token ids up to vocab_size={data.vocab_size} but {type(model).__name__} "
             f"embeds only {vocab}; build the model with vocab_size={data.vocab_size}"
         )
-    if cfg.eval_batch % len(jax.devices()):
+    if cfg.mesh is None and cfg.eval_batch % len(jax.devices()):  # with a mesh: TrainConfig checked "data"
         raise ValueError(f"eval batch {cfg.eval_batch} must be divisible by {len(jax.devices())} devices")
+
+
+def _on_mesh(model: nnx.Module, data: TaskData, cfg: TrainConfig) -> tuple[nnx.Module, Mesh]:
+    """The mesh of ``cfg.mesh`` and the model to train on it: a copy whose attention cores are
+    sequence-parallel along "seq" when that axis has more than one device (the caller's model
+    is left as it was). What is wrong with the request (a length "seq" does not divide, a core
+    without a sequence-parallel form) is refused before the devices are counted."""
+    axes = cfg.mesh_sizes()
+    seq = axes.get("seq", 1)
+    batch_axis = "data" if "data" in axes else None
+    if seq > 1:
+        abstract = AbstractMesh(tuple(axes.values()), tuple(axes))
+        tokens = int(np.asarray(data.train.inputs).shape[1])
+        m = getattr(model, "cfg", None)
+        extra = int(getattr(m, "attention_len", 0) - getattr(m, "max_len", 0)) if m is not None else 0
+        what = (f"the attention's sequence length ({tokens} tokens + {extra} position(s) the model adds, "
+                "e.g. a CLS token: pool='mean' adds none)" if extra > 0 else "the sequence length")
+        check_divisible(f"TrainConfig(mesh={cfg.mesh!r})", what, tokens + extra, abstract, "seq")
+        sequence_parallel(nnx.clone(model), abstract, axis="seq", batch_axis=batch_axis)  # refuses, changes nothing
+    mesh = make_mesh(axes)
+    if seq > 1:
+        model = sequence_parallel(nnx.clone(model), mesh, axis="seq", batch_axis=batch_axis)
+    return model, mesh
 
 
 def train(
@@ -552,6 +641,7 @@ def train(
     after that many steps without a final evaluation, as a killed run would (for tests).
     ``checkpoint_interval_s``: save at an evaluation only when this long has passed since the
     last save (0 = at every evaluation); short runs then skip the cost of saving.
+    ``cfg.mesh``: train on that device mesh (module docstring), e.g. ``"data=2,seq=4"``.
     """
     _check_data(model, data, cfg, use_mask)
     metric, kind = data.metric, data.kind
@@ -561,7 +651,10 @@ def train(
         raise ValueError(f"{type(model).__name__} has dropout={dropout} but does not accept a dropout_key "
                          "(its class attribute `accepts`); add it there or set dropout=0")
     scored = scored_positions(data) if "positions" in accepts else None
-    sharder = _Sharder(cfg.batch_size)
+    mesh = None
+    if cfg.mesh is not None:
+        model, mesh = _on_mesh(model, data, cfg)  # before nnx.split: the graphdef holds the parallel cores
+    sharder = _Sharder(cfg.batch_size, mesh)
 
     def batches(split: Split, idx: np.ndarray, rows: int) -> Batch:
         return sharder.put_batch(make_batch(split, idx, rows=rows, scored=scored))

@@ -29,12 +29,18 @@ Flags (each only where the experiment asks for it; the first six always):
     --tasks A,B          task names of the preset              (tasks=True)
     --seeds 0,1,2        non-negative integer seeds            (seeds=True)
     --steps N            training steps, N >= 1                (steps=True)
+    --mesh data=2,seq=4  train on that device mesh: the batch over "data", the attention
+                         sequence-parallel over "seq" (``train.TrainConfig.mesh``)  (mesh=True)
+
+``--mesh`` is checked in ``parse``: only the axes "data" and "seq", and sizes whose product is
+``jax.device_count()``; on a CPU, simulated devices are asked for before the command starts
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8 efficient-attn train --mesh data=2,seq=4``).
 
 A bad value is refused with one line naming the flag, e.g. ``efficient-attn train: error:
 --seeds: expected comma-separated non-negative integers, got 'x'``, and exit status 2 (as
 ``argparse``'s own errors), before anything is computed. Values come back parsed: ``variants``,
-``tasks`` as tuples of names, ``seeds`` as a tuple of ints, ``out`` as a ``Path``; an absent
-flag is ``None`` so that the preset's value stands.
+``tasks`` as tuples of names, ``seeds`` as a tuple of ints, ``out`` as a ``Path``, ``mesh`` as
+its one spelling (``"data=2,seq=4"``); an absent flag is ``None`` so that the preset's value stands.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ __all__ = [
     "int_list",
     "positive_int",
     "positive_float",
+    "mesh_spec",
+    "mesh_device_problem",
     "check_choices",
     "exit_status",
 ]
@@ -130,6 +138,35 @@ def positive_float(text: str) -> float:
     return value
 
 
+def mesh_spec(text: str) -> str:
+    """A ``type=`` for ``--mesh``: a training mesh spec (``train.mesh_axes``), given back in
+    one spelling (``"data=2, seq=4"`` -> ``"data=2,seq=4"``)."""
+    from efficient_attn.parallel.mesh import format_mesh
+    from efficient_attn.train import mesh_axes
+
+    try:
+        return format_mesh(mesh_axes(text))
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def mesh_device_problem(spec: str) -> str | None:
+    """Why ``spec`` cannot run in this process (its sizes do not multiply to
+    ``jax.device_count()``), as one line naming ``--mesh`` and the fix; None when it can."""
+    import math
+
+    import jax
+
+    from efficient_attn.parallel.mesh import parse_mesh
+
+    need, have = math.prod(parse_mesh(spec).values()), jax.device_count()
+    if need == have:
+        return None
+    return (f"--mesh {spec}: needs {need} devices, this process has {have}; on a CPU, simulate them by starting the "
+            f"command with XLA_FLAGS=--xla_force_host_platform_device_count={need} (set before jax starts), "
+            f"or choose sizes whose product is {have}")
+
+
 def _plugin_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
@@ -150,6 +187,7 @@ def experiment_parser(
     tasks: bool = False,
     seeds: bool = False,
     steps: bool = False,
+    mesh: bool = False,
 ) -> ExperimentParser:
     """A parser with the shared flags (module docstring); the experiment adds its own after."""
     names = sorted(presets)
@@ -169,6 +207,10 @@ def experiment_parser(
     if steps:
         p.add_argument("--steps", type=positive_int, metavar="N",
                        help="override every task's training steps, N >= 1 (smoke runs)")
+    if mesh:
+        p.add_argument("--mesh", type=mesh_spec, metavar="data=2,seq=4",
+                       help="train on this device mesh: the batch split over 'data', the attention run "
+                            "sequence-parallel over 'seq' (sizes multiply to the device count)")
     p.add_argument("--plugin", action="append", default=[], type=_plugin_file, metavar="FILE.py",
                    help="a Python file that registers variants (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute finished rows")
@@ -178,8 +220,12 @@ def experiment_parser(
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``, load the ``--plugin`` files, then check ``--variants`` against the registry."""
+    """Parse ``argv``, check ``--mesh`` against the devices, load the ``--plugin`` files, then
+    check ``--variants`` against the registry."""
     args = parser.parse_args(argv)
+    mesh = getattr(args, "mesh", None)
+    if mesh is not None and (problem := mesh_device_problem(mesh)):
+        parser.error(problem)
     for path in getattr(args, "plugin", None) or []:
         try:
             registry.load_plugin(path)

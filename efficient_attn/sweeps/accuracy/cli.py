@@ -2,8 +2,13 @@
 
 The flags are the shared ones of ``efficient_attn.sweeps.cli`` (``--preset``, ``--variants``,
 ``--tasks``, ``--seeds``, ``--steps``, ``--plugin``, ``--force``, ``--out``, ``--no-progress``);
-``--tasks`` must name tasks of the preset. The exit status is 2 for a bad flag (one line
-naming it), 1 when a row of this run's variants, tasks and seeds errored, else 0.
+``--tasks`` must name tasks of the preset. ``--mesh data=2,seq=4`` trains every run on that
+device mesh (``TrainConfig.mesh``: the batch over "data", the attention sequence-parallel
+over "seq"; a variant without a sequence-parallel form is n/a there). Its rows are rows of
+their own (the mesh is in their fingerprint and key) and go by default to
+``results/accuracy/<preset>_mesh_data2_seq4``, so the preset's own table is left alone. The
+exit status is 2 for a bad flag (one line naming it), 1 when a row of this run's variants,
+tasks and seeds errored, else 0.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting
 from efficient_attn.sweeps.accuracy.presets import PRESETS
 from efficient_attn.sweeps.accuracy.run import rows_of, run
 
-__all__ = ["parse_args", "config_from_args", "main"]
+__all__ = ["parse_args", "config_from_args", "default_out", "main"]
 
 _PROG = "efficient-attn train"
 
@@ -28,7 +33,7 @@ _PROG = "efficient-attn train"
 def _parser() -> argparse.ArgumentParser:
     return cli.experiment_parser(
         _PROG, "Accuracy of every attention variant on every task (LRA Table 1 analog).",
-        presets=PRESETS, tasks=True, seeds=True, steps=True,
+        presets=PRESETS, tasks=True, seeds=True, steps=True, mesh=True,
     )
 
 
@@ -90,7 +95,26 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
             return dataclasses.replace(s, train=tr)
 
         cfg = dataclasses.replace(cfg, tasks=tuple(shorter(t) for t in cfg.tasks))
+    mesh = getattr(args, "mesh", None)
+    if mesh is not None:
+        try:
+            cfg = dataclasses.replace(cfg, tasks=tuple(
+                dataclasses.replace(t, train=dataclasses.replace(t.train, mesh=mesh)) for t in cfg.tasks))
+        except ValueError as err:  # an axis train does not know, a batch the data axis does not divide
+            _refuse(parser, f"--mesh {mesh}: {err}")
+        problem = cli.mesh_device_problem(cfg.tasks[0].train.mesh)  # (parse checked it already for main)
+        if problem:
+            _refuse(parser, problem)
     return cfg
+
+
+def default_out(cfg: AccuracyConfig) -> Path:
+    """``results/accuracy/<preset>``; a run on a mesh gets ``<preset>_mesh_<axes>`` beside it."""
+    meshes = {t.train.mesh for t in cfg.tasks} - {None}
+    name = cfg.preset
+    if meshes:
+        name += "_mesh_" + "_".join(sorted(meshes)).replace("=", "").replace(",", "_")
+    return Path("results") / "accuracy" / name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     args = cli.parse(p, argv)
     cfg = config_from_args(args, p)
-    out = args.out or Path("results") / "accuracy" / cfg.preset
+    out = args.out or default_out(cfg)
     t0 = time.perf_counter()
     try:
         rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None)

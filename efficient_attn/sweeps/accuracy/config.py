@@ -3,7 +3,8 @@
 A row's ``fingerprint`` hashes everything that decides its result except the seed (task
 setting, variant hyperparameters, data seed), so a rerun skips exactly the rows whose
 setting has not changed; fields added after rows were stored stay out of the hash while at
-their old default (``ModelSize.ADDED_LATER``), so those rows still match.
+their old default (``ModelSize.ADDED_LATER``, ``TrainConfig.ADDED_LATER``: the training
+mesh), so those rows still match, and a run on a mesh is a row of its own.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class TaskSetting:
     def fingerprint(self, variant_kwargs: tuple, data_seed: int) -> str:
         """A short hash of everything that determines a run's result (except the seed)."""
         spec = dataclasses.asdict(self)
-        for field, value in ModelSize.ADDED_LATER:
-            if spec["model"][field] == value:
-                del spec["model"][field]
+        for part, cls in (("model", ModelSize), ("train", TrainConfig)):
+            for field, value in cls.ADDED_LATER:
+                if spec[part][field] == value:
+                    del spec[part][field]
         blob = json.dumps([spec, variant_kwargs, data_seed], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

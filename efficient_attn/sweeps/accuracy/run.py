@@ -5,7 +5,9 @@ capabilities and the task's declarations), never run wrongly: a bidirectional-on
 a causal task runs only where the task declares its layout leak-free (``tasks.bidirectional_safe``)
 and the LM can run without the causal mask; a causal-only variant (``bidirectional=False``)
 never runs in the bidirectional encoder, whose CLS token at position 0 a causal core would
-leave blind to the sequence. For a task that declares groups of rows (``tasks.eval_groups``,
+leave blind to the sequence; on a training mesh with a "seq" axis of more than one device
+(``TrainConfig.mesh``, ``--mesh``), a variant without a sequence-parallel form
+(``parallel.models.has_sequence_parallel_form``) is n/a. For a task that declares groups of rows (``tasks.eval_groups``,
 MQAR's pair counts) the row also holds the test accuracy per group (``groups.py``).
 
 A run that raises is stored as an error row with its message and retried on the next
@@ -124,8 +126,29 @@ def _load_task(setting: TaskSetting, data_seed: int):
                       **dict(setting.params))
 
 
-def _key(variant: str, task: str, seed: int) -> str:
-    return ea_report.RowStore.make_key(variant, task, seed)
+def _key(variant: str, task: str, seed: int, mesh: str | None = None) -> str:
+    # a run on a mesh is a row of its own; without one the key is what it always was
+    parts = (variant, task, seed) + ((f"mesh={mesh}",) if mesh is not None else ())
+    return ea_report.RowStore.make_key(*parts)
+
+
+def _mesh_plan(variant: str, setting: TaskSetting) -> tuple[bool, str]:
+    """Whether ``variant`` can train on ``setting``'s mesh: with a "seq" axis of more than one
+    device its cores must have a sequence-parallel form."""
+    sizes = setting.train.mesh_sizes()
+    if not sizes or sizes.get("seq", 1) == 1:
+        return True, ""
+    from efficient_attn.parallel.models import has_sequence_parallel_form
+
+    if has_sequence_parallel_form(get_spec(variant).cls):
+        return True, ""
+    return False, (f"no sequence-parallel form (mesh {setting.train.mesh}): ring attention needs an exact variant, "
+                   "context-parallel linear attention one that declares its engines (efficient_attn.parallel.models)")
+
+
+def _plan_unit(variant: str, info: dict, setting: TaskSetting) -> tuple[bool, str]:
+    ok, reason = _plan(variant, info)
+    return _mesh_plan(variant, setting) if ok else (ok, reason)
 
 
 def _task_info(data) -> dict:
@@ -186,7 +209,7 @@ def run(
             info = infos.get(setting.task)
             if info is not None and info.get("fingerprint") == data_fingerprint(setting, cfg.data_seed):
                 for variant in variants:
-                    ok, reason = _plan(variant, info)
+                    ok, reason = _plan_unit(variant, info, setting)
                     if not ok:
                         skipped[(variant, setting.task)] = reason
 
@@ -195,12 +218,12 @@ def run(
     try:
         for count, (seed, setting, variant) in enumerate(units, 1):
             fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
-            key = _key(variant, setting.task, seed)
+            key = _key(variant, setting.task, seed, setting.train.mesh)
             prev = store.get(key)
             if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue
             info = info_for(setting)
-            ok, reason = _plan(variant, info)
+            ok, reason = _plan_unit(variant, info, setting)
             if not ok:
                 skipped[(variant, setting.task)] = reason
                 continue
@@ -237,9 +260,11 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
         "variant": variant, "task": setting.task, "seed": seed, "status": "ok", "reason": "",
         "family": spec.family, "exact": spec.capabilities.exact, "seq_len": data.seq_len,
         "causal": data.causal, "kv_mask_used": info["needs_kv_mask"], "fingerprint": fp,
-        "variant_kwargs": dict(kwargs), "model": dataclasses.asdict(setting.model), "train": dataclasses.asdict(tcfg),
+        "variant_kwargs": dict(kwargs), "model": dataclasses.asdict(setting.model), "train": tcfg.record(),
         "baseline": info["baseline"], "metric": data.metric,
     }
+    if tcfg.mesh is not None:
+        row["mesh"] = tcfg.mesh
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         model = _build_model(variant, kwargs, setting, data, seed)
