@@ -1,4 +1,4 @@
-"""Exact attention side by side: full, blockwise, jax.nn.dot_product_attention (see efficient_attn/sweeps/exact.py)."""
+"""Exact attention side by side: full, blockwise, jax.nn.dot_product_attention (see efficient_attn/sweeps/exact/)."""
 
 import sys
 
