@@ -11,6 +11,7 @@ from flax import nnx
 
 import efficient_attn as ea
 from efficient_attn import patterns, registry
+from efficient_attn.ops.reference.lsh import shared_qk_attention
 from efficient_attn.sweeps import approximation as ap
 from efficient_attn.sweeps.approximation import compare
 from efficient_attn.sweeps.approximation.inputs import shared_qk
@@ -191,16 +192,19 @@ def test_main_accepts_variants_and_out_and_refuses_unknown_names_in_one_line(tmp
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_shared_qk_reference_matches_reformer_with_one_bucket(causal):
-    """With N <= bucket_size Reformer is exact shared-QK attention: the sweep's reference for it."""
+    """The sweep's reference for a shared-QK variant is the package's dense one
+    (ops/reference/lsh.shared_qk_attention); with N <= bucket_size Reformer is exactly it."""
+    q = jax.random.normal(jax.random.key(0), (2, 24, 2, 8)) * 2
+    v = jax.random.normal(jax.random.key(1), (2, 24, 2, 8))
+    mask = ea.Mask(causal=causal, kv_mask=jnp.arange(24)[None, :] < jnp.array([[24], [9]]))
+    k, full_mask = shared_qk(q, mask)
+    sweep = ea.build(registry.exact_reference(), num_heads=2, head_dim=8, max_len=24)(q, k, v, mask=full_mask)
+    dense = shared_qk_attention(q, v, mask)
+    assert float(abs(sweep - dense).max()) < 1e-5
     if "reformer" not in ea.list_variants():
         pytest.skip("reformer is not registered")
-    q = jax.random.normal(jax.random.key(0), (1, 24, 2, 8)) * 2
-    v = jax.random.normal(jax.random.key(1), (1, 24, 2, 8))
-    mask = ea.Mask(causal=causal)
-    k, full_mask = shared_qk(q, mask)
-    want = ea.build("full", num_heads=2, head_dim=8, max_len=24)(q, k, v, mask=full_mask)
     got = ea.build("reformer", num_heads=2, head_dim=8, max_len=24, bucket_size=32)(q, k, v, mask=mask)
-    assert float(abs(got - want).max()) < 1e-4
+    assert float(abs(got - dense).max()) < 1e-4
 
 
 def test_probe_in_groups_equals_one_call():

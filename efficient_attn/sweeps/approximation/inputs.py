@@ -13,7 +13,8 @@ from flax import nnx
 
 from efficient_attn import registry
 from efficient_attn.core import Mask
-from efficient_attn.ops.masks import dense_visibility
+from efficient_attn.ops.reference.lsh import not_self_unless_alone, shared_qk_keys
+from efficient_attn.ops.reference.softmax import visibility
 from efficient_attn.sweeps.approximation.config import ApproxConfig
 from efficient_attn.sweeps.approximation.plan import unit_key
 
@@ -104,13 +105,11 @@ def shared_qk(q, mask: Mask | None):
     Variants whose keys are their normalised queries (``Capabilities.shared_qk``; the k they
     are given is unused) are compared with exact attention on these keys -- the function they
     approximate -- since against exact attention on an independent k their error is ~1 at
-    any budget.
+    any budget. Both halves are the dense LSH reference's (``ops/reference/lsh.py``: its
+    ``shared_qk_attention`` is ``full`` on these keys under this mask).
     """
-    k = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-6)
     B, T = q.shape[:2]
     m = mask or Mask()
-    vis = dense_visibility(Mask(causal=m.causal, kv_mask=m.kv_mask), B, T, T)
-    vis = jnp.ones((B, 1, T, T), bool) if vis is None else vis
-    not_self = ~jnp.eye(T, dtype=bool)[None, None]
-    alone = ~jnp.any(vis & not_self, axis=-1, keepdims=True)
-    return k, Mask(causal=m.causal, kv_mask=m.kv_mask, q_mask=m.q_mask, dense=not_self | alone)
+    vis = visibility(Mask(causal=m.causal, kv_mask=m.kv_mask), B, T, T)
+    return shared_qk_keys(q), Mask(causal=m.causal, kv_mask=m.kv_mask, q_mask=m.q_mask,
+                                   dense=not_self_unless_alone(vis))
