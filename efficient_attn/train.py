@@ -118,8 +118,9 @@ def mesh_axes(spec: str) -> dict[str, int]:
     unknown = [a for a in axes if a not in MESH_AXES]
     if unknown:
         raise ValueError(
-            f"axis {unknown[0]!r} of mesh {spec!r} is not one training uses; name only {' and '.join(map(repr, MESH_AXES))} "
-            "('data': the batch is split over it; 'seq': the attention runs sequence-parallel along it), "
+            f"axis {unknown[0]!r} of mesh {spec!r} is not one training uses; name only "
+            f"{' and '.join(map(repr, MESH_AXES))} ('data': the batch is split over it; 'seq': the attention "
+            "runs sequence-parallel along it), "
             "e.g. 'data=2,seq=4'"
         )
     return axes
@@ -607,8 +608,8 @@ def _on_mesh(model: nnx.Module, data: TaskData, cfg: TrainConfig) -> tuple[nnx.M
     if seq > 1:
         abstract = AbstractMesh(tuple(axes.values()), tuple(axes))
         tokens = int(np.asarray(data.train.inputs).shape[1])
-        m = getattr(model, "cfg", None)
-        extra = int(getattr(m, "attention_len", 0) - getattr(m, "max_len", 0)) if m is not None else 0
+        m = getattr(model, "cfg", None)  # nn's configs: attention_len - max_len positions the model adds
+        extra = int(m.attention_len - m.max_len) if hasattr(m, "attention_len") and hasattr(m, "max_len") else 0
         what = (f"the attention's sequence length ({tokens} tokens + {extra} position(s) the model adds, "
                 "e.g. a CLS token: pool='mean' adds none)" if extra > 0 else "the sequence length")
         check_divisible(f"TrainConfig(mesh={cfg.mesh!r})", what, tokens + extra, abstract, "seq")

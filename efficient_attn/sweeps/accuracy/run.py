@@ -7,8 +7,10 @@ and the LM can run without the causal mask; a causal-only variant (``bidirection
 never runs in the bidirectional encoder, whose CLS token at position 0 a causal core would
 leave blind to the sequence; on a training mesh with a "seq" axis of more than one device
 (``TrainConfig.mesh``, ``--mesh``), a variant without a sequence-parallel form
-(``parallel.models.has_sequence_parallel_form``) is n/a. For a task that declares groups of rows (``tasks.eval_groups``,
-MQAR's pair counts) the row also holds the test accuracy per group (``groups.py``).
+(``parallel.models.has_sequence_parallel_form``) is n/a. For a task that declares groups of
+rows (``tasks.eval_groups``, MQAR's pair counts) the row also holds the test accuracy per
+group (``groups.py``). A run on a mesh is a row of its own: its key and fingerprint carry the
+mesh (only when there is one, so that the rows stored before keep theirs) and so does the row.
 
 A run that raises is stored as an error row with its message and retried on the next
 invocation; neither stops the sweep. A finished row whose
