@@ -7,9 +7,10 @@ Every attention variant in efficient-attn is an ``Attention`` subclass called as
     out: Float[Array, "B T H Dv"]
 
 (the layout of ``jax.nn.dot_product_attention``). The base class owns that call: it checks
-the inputs and the variant's declared ``Capabilities``, normalises the mask, and only then
-runs the variant's one method, ``attend(q, k, v, mask)``; afterwards it checks the result,
-zeroes the outputs of masked queries (``Mask.q_mask``) and casts to the input dtype. A
+the inputs and the variant's declared ``Capabilities``, normalises the mask, zeroes masked
+keys, values and queries (so that garbage there cannot matter), and only then runs the
+variant's one method, ``attend(q, k, v, mask)``; afterwards it checks the result, zeroes the
+outputs of masked queries (``Mask.q_mask``) and casts to the input dtype. A
 plugin in another file gets all of it for free. ``core`` imports nothing of the package.
 """
 
@@ -394,7 +395,8 @@ class Attention(nnx.Module):
     ``mask`` is always a ``Mask`` (never None; its array fields are None where everything is
     real). ``__call__(q, k, v, *, mask=None)`` belongs to the base class: it turns numpy
     inputs into jax arrays, validates shapes, dtypes and ``max_len``, enforces
-    ``capabilities``, normalises the mask, calls ``attend``, checks what came back, zeroes
+    ``capabilities``, normalises the mask, replaces masked keys, values and queries by zeros,
+    calls ``attend``, checks what came back, zeroes
     the outputs of ``q_mask=False`` queries and returns ``q.dtype``.
 
     A subclass that overrides ``__call__(q, k, v, *, mask=None)`` instead (the older way)
@@ -436,6 +438,7 @@ class Attention(nnx.Module):
         q, k, v = (_as_array(name, arg, x) for arg, x in (("q", q), ("k", k), ("v", v)))
         mask = normalise_mask(name, mask)
         validate_inputs(name, self.capabilities, dims, q, k, v, mask)
+        q, k, v = _zero_masked(self.capabilities, q, k, v, mask)
         return q, k, v, mask
 
     def _finish(self, out, q, v, mask: Mask):
@@ -661,6 +664,26 @@ def _check_value_width(name: str, v, dims: Dims) -> None:
             f"{name}: decoding states hold values of width head_dim={dims.head_dim}, got v of shape "
             f"{_fmt_shape(v)}; project values to head_dim"
         )
+
+
+def _zero_masked(caps: Capabilities, q, k, v, mask: Mask):
+    """Zeros (``where``, not a product) at masked keys and values and at masked queries.
+
+    Padding and unfilled cache slots hold garbage in real use; replaced here, a NaN or Inf
+    there cannot reach any output or gradient whatever the variant's arithmetic (a zero
+    weight times NaN is NaN), and the gradients at those positions are exactly zero. A
+    ``q_mask=False`` query's output is zeroed afterwards anyway. A shared-QK variant reads its
+    keys from ``q``: its queries are zeroed only where they are no key either.
+    """
+    zero = lambda x, keep: jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))  # noqa: E731
+    if mask.kv_mask is not None:
+        k, v = zero(k, mask.kv_mask), zero(v, mask.kv_mask)
+    keep_q = mask.q_mask
+    if keep_q is not None and caps.shared_qk:
+        keep_q = None if mask.kv_mask is None else keep_q | mask.kv_mask
+    if keep_q is not None:
+        q = zero(q, keep_q)
+    return q, k, v
 
 
 def _wrap_legacy_call(call):

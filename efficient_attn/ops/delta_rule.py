@@ -48,7 +48,10 @@ Padding. A position with ``kv_mask`` False is an identity step: its k, v, beta a
 are replaced by zeros with ``where`` (not a product, so a NaN or inf there cannot leak into
 other outputs or any gradient): beta 0 writes nothing, log decay 0 forgets nothing. Its query
 still reads the state (as a padded query of softmax attention still sees the real keys). The
-tail that pads T to a multiple of C is the same identity step.
+tail that pads T to a multiple of C is the same identity step. A non-finite key, value,
+beta or log decay (NaN or +inf) is an identity step in the products too, and every output
+from it on is NaN (``masks.split_nonfinite_steps``): what the recurrence gives, with no
+0 * NaN reaching an earlier output of the same chunk.
 
 Layouts: q, k [B, T, H, Dk], v [B, T, H, Dv], beta and log_decay [B, T, H], states
 [B, H, Dk, Dv] (those of ``ops.gated_linear``, with the same ``initial_state`` /
@@ -59,9 +62,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
+from efficient_attn.ops.masks import poison_steps, split_nonfinite_steps
 from efficient_attn.ops.triangular import solve_unit_lower
 
 __all__ = ["delta_rule_attention", "delta_rule_step"]
@@ -85,7 +90,7 @@ def _validate(q, k, v, beta, log_decay, kv_mask, initial_state, chunk) -> None:
     _check("initial_state", initial_state, (B, H, Dk, v.shape[-1]), "[B, H, Dk, Dv]")
     if kv_mask is not None and kv_mask.dtype != jnp.bool_:
         raise TypeError(f"delta_rule: kv_mask must be bool, got {kv_mask.dtype}; use kv_mask.astype(bool)")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+    if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, (bool, np.bool_)) or chunk < 1:
         raise ValueError(f"delta_rule: chunk must be an int >= 1, got {chunk!r}")
 
 
@@ -145,9 +150,10 @@ def delta_rule_attention(
         v = jnp.where(keep[..., None], v, 0.0)
         beta = jnp.where(keep, beta, 0.0)
         log_decay = jnp.where(keep, log_decay, 0.0)
+    (k, v, beta), (log_decay,), poisoned = split_nonfinite_steps(k, v, beta, gates=(log_decay,))
     state = jnp.zeros((B, H, Dk, Dv), jnp.float32) if initial_state is None else f32(initial_state)
 
-    C = min(chunk, T)
+    C = min(int(chunk), T)
     n = -(-T // C)
     qc, kc, vc = (_chunked(x, n, C) for x in (q * scale, k, v))  # [B, H, n, C, D]
     bc, lc = (_chunked(x, n, C) for x in (beta, log_decay))  # [B, H, n, C]
@@ -184,7 +190,10 @@ def delta_rule_attention(
         out = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(g)[..., None], s_in)
         out = out + jnp.einsum("bhnri,bhniv->bhnrv", qk, w)
         out = jnp.moveaxis(out, 1, 3).reshape(B, n * C, H, Dv)[:, :T]
-    return (out, final) if output_final_state else out
+    out = poison_steps(out, poisoned)
+    if output_final_state:  # a bad step anywhere leaves the recurrence's state NaN
+        return out, jnp.where(poisoned[:, -1, :, None, None], jnp.nan, final)
+    return out
 
 
 def delta_rule_step(

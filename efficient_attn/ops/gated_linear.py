@@ -39,7 +39,10 @@ backward pass recomputes each chunk's pairwise decays instead of storing them.
 Masks. The recurrence is causal by construction; ``causal=False`` is refused. ``kv_mask``:
 a masked position is an identity step -- its key and value are replaced by zeros and its log
 decay by 0 with ``where`` (not a product, so NaN or inf there cannot leak, forward or
-backward), so it neither writes to the state nor decays it. Its query is not masked: it
+backward), so it neither writes to the state nor decays it. A non-finite key, value or log
+gate (NaN or +inf; -inf is a gate of 0) is the same identity step in the products, and every
+output from it on is NaN (``masks.split_nonfinite_steps``): the recurrence's own result, with
+no 0 * NaN reaching an earlier output of the same chunk. Its query is not masked: it
 still reads the state (the base class zeroes q_mask=False outputs). A query that sees no
 real key reads the initial state (zeros by default), so it gets exactly zero output.
 
@@ -54,8 +57,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float
+
+from efficient_attn.ops.masks import poison_steps, split_nonfinite_steps
 
 __all__ = ["gated_linear_attention", "gated_linear_step", "segment_sums"]
 
@@ -124,6 +130,11 @@ def _chunk_step(scale: float, diagonal: bool):
     return jax.checkpoint(step) if diagonal else step
 
 
+def _is_size(n) -> bool:
+    """A Python or numpy integer >= 1 (not a bool)."""
+    return isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 1
+
+
 def _check(q, k, v, log_decay, kv_mask, initial_state, chunk):
     name = "gated_linear_attention"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -144,7 +155,7 @@ def _check(q, k, v, log_decay, kv_mask, initial_state, chunk):
         raise ValueError(
             f"{name}: initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, v.shape[3])}, got {initial_state.shape}"
         )
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+    if not _is_size(chunk):
         raise ValueError(f"{name}: chunk must be an int >= 1, got {chunk!r}")
 
 
@@ -182,7 +193,8 @@ def gated_linear_attention(
         k = jnp.where(keep[..., None], k, 0.0)
         v = jnp.where(keep[..., None], v, 0.0)
         g = jnp.where(keep[..., None] if diagonal else keep, g, 0.0)
-    C = min(chunk, T)
+    (k, v), (g,), poisoned = split_nonfinite_steps(k, v, gates=(g,))
+    C = min(int(chunk), T)
     n = -(-T // C)
 
     def chunks(x):  # [B, T, H, ...] -> [n, B, H, C, ...], padded with identity steps (zeros)
@@ -193,7 +205,11 @@ def gated_linear_attention(
     with jax.named_scope("gated_linear_chunks"):
         state, out = lax.scan(_chunk_step(scale, diagonal), state, tuple(chunks(x) for x in (q, k, v, g)))
     out = jnp.moveaxis(jnp.moveaxis(out, 0, 1), 3, 2).reshape(B, n * C, H, Dv)[:, :T]
-    return (out, state) if output_final_state else out
+    out = poison_steps(out, poisoned)
+    if output_final_state:  # a bad step anywhere leaves the recurrence's state NaN
+        state = jnp.where(poisoned[:, -1, :, None, None], jnp.nan, state)
+        return out, state
+    return out
 
 
 def gated_linear_step(

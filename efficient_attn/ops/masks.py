@@ -20,12 +20,18 @@ a plausible finite number, and no masked or future position ever matters):
   the rows that attend to it (all of their components: an Inf value gives NaN, not Inf),
   while a row that cannot see it (a causal past row in the same block, whose weight on it
   is an exact 0) is unchanged.
+- Recurrences (``ops.gated_linear``, ``ops.delta_rule``) go through ``split_nonfinite_steps``:
+  a token whose key, value, write strength or gate is not finite is an identity step in the
+  chunked products, and every output from that token on (its batch row and head) is NaN.
+  That is what the token-by-token recurrence gives (the state is NaN from then on), while an
+  earlier output in the same chunk, whose weight on the token is an exact 0, is unchanged.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Mask
@@ -85,6 +91,38 @@ def poison_nonfinite_rows(x: Float[Array, "B N H D"]) -> Float[Array, "B N H D"]
     otherwise turn into a plausible 0 output or a silently dropped key."""
     bad = jnp.logical_not(jnp.all(jnp.isfinite(x), axis=-1, keepdims=True))
     return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+
+def split_nonfinite_steps(
+    *tokens: Float[Array, "B T H ..."], gates: tuple[Float[Array, "B T H ..."], ...] = ()
+) -> tuple[tuple[Float[Array, "B T H ..."], ...], tuple[Float[Array, "B T H ..."], ...], Bool[Array, "B T H"]]:
+    """``(tokens zeroed at bad steps, gates zeroed at bad steps, poisoned)`` for a recurrence.
+
+    A step (batch, position, head) is bad when any of its ``tokens`` entries (keys, values,
+    write strengths) is NaN or +-Inf, or a log gate is NaN or +Inf (a log gate of -inf is a
+    forget gate of exactly 0: allowed). Zeroed by ``where``, a bad step writes nothing and
+    forgets nothing in the chunked products, so it cannot reach an earlier output through
+    a zero weight. ``poisoned`` [B, T, H] is True from the first bad step on: the engine sets
+    those outputs to NaN (``poison_steps``), as the state of the recurrence would be.
+    """
+    def bad_of(x, ok):
+        return jnp.logical_not(jnp.all(ok, axis=tuple(range(3, x.ndim)))) if x.ndim > 3 else jnp.logical_not(ok)
+
+    bad = None
+    for x in tokens:
+        b = bad_of(x, jnp.isfinite(x))
+        bad = b if bad is None else bad | b
+    for g in gates:
+        b = bad_of(g, jnp.logical_not(jnp.isnan(g) | (g == jnp.inf)))
+        bad = b if bad is None else bad | b
+    zero = lambda x: jnp.where(bad.reshape(bad.shape + (1,) * (x.ndim - 3)), jnp.zeros((), x.dtype), x)  # noqa: E731
+    poisoned = lax.cummax(bad.astype(jnp.int32), axis=1) > 0
+    return tuple(zero(x) for x in tokens), tuple(zero(g) for g in gates), poisoned
+
+
+def poison_steps(out: Float[Array, "B T H E"], poisoned: Bool[Array, "B T H"]) -> Float[Array, "B T H E"]:
+    """NaN at every output of a poisoned step (``split_nonfinite_steps``)."""
+    return jnp.where(poisoned[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
 
 def hide_keys(x: Float[Array, "B S H E"], keep: Bool[Array, "B S"] | None) -> Float[Array, "B S H E"]:

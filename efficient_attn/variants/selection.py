@@ -20,7 +20,10 @@ Gradients flow through the softmax over the selected tokens, never through the c
 (top-k indices are integers; the gate reads q and k under ``stop_gradient``), as in MoBA.
 Masks: the gate mean is over the block's real keys (``kv_mask``), a block with no real key
 scores -inf and is never selected, and masked keys are replaced by zeros before any product,
-so whatever they hold (NaN, inf) never reaches an output or a gradient.
+so whatever they hold (NaN, inf) never reaches an output or a gradient. A non-finite real key
+or value enters the gate means and ``p @ v`` as zeros and poisons its own logits instead
+(``ops.masks``): the queries that select and see it are NaN, no other; a non-finite query is
+gated as a zero query and is NaN wherever it sees a key.
 
 Computation (no [T, S] array anywhere). The block means [B, H, S/b, d] are formed once; then
 queries are taken in chunks of c: each chunk scores all S/b blocks ([c, S/b]), takes its top
@@ -56,7 +59,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
 from efficient_attn.ops import kv_cache
-from efficient_attn.ops.masks import masked_softmax
+from efficient_attn.ops.masks import masked_softmax, poison_keys, split_nonfinite
 from efficient_attn.registry import Budget, register
 
 __all__ = ["MoBAConfig", "MoBA", "block_means", "select_blocks", "moba_attention", "chunk_budget"]
@@ -125,8 +128,11 @@ def select_blocks(
 def _attend_chunk(q_c, pos_c, kb, vb, rb, means, has_real, *, block_size, top_k, causal, scale):
     """One chunk of queries: gate, gather the selected blocks, masked softmax. q_c [B, H, c, D]."""
     B, H = q_c.shape[:2]
+    # a non-finite query is gated as a zero query (the choice stays defined) but attends with
+    # its own values: its logits, so its output, are NaN wherever it sees a key
+    q_gate = jnp.where(jnp.all(jnp.isfinite(q_c), axis=-1, keepdims=True), q_c, 0.0)
     table = select_blocks(
-        lax.stop_gradient(q_c), means, has_real, pos_c, block_size=block_size, top_k=top_k, causal=causal
+        lax.stop_gradient(q_gate), means, has_real, pos_c, block_size=block_size, top_k=top_k, causal=causal
     )
     slot_ok = table >= 0
     idx = jnp.maximum(table, 0)  # [B, H, c, r]
@@ -160,7 +166,12 @@ def moba_attention(
     f32 = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3)  # noqa: E731  [B, H, L, .]
     q, k, v = f32(q), f32(k), f32(v)
     k, v = (jnp.where(real[:, None, :, None], x, 0.0) for x in (k, v))
+    # a non-finite key or value: zeros in the block means and in p @ v, NaN logits instead,
+    # so exactly the queries that select and see it are NaN (ops/masks.py's rules)
+    k, k_bad = split_nonfinite(k)
+    v, v_bad = split_nonfinite(v)
     means, has_real = block_means(lax.stop_gradient(k), real, block_size)
+    k = poison_keys(k, k_bad | v_bad)
     nb = means.shape[2]
     pad = nb * block_size - S
     kb = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, H, nb, block_size, D)

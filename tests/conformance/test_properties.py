@@ -9,9 +9,8 @@ any query can see them, these hold:
 1. outputs and gradients (dq, dk, dv, every parameter) are finite;
 2. NaN / Inf planted at masked keys (k, v) change neither the outputs nor any gradient, and
    the gradients at those keys are exactly 0; planted in q too at padding (masked on both
-   sides), they change no output (gradients are not asked there: a NaN query row's zero
-   cotangent still multiplies NaN in the backward pass unless the base class zeroes
-   q_mask=False queries before attend);
+   sides), they change no output and no gradient (the base class zeroes masked queries,
+   keys and values before ``attend``);
 3. under causal, NaN / Inf / huge values planted at positions >= a cut change no output
    before the cut;
 4. a query with no real key at all (every key masked, or every key up to it under causal)
@@ -35,7 +34,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import efficient_attn as ea
 from conformance.harness import VARIANTS, caps
-from conformance.test_nonfinite import _DELTA, _FUTURE_CHUNK, _GATED, _USER, _USER_FUTURE
+from conformance.test_nonfinite import _USER_FUTURE
 from conformance.test_nonfinite import settings as variant_settings
 
 MAX_LEN = 64
@@ -164,12 +163,18 @@ def check(name: str, case, prop: str) -> None:
         for a, b in zip(jax.tree_util.tree_leaves(dp2), jax.tree_util.tree_leaves(dp)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
                                           err_msg=f"{name}: masked keys changed a parameter gradient ({case})")
-        if T == S and not caps(name).shared_qk:  # padding: q too (outputs only, see the module docstring)
+        if T == S:  # padding: q too, outputs and every gradient
             pad = hidden & ~q_mask
-            got, _ = run(cast(plant(q, pad, rng)), cast(plant(k, hidden, rng)), cast(plant(v, hidden, rng)), mask,
-                         jnp.asarray(w))
+            got, (dp3, *dqkv3) = run(cast(plant(q, pad, rng)), cast(plant(k, hidden, rng)),
+                                     cast(plant(v, hidden, rng)), mask, jnp.asarray(w))
             np.testing.assert_array_equal(np.asarray(got, np.float32), out,
                                           err_msg=f"{name}: NaN/Inf in padding changed outputs ({case})")
+            for g_name, g3 in zip(("dq", "dk", "dv"), dqkv3):
+                np.testing.assert_array_equal(np.asarray(g3, np.float32), grads[g_name],
+                                              err_msg=f"{name}: NaN/Inf in padding changed {g_name} ({case})")
+            for a, b in zip(jax.tree_util.tree_leaves(dp3), jax.tree_util.tree_leaves(dp)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                              err_msg=f"{name}: padding changed a parameter gradient ({case})")
 
     elif prop == "future":
         if not causal or T == 1:
@@ -194,11 +199,6 @@ PROPERTIES = ["finite", "empty_rows", "masked", "future", "exact"]
 # (variant, property): reason. Known failures in files this suite's author does not own,
 # strict xfails so that a fix shows up (XPASS) and the entry is removed; see test_nonfinite.KNOWN.
 KNOWN: dict[tuple[str, str], str] = {
-    **{(n, "future"): f"{_GATED}: {_FUTURE_CHUNK}" for n in ("retnet", "gla", "mamba2")},
-    **{(n, "future"): f"{_DELTA}: {_FUTURE_CHUNK}" for n in ("deltanet", "gated_deltanet")},
-    ("moba", "future"): "variants/selection.py: a NaN future value in a query's own block reaches it (0 * NaN in p @ v)",
-    ("plugin_softmax", "masked"): _USER,
-    ("plugin_band", "masked"): _USER,
     ("plugin_band", "future"): _USER_FUTURE,
 }
 

@@ -130,6 +130,11 @@ def measure_train_step(name: str, n: int, cfg: CostConfig, *, predicted_s: tuple
     """Steps per second and compiled memory of one training step; never raises for a variant."""
     t = cfg.table2
     row = _row(name, n, cfg, "ok", "")
+    if not ea.get_spec(name).capabilities.bidirectional:
+        row.update(status="skipped", reason=(
+            "causal only (capabilities.bidirectional=False): the Table 2 model is LRA's bidirectional "
+            "text encoder"))
+        return row
     if predicted_s is not None and predicted_s[0] > t.max_step_s:
         row.update(status="skipped", reason=(
             f"time budget: predicted {predicted_s[0]:.2f} s per step > max_step_s={t.max_step_s:g} s "
