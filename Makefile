@@ -20,7 +20,7 @@ install: $(STAMP)
 ## are left to `make test-slow`; `make test-all` runs both.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 ## make test-slow: only the slow tests, in one process (the 64K compiles need the memory).
 test-slow: $(STAMP)

@@ -124,3 +124,17 @@ def tiered(cases, *, ci: int) -> list:
         else:
             out.append(pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=marks))
     return out
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (it renames node ids)
+def pytest_collection_modifyitems(config, items):
+    """One ``xdist_group`` per variant (``make test`` runs ``--dist loadgroup``).
+
+    The per-variant work of the conformance suite (building the module, compiling its forward
+    and backward at the suite's shapes: ``harness.jitted`` and the files' ``lru_cache``d
+    programs) is cached per process; grouped, a variant is compiled in one worker, not in both.
+    """
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if isinstance(params.get("variant"), str):
+            item.add_marker(pytest.mark.xdist_group(f"variant-{params['variant']}"))

@@ -3,6 +3,9 @@
     mesh = make_mesh("data=2,seq=4")
     model = sequence_parallel(CausalLM(cfg, rngs=nnx.Rngs(0)), mesh, axis="seq", batch_axis="data")
 
+(``train()`` does this itself for ``TrainConfig(mesh="data=2,seq=4")``, and the accuracy
+experiment for ``--mesh data=2,seq=4``.)
+
 Every ``nn.MultiHeadAttention`` core of ``model`` is replaced (in place; the model is
 returned) by its sequence-parallel form, which runs under ``shard_map`` along ``axis``:
 

@@ -104,7 +104,7 @@ def _run_point(cfg: RecallConfig, point: Point, seed: int, data, info, fp, runs_
            "width": point.width, "variant_kwargs": dict(point.kwargs), "seed": seed, "status": "ok", "reason": "",
            "fingerprint": fp, "state_floats": floats, "state_kind": kind, "num_layers": m.num_layers,
            "seq_len": data.seq_len, "metric": data.metric, "model": dataclasses.asdict(m),
-           "train": dataclasses.asdict(tcfg)}
+           "train": tcfg.record()}
     workdir = runs_dir / f"{point.variant}__{point.axis}{point.value}__s{seed}__{fp}"
     if force and workdir.exists():
         shutil.rmtree(workdir)
