@@ -28,7 +28,10 @@ input already in zigzag order, as a model keeping that order end to end would) a
 
 The run happens in a child process started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=<max P>`` (the device count is fixed when
-jax starts). Rows go to ``results/scaling/<preset>/rows.jsonl`` (a ``RowStore``: an
+jax starts). The child runs the configuration the parent resolved (handed over as JSON in
+its environment, so a preset registered by the caller reaches it too), and dies with the
+parent: a killed command leaves no child measuring and appending rows behind it. Rows go to
+``results/scaling/<preset>/rows.jsonl`` (a ``RowStore``: an
 interrupted run keeps its finished rows and a rerun skips them); ``rows.json``, ``rows.csv``
 and ``table.md`` are rebuilt from the rows with atomic writes.
 """
@@ -36,7 +39,9 @@ and ``table.md`` are rebuilt from the rows with atomic writes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,7 +56,9 @@ __all__ = ["ScalingConfig", "PRESETS", "ENGINES", "run", "render", "main"]
 ENGINES = ("ring", "context_gated")
 MODES = ("weak", "strong")
 TIME_NOTE = "simulated devices sharing 2 cores: time is not a speed-up figure"
-_CHILD = "EFFICIENT_ATTN_SCALING_CHILD"
+_CHILD = "EFFICIENT_ATTN_SCALING_CHILD"  # "1" in the child that measures
+_CONFIG = "EFFICIENT_ATTN_SCALING_CONFIG"  # the parent's resolved ScalingConfig, as JSON
+_PARENT = "EFFICIENT_ATTN_SCALING_PARENT"  # the parent's pid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,11 +231,41 @@ def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+def _config_json(cfg: ScalingConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg))
+
+
+def _config_from_json(text: str) -> ScalingConfig:
+    fields = json.loads(text)
+    return ScalingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies (Linux ``prctl``), and leave
+    at once if it died before that was set. Without this a SIGKILLed command (which cannot
+    pass the signal on) leaves its child running, appending rows beside the rerun's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: Ctrl-C still reaches both (one process group)
+        return
+    if os.getppid() != parent:
+        os._exit(128 + signal.SIGKILL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, then run the preset in a child with max(P) simulated devices."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    child = os.environ.get(_CHILD) == "1"
+    presets = dict(PRESETS)
+    if child and os.environ.get(_PARENT):
+        _die_with_parent(int(os.environ[_PARENT]))
+    if child and os.environ.get(_CONFIG):  # the parent's configuration, whatever its presets held
+        handed = _config_from_json(os.environ[_CONFIG])
+        presets[handed.preset] = lambda: handed
     p = cli.experiment_parser("efficient-attn scaling", "Sequence-parallel scaling over simulated devices.",
-                              presets=PRESETS)
+                              presets=presets)
     p.add_argument("--engines", type=cli.name_list("--engines"), metavar="A,B",
                    help=f"engines to measure (default: the preset's; known: {', '.join(ENGINES)})")
     p.add_argument("--devices", type=cli.int_list("--devices", minimum=1), metavar="1,2,4",
@@ -238,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--variants: this experiment measures the parallel engines, not variants; use --engines")
     if args.engines is not None:
         cli.check_choices(p, "--engines", args.engines, ENGINES, what="engine")
-    cfg = PRESETS[args.preset]()
+    cfg = presets[args.preset]()
     try:
         if args.engines is not None:
             cfg = dataclasses.replace(cfg, engines=args.engines)
@@ -247,8 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err))
     out = args.out or Path("results") / "scaling" / cfg.preset
-    if os.environ.get(_CHILD) != "1":
-        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD: "1"})
+    if not child:
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   **{_CHILD: "1", _CONFIG: _config_json(cfg), _PARENT: str(os.getpid())})
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             f" --xla_force_host_platform_device_count={max(cfg.devices)}").strip()
         return subprocess.run([sys.executable, "-m", "efficient_attn.sweeps.scaling", *argv], env=env).returncode

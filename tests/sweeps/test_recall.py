@@ -16,6 +16,7 @@ from efficient_attn.sweeps.recall.state import DECODE, KV_BOUND
 from efficient_attn.train import TrainConfig
 
 run_module = importlib.import_module("efficient_attn.sweeps.recall.run")
+cli_module = importlib.import_module("efficient_attn.sweeps.recall.cli")
 
 TINY = TaskSetting("mqar", 32, 32, 16, 16, ModelSize(num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32, short_conv=3),
                    TrainConfig(lr=3e-3, warmup=1, steps=4, batch_size=8, eval_every=2, eval_batch_size=8),
@@ -122,5 +123,35 @@ def test_presets_and_cli():
         assert cfg.preset == name and cfg.task.task == "mqar" and cfg.task.model.short_conv == 3
     cpu = recall.PRESETS["cpu"]()
     assert cpu.widths == (32, 64, 128) and cpu.budget_width == 64
-    with pytest.raises(SystemExit):
-        recall.main(["--preset", "nope"])
+
+
+@pytest.mark.parametrize("argv, flag, says", [
+    (["--preset", "nope"], "--preset", "invalid choice: 'nope'"),
+    (["--variants", ","], "--variants", "expected at least one comma-separated name"),
+    (["--variants", "full,nosuch"], "--variants", "unknown variant 'nosuch'"),
+    (["--variants", "ful"], "--variants", "did you mean full?"),
+    (["--seeds", "x"], "--seeds", "non-negative integers, got 'x'"),
+    (["--seeds", "0,-1"], "--seeds", "non-negative integers, got '0,-1'"),
+    (["--steps", "0"], "--steps", "positive integer, got '0'"),
+    (["--steps", "-1"], "--steps", "positive integer, got '-1'"),
+    (["--steps", "1.5"], "--steps", "positive integer, got '1.5'"),
+    (["--plugin", "{tmp}"], "--plugin", "is a directory, expected a .py file"),
+    (["--plugin", "{tmp}/missing.py"], "--plugin", "does not exist, expected a .py file"),
+])
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(argv, flag, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli_module, "run", lambda *a, **k: pytest.fail("a bad flag reached the sweep"))
+    with pytest.raises(SystemExit) as exit_:
+        recall.main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    assert err.startswith(f"experiments/recall.py: error: {flag}: ") and says in err, err
+
+
+def test_flags_override_the_preset():
+    config_from_args, parse_args = cli_module.config_from_args, cli_module.parse_args
+    cfg = config_from_args(parse_args(["--variants", "full,local", "--seeds", "3,4", "--steps", "1"]))
+    assert cfg.variants == ("full", "local") and cfg.seeds == (3, 4)
+    tr = cfg.task.train  # one step: evaluated at it, no warm-up longer than the run
+    assert (tr.steps, tr.eval_every, tr.warmup) == (1, 1, 0)
+    assert config_from_args(parse_args([])) == recall.PRESETS["quick"]()

@@ -11,16 +11,27 @@ from pathlib import Path
 from typing import Sequence
 
 from efficient_attn.sweeps import cli
+from efficient_attn.sweeps.recall.config import RecallConfig
 from efficient_attn.sweeps.recall.presets import PRESETS
 from efficient_attn.sweeps.recall.run import run
 
-__all__ = ["main"]
+__all__ = ["parse_args", "config_from_args", "main"]
+
+_PROG = "experiments/recall.py"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = cli.experiment_parser("experiments/recall.py", "MQAR recall against the state each variant keeps.",
-                              presets=PRESETS, seeds=True, steps=True)
-    args = cli.parse(p, argv)
+def _parser():
+    return cli.experiment_parser(_PROG, "MQAR recall against the state each variant keeps.",
+                                 presets=PRESETS, seeds=True, steps=True)
+
+
+def parse_args(argv: Sequence[str] | None):
+    """The parsed flags (``--plugin`` files loaded, ``--variants`` checked); exits 2 on a bad one."""
+    return cli.parse(_parser(), argv)
+
+
+def config_from_args(args) -> RecallConfig:
+    """The preset with the flags' overrides; a value the configs refuse raises ValueError."""
     cfg = PRESETS[args.preset]()
     if args.variants is not None:
         cfg = dataclasses.replace(cfg, variants=args.variants)
@@ -31,6 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tr = dataclasses.replace(tr, steps=args.steps, eval_every=min(tr.eval_every, args.steps),
                                  warmup=min(tr.warmup, args.steps - 1))
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train=tr))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = cli.parse(p, argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:  # one line naming what the configs refused, exit 2, before any training
+        p.error(str(err.args[0] if err.args else err))
     out = args.out or Path("results") / "recall" / cfg.preset
     try:
         rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None)
