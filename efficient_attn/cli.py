@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
@@ -45,12 +44,19 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _shared_flags():
+    """The experiments' shared command line (``sweeps/cli.py``: one-line errors naming the flag,
+    exit 2), reached by name at call time as the subcommands are, so that this front end adds
+    no import of the sweeps to the library's modules (tests/test_layers.py)."""
+    return importlib.import_module("efficient_attn.sweeps.cli")
+
+
 def _list(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="efficient-attn list", description="Print the registry as a table.")
-    p.add_argument("--plugin", action="append", default=[], help="a Python file that registers variants")
-    args = p.parse_args(argv)
-    for path in args.plugin:
-        registry.load_plugin(path)
+    shared = _shared_flags()
+    p = shared.ExperimentParser(prog="efficient-attn list", description="Print the registry as a table.")
+    p.add_argument("--plugin", action="append", default=[], type=shared._plugin_file, metavar="FILE.py",
+                   help="a Python file that registers variants (repeatable)")
+    shared.parse(p, argv)  # loads the plugins; a file that fails to load is one line naming --plugin
     print(format_table(REGISTRY_HEADERS, registry_rows()))
     return 0
 

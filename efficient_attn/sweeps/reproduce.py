@@ -16,14 +16,14 @@ A step that fails is reported and the others still run; the exit status is then 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from efficient_attn import registry, report
+from efficient_attn import report
+from efficient_attn.sweeps import cli
 
 PRESETS = ("quick", "cpu", "lra")
 EXPERIMENTS = (
@@ -59,17 +59,22 @@ def _experiment_args(name: str, preset: str, results: Path, force: bool, plugins
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Run every experiment at one preset, then rebuild results/README.md.")
+def _parser() -> cli.ExperimentParser:
+    p = cli.ExperimentParser(prog="experiments/reproduce.py",
+                             description="Run every experiment at one preset, then rebuild results/README.md.")
     p.add_argument("--preset", choices=PRESETS, default="quick")
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--only", nargs="+", choices=[n for n, _ in EXPERIMENTS], help="run only these experiments")
     p.add_argument("--force", action="store_true", help="recompute finished rows")
-    p.add_argument("--plugin", action="append", default=[], help="a Python file that registers variants")
-    args = p.parse_args(argv)
+    p.add_argument("--plugin", action="append", default=[], type=cli._plugin_file, metavar="FILE.py",
+                   help="a Python file that registers variants (repeatable; passed on to every experiment)")
+    return p
 
-    for path in args.plugin:
-        registry.load_plugin(path)
+
+def main(argv: list[str] | None = None) -> int:
+    # a bad flag or a plugin that does not load: one line naming the flag, exit 2, before any step runs
+    args = cli.parse(_parser(), argv)
+    args.plugin = [str(path) for path in args.plugin]
     results = args.results
     write_registry_table(results)
     failures = []

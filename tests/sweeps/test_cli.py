@@ -171,3 +171,23 @@ def test_accuracy_script_exits_nonzero_with_one_line(tmp_path):
     assert res.stderr.strip().splitlines() == ["efficient-attn train: error: --steps: expected a positive "
                                                "integer, got '0'"]
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("command", ["list", "reproduce"])
+def test_list_and_reproduce_refuse_a_bad_plugin_in_one_line(capsys, tmp_path, command):
+    """``efficient-attn list`` and ``reproduce`` take --plugin through the shared parser: a missing
+    file, a directory or a file that fails to import is one line naming the flag, exit 2, and
+    reproduce runs no step (nothing is written under --results)."""
+    from efficient_attn import cli as front
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('half-written plugin')\n")
+    results = tmp_path / "results"
+    extra = ["--results", str(results)] if command == "reproduce" else []
+    for bad, needles in [(tmp_path / "missing.py", ["does not exist"]), (tmp_path, ["is a directory"]),
+                         (broken, ["could not load", "RuntimeError: half-written plugin"])]:
+        line = _refused(capsys, [command, "--plugin", str(bad), *extra], "--plugin", *needles, parse=front.main)
+        assert line.startswith(f"{'efficient-attn list' if command == 'list' else 'experiments/reproduce.py'}: error:")
+    assert not results.exists()
+    if command == "reproduce":
+        _refused(capsys, ["reproduce", "--only", "nosuch", *extra], "--only", "'nosuch'", parse=front.main)
