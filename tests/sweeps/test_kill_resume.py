@@ -81,6 +81,44 @@ from efficient_attn.sweeps.accuracy.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+DECODE_DRIVER = """
+import sys
+from efficient_attn.sweeps.decode_cost.config import DecodeCostConfig
+from efficient_attn.sweeps.decode_cost.presets import PRESETS
+# generous budgets: which points are skipped must not depend on this machine's load
+PRESETS["tiny"] = DecodeCostConfig(
+    preset="tiny", contexts=(8, 16, 32), batches=(1,), heads=1, head_dim=8, steps_per_call=2, warmup=0,
+    min_repeats=1, max_repeats=2, repeat_budget_s=0.01, max_step_s=600.0, sweep_budget_s=None)
+from efficient_attn.sweeps.decode_cost.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+RECALL_DRIVER = """
+import sys
+from efficient_attn.sweeps.accuracy.config import ModelSize, TaskSetting
+from efficient_attn.sweeps.recall.config import RecallConfig
+from efficient_attn.sweeps.recall.presets import PRESETS
+from efficient_attn.train import TrainConfig
+PRESETS["tiny"] = lambda: RecallConfig(
+    preset="tiny", widths=(8, 16), budget_width=None, seeds=(0,),
+    task=TaskSetting("mqar", 32, 32, 16, 16, ModelSize(num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32),
+                     TrainConfig(lr=3e-3, warmup=1, steps=4, batch_size=8, eval_every=2, eval_batch_size=8),
+                     (("vocab_size", 32), ("num_pairs", 4), ("eval_num_pairs", (2, 4)))))
+from efficient_attn.sweeps.recall.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# the command's own process starts the child that measures (with its simulated devices) and
+# hands it this config: the kill lands on the command, as a user's would
+SCALING_DRIVER = """
+import sys
+from efficient_attn.sweeps import scaling
+scaling.PRESETS["tiny"] = lambda: scaling.ScalingConfig(
+    "tiny", per_device=8, devices=(1, 2, 4), engines=("ring",), modes=("weak", "strong"), heads=1, head_dim=8,
+    time_budget_s=0.01)
+sys.exit(scaling.main(sys.argv[1:]))
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -92,6 +130,12 @@ class Experiment:
     # placed before its count is known); the resumed run must end with the reference's own keys
     min_rows: int
     kills: tuple[bool, ...]  # one per kill point of the chain: whether its last line is then torn
+    folder: str = ""  # results/<folder>/tiny; the name when empty
+    slow: bool = False  # marked slow: `make test-slow` runs it, CI does not
+
+    @property
+    def results(self) -> str:
+        return self.folder or self.name
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -217,6 +261,77 @@ def compare_accuracy(ref: Path, got: Path) -> None:
     assert _without_throughput(b) == _without_throughput(a)
 
 
+# decode_cost: the step's times and what follows from them (the adaptive repeat count and the
+# spread kind it decides), and compile time. The state's bytes and the compiled step's
+# temporaries are properties of the program and are compared.
+DECODE_TIMING = frozenset({"step_median_s", "step_spread_s", "spread_kind", "repeats", "compile_s"})
+
+
+def compare_decode_cost(ref: Path, got: Path) -> None:
+    assert_csv_equal(ref / "rows.csv", got / "rows.csv", DECODE_TIMING)
+    assert_json_rows_equal(ref / "rows.json", got / "rows.json", DECODE_TIMING)
+    # table.md: the latency tables (times, slopes, growth, speed-ups, crossovers), the goal
+    # lines under them and the commit line come from timings or the commit; compared are the
+    # headings, each table's header and variant column, the memory tables and the list of
+    # points not measured, in full
+    a, b = (ref / "table.md").read_text(), (got / "table.md").read_text()
+    assert _md_skeleton(b) == _md_skeleton(a)
+    for title in ("## State memory", "## Not measured"):
+        assert _md_sections(b, title) == _md_sections(a, title), f"table.md: {title} differs"
+    assert _md_sections(a, "## State memory"), "no memory table to compare"
+
+
+# recall: seconds of training and evaluating (wall and CPU); rows.json's rows also the rate
+# derived from them and the load average when the row finished (machine state)
+RECALL_CSV_TIMING = frozenset({"wall_s", "cpu_s"})
+RECALL_TIMING = RECALL_CSV_TIMING | {"tokens_per_s", "load_1min"}
+
+
+def compare_recall(ref: Path, got: Path) -> None:
+    assert_csv_equal(ref / "rows.csv", got / "rows.csv", RECALL_CSV_TIMING)
+    assert_json_rows_equal(ref / "rows.json", got / "rows.json", RECALL_TIMING)
+    assert (got / "task_info.json").read_text() == (ref / "task_info.json").read_text()
+    # table.md holds no timing: all of it but the environment line (the commit stamp)
+    a, b = (ref / "table.md").read_text(), (got / "table.md").read_text()
+    assert "Environment: " in a and "| pairs=2 | pairs=4 |" in a  # the masked line exists; scores are tabled
+    assert _without_throughput(b) == _without_throughput(a)
+
+
+# scaling: the pass's times, the adaptive repeat count, compile time. Per-device compiled
+# memory and the collective bytes (traced and by formula) are compared.
+SCALING_TIMING = frozenset({"time_median_s", "time_spread_s", "repeats", "compile_s"})
+
+
+def _md_without_columns(text: str, columns: frozenset[str], drop: Callable[[str], bool]) -> list[str]:
+    """table.md with the cells of the named columns of every table left out, and the lines
+    ``drop`` names."""
+    out, keep = [], None
+    for line in text.splitlines():
+        if drop(line):
+            continue
+        if not line.startswith("|"):
+            keep = None
+            out.append(line)
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if keep is None:  # a table's header line
+            keep = [i for i, c in enumerate(cells) if c not in columns]
+        out.append(" | ".join(cells[i] for i in keep if i < len(cells)))
+    return out
+
+
+def compare_scaling(ref: Path, got: Path) -> None:
+    assert_csv_equal(ref / "rows.csv", got / "rows.csv", SCALING_TIMING)
+    assert_json_rows_equal(ref / "rows.json", got / "rows.json", SCALING_TIMING)
+    # table.md: the time column of each table and the paragraph line with the commit stamp
+    a, b = (ref / "table.md").read_text(), (got / "table.md").read_text()
+    time_col, stamp = frozenset({"time (s, simulated)"}), lambda line: ", commit " in line
+    headers = [line for line in a.splitlines() if line.startswith("| engine |")]
+    assert len(headers) == 2 and all("| time (s, simulated) |" in h for h in headers)  # weak and strong tables
+    assert sum(stamp(line) for line in a.splitlines()) == 1  # the masked line exists
+    assert _md_without_columns(b, time_col, stamp) == _md_without_columns(a, time_col, stamp)
+
+
 COMMON = ("--preset", "tiny", "--no-progress")
 EXPERIMENTS = {
     # linformer has no causal mode: the sweeps plan around it (and say so) in every run.
@@ -229,6 +344,24 @@ EXPERIMENTS = {
     # accuracy: one trained model per row (linformer skipped on the causal task), so one kill
     "accuracy": Experiment("accuracy", ACCURACY_DRIVER, COMMON + ("--variants", "full,local,linear,linformer"),
                            compare_accuracy, min_rows=3, kills=(True,)),
+    # slow (not in CI): the other experiments with a RowStore, and accuracy at three kill points.
+    # accuracy: two variants over three seeds, 6 trained models
+    "accuracy_3_kills": Experiment("accuracy_3_kills", ACCURACY_DRIVER,
+                                   COMMON + ("--variants", "full,local", "--seeds", "0,1,2"),
+                                   compare_accuracy, min_rows=6, kills=(False, True, True), folder="accuracy",
+                                   slow=True),
+    # decode_cost: full's KV cache and linear's fixed state at 3 contexts, 6 points. min_rows
+    # is one short, so each kill leaves at least three points (one a full compile) to go: a
+    # linear step after its first is compiled already and takes milliseconds
+    "decode_cost": Experiment("decode_cost", DECODE_DRIVER, COMMON + ("--variants", "full,linear"),
+                              compare_decode_cost, min_rows=5, kills=(False, True, True), slow=True),
+    # recall: one variant at 2 widths over 3 seeds, 6 trained models
+    "recall": Experiment("recall", RECALL_DRIVER, COMMON + ("--variants", "full", "--seeds", "0,1,2"),
+                         compare_recall, min_rows=6, kills=(False, True, True), slow=True),
+    # scaling: the ring at P = 1, 2, 4, weak and strong, 6 rows (the kill lands on the command,
+    # which must take its measuring child with it)
+    "scaling": Experiment("scaling", SCALING_DRIVER, COMMON, compare_scaling, min_rows=6,
+                          kills=(False, True, True), slow=True),
 }
 
 # ----------------------------------------------------------------------------- running
@@ -307,14 +440,15 @@ def check_resumed_store(kept: list[bytes], torn_key: str | None, lines: list[byt
         assert keys[len(kept)] == torn_key, f"{what}: the torn unit is not the first one redone"
 
 
-@pytest.mark.parametrize("name", list(EXPERIMENTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if e.slow else [])
+                                  for n, e in EXPERIMENTS.items()])
 def test_killed_runs_resume_to_the_uninterrupted_tables(name, tmp_path):
     exp = EXPERIMENTS[name]
     tears = exp.kills
     assert exp.min_rows >= len(tears) + 2, "too few rows for the kill points"
     # the uninterrupted reference runs beside the chain of kills (they share nothing but the code)
     ref_root = tmp_path / "reference"
-    ref = ref_root / "results" / name / "tiny"
+    ref = ref_root / "results" / exp.results / "tiny"
     ref_proc = _start(exp, ref, ref_root / "cache", ref_root / "log.txt")
     try:
         chain_of_kills(exp, tmp_path / "killed", tears)
@@ -323,7 +457,7 @@ def test_killed_runs_resume_to_the_uninterrupted_tables(name, tmp_path):
         ref_proc.wait()
         raise
     _wait(exp, ref_proc, ref_root / "log.txt")
-    out = tmp_path / "killed" / "results" / name / "tiny"
+    out = tmp_path / "killed" / "results" / exp.results / "tiny"
     ref_lines, ref_tail = _records(ref / "rows.jsonl")
     ref_keys = [_key(x) for x in ref_lines]
     assert not ref_tail and len(set(ref_keys)) == len(ref_keys), "the reference run's store"
@@ -336,7 +470,7 @@ def test_killed_runs_resume_to_the_uninterrupted_tables(name, tmp_path):
 def chain_of_kills(exp: Experiment, root: Path, tears: tuple[bool, ...]) -> None:
     """Run, kill, rerun, kill, ..., rerun to the end, checking the store after each kill and at the end."""
     rng = random.Random(exp.name)
-    out, cache, log = root / "results" / exp.name / "tiny", root / "cache", root / "log.txt"
+    out, cache, log = root / "results" / exp.results / "tiny", root / "cache", root / "log.txt"
     rows = out / "rows.jsonl"
     kept: list[bytes] = []
     torn_key = None
