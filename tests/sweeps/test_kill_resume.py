@@ -6,9 +6,10 @@ Each experiment runs as a subprocess through its real command line (``main(argv)
 tmp ``--out``: once uninterrupted (the reference, in parallel with the rest), and once as a
 chain of kills: started, SIGKILLed once ``rows.jsonl`` holds ``k`` finished lines (``k`` and a
 further delay drawn from a seeded ``random.Random``), rerun and killed again at a later point,
-..., then rerun to the end. Three kill points per experiment (the accuracy experiment trains
-a model per row: one); after some kills the last line is cut in half, as a kill in the
-middle of that append leaves it.
+..., then rerun to the end. Three kill points per experiment (the CI case of the accuracy
+experiment, which trains a model per row, one; its three-point case, like decode_cost, recall
+and scaling, is marked slow: `make test-slow`); after some kills the last line is cut in half,
+as a kill in the middle of that append leaves it.
 
 Checked after every kill and at the end: the kill landed mid-run (the process was still
 alive); ``rows.jsonl`` is the file the previous kill left (minus the torn fragment) byte for
