@@ -54,7 +54,7 @@ def _shared_flags():
 def _list(argv: list[str]) -> int:
     shared = _shared_flags()
     p = shared.ExperimentParser(prog="efficient-attn list", description="Print the registry as a table.")
-    p.add_argument("--plugin", action="append", default=[], type=shared._plugin_file, metavar="FILE.py",
+    p.add_argument("--plugin", action="append", default=[], type=shared.plugin_file, metavar="FILE.py",
                    help="a Python file that registers variants (repeatable)")
     shared.parse(p, argv)  # loads the plugins; a file that fails to load is one line naming --plugin
     print(format_table(REGISTRY_HEADERS, registry_rows()))

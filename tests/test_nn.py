@@ -45,6 +45,18 @@ def test_mha_equals_hand_computed_projection_and_softmax():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fast_exact", [True, False], ids=["blockwise_core", "full_core"])
+def test_mha_takes_numpy_inputs_and_masks(fast_exact):
+    """numpy x, context and kv_mask give what jax arrays give (the fast exact core included)."""
+    mha = MultiHeadAttention(2, 8, max_len=16, attention="full", fast_exact=fast_exact, rngs=nnx.Rngs(1))
+    x = np.asarray(_rand(0, (2, 5, 8)))
+    kv_mask = np.array([[True] * 5, [True, True, True, False, False]])
+    want = mha(jnp.asarray(x), mask=ea.Mask(kv_mask=jnp.asarray(kv_mask)))
+    got = mha(x, mask=ea.Mask(kv_mask=kv_mask))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mha(x, context=x)), np.asarray(mha(jnp.asarray(x))), rtol=1e-6, atol=1e-6)
+
+
 def test_mha_rejects_bad_sizes_and_unknown_variant():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(3, 8, max_len=8, rngs=nnx.Rngs(0))

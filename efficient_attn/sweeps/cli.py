@@ -61,6 +61,7 @@ __all__ = [
     "int_list",
     "positive_int",
     "positive_float",
+    "plugin_file",
     "mesh_spec",
     "mesh_device_problem",
     "check_choices",
@@ -167,7 +168,7 @@ def mesh_device_problem(spec: str) -> str | None:
             f"or choose sizes whose product is {have}")
 
 
-def _plugin_file(text: str) -> Path:
+def plugin_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory, expected a .py file")
@@ -211,7 +212,7 @@ def experiment_parser(
         p.add_argument("--mesh", type=mesh_spec, metavar="data=2,seq=4",
                        help="train on this device mesh: the batch split over 'data', the attention run "
                             "sequence-parallel over 'seq' (sizes multiply to the device count)")
-    p.add_argument("--plugin", action="append", default=[], type=_plugin_file, metavar="FILE.py",
+    p.add_argument("--plugin", action="append", default=[], type=plugin_file, metavar="FILE.py",
                    help="a Python file that registers variants (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute finished rows")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (default results/<experiment>/<preset>)")

@@ -66,7 +66,7 @@ def _parser() -> cli.ExperimentParser:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--only", nargs="+", choices=[n for n, _ in EXPERIMENTS], help="run only these experiments")
     p.add_argument("--force", action="store_true", help="recompute finished rows")
-    p.add_argument("--plugin", action="append", default=[], type=cli._plugin_file, metavar="FILE.py",
+    p.add_argument("--plugin", action="append", default=[], type=cli.plugin_file, metavar="FILE.py",
                    help="a Python file that registers variants (repeatable; passed on to every experiment)")
     return p
 

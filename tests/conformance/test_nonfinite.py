@@ -211,8 +211,9 @@ def test_nonfinite_query_is_never_a_number(request, variant, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_nonfinite_key_or_value_reaches_its_rows(request, variant, arg, causal):
     """A NaN/Inf key or value at a visible position is not finite in the rows that see it:
-    some row of each batch element, NaN exactly where full's is for exact variants; under
-    causal no earlier row changes."""
+    some row of each batch element, under causal every entry of the token's own row (which
+    every causal variant but a shared-QK one sees), NaN exactly where full's is for exact
+    variants; under causal no earlier row changes."""
     require(variant, causal=causal)
     known(request, variant, f"{arg}-{causal}")
     if not reads(variant, arg):
@@ -226,6 +227,9 @@ def test_nonfinite_key_or_value_reaches_its_rows(request, variant, arg, causal):
     got = run(variant, args["q"], args["k"], args["v"], causal=causal)
     for b in range(B):
         assert not np.isfinite(got[b]).all(), f"{variant}: a non-finite {arg} at ({b}, 30) reached no output"
+        if causal and not caps(variant).shared_qk:  # every causal query sees its own token (shared-QK: never)
+            assert not np.isfinite(got[b, 30]).any(), (
+                f"{variant}: a non-finite {arg} at ({b}, 30) left finite entries in row 30, which sees it")
     if causal:
         clean = run(variant, q, k, v, causal=causal)
         np.testing.assert_array_equal(got[:, :30], clean[:, :30], err_msg=f"{variant}: earlier rows changed")

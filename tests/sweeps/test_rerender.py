@@ -160,10 +160,6 @@ RENDER = {"cost": _cost, "decode_cost": _decode_cost, "approximation": _approxim
 STAMPS_RENDER_COMMIT = {"decode_cost": re.compile(r"^(Measured at commit )`[^`]*`", re.M),
                         "scaling": re.compile(r"(, commit )\S+\.$", re.M)}
 
-def _without_skip_notes(text: str) -> str:
-    return "".join(line for line in text.splitlines(True) if not line.startswith("- Skipped: "))
-
-
 _CPU_SECONDS = "; cpu = CPU seconds of the run's process, all threads (where recorded)"
 
 # Known differences, each an expected failure only while it is the only difference (what the
@@ -173,11 +169,6 @@ KNOWN = {
         f"rendered before its report's throughput note gained {_CPU_SECONDS!r} (e16907e); re-render it from "
         "its rows (all done) to bring it up to date",
         lambda got, want: got.replace(_CPU_SECONDS, "", 1) == want),
-    "approximation/quick": (
-        "--report-only leaves out the '- Skipped:' notes of variants that have no unit to measure (causal-only "
-        "variants on bidirectional inputs): sweeps/approximation/run.py keeps only variants with stored rows, "
-        "so plan_units never sees them",
-        lambda got, want: _without_skip_notes(got) == _without_skip_notes(want)),
 }
 
 # What a report declares environment-dependent, as (pattern, replacement).
