@@ -55,6 +55,14 @@ causal, it leaks nothing into a causal LM. The classifier convolves the tokens b
 vector is prepended. Each model creates it after all its other layers, so turning it on leaves
 the initialisation of the rest of the model unchanged.
 
+Packed rows (``CausalLM(tokens, mask, segment_ids=...)``, ``tasks/packing.py``): several
+sequences share a row, ``segment_ids`` ``[B, L]`` sorted (0, 0, 1, 1, 1, 2, ...). The attention
+gets ``Mask(causal=True, q_segment_ids=ids, kv_segment_ids=ids)`` (a core without the
+``segments`` capability refuses); positions restart at 0 at each segment start (the learned
+and sinusoidal tables and the rotary angle are indexed by the position within the segment,
+``segment_positions``); the short convolution reads no token of another segment. Each
+sequence's logits are then those it gets alone (tests/tasks/test_packing.py).
+
 Masks: the token mask goes to the attention as ``Mask(kv_mask=...)`` (with ``causal=True``
 in the LM), so padded keys never reach a real token. No ``q_mask`` is passed: outputs at
 padded positions are never read (CLS pooling reads position 0, mean pooling gives padding
@@ -75,7 +83,8 @@ from jaxtyping import Array, Bool, Float, Int
 from efficient_attn.core import Capabilities, CapabilityError, Mask, check_config, check_positive_int
 from efficient_attn.registry import build, get_spec
 
-__all__ = ["MultiHeadAttention", "ShortConv", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM"]
+__all__ = ["MultiHeadAttention", "ShortConv", "EncoderConfig", "LMConfig", "Block", "Classifier", "CausalLM",
+           "segment_positions"]
 
 
 def _kwargs_dict(kwargs: Any) -> dict:
@@ -168,11 +177,17 @@ class MultiHeadAttention(nnx.Module):
         *,
         context: Float[Array, "B S F"] | None = None,
         mask: Mask | None = None,
+        positions: Int[Array, "B T"] | None = None,
     ) -> Float[Array, "B T O"]:
+        """``positions``: the rotary angle's position of each token (self-attention only;
+        None = 0 .. T-1), e.g. positions within packed segments."""
         q, k, v = self.qkv(x, context)
         if self.rotary:
-            q = rotate(q, jnp.arange(q.shape[1]))
-            k = rotate(k, jnp.arange(k.shape[1]))
+            if positions is not None and context is not None:
+                raise ValueError("MultiHeadAttention: positions are for self-attention; with a context, "
+                                 "rotate queries and keys yourself or pass positions=None")
+            q = rotate(q, jnp.arange(q.shape[1]) if positions is None else positions)
+            k = rotate(k, jnp.arange(k.shape[1]) if positions is None else positions)
         core = self.core
         if self.fast_core is not None and _can_take(self.fast_core.capabilities, mask, q.shape[1] != k.shape[1]):
             core = self.fast_core
@@ -192,24 +207,28 @@ def _can_take(caps: Capabilities, mask: Mask | None, cross: bool) -> bool:
     return ((caps.causal if mask.causal else caps.bidirectional)
             and (caps.kv_mask or mask.kv_mask is None)
             and (caps.dense_mask or mask.dense is None)
+            and (caps.segments or mask.q_segment_ids is None)
             and (caps.cross or not cross))
 
 
 POSITIONS = ("sinusoidal", "learned", "rotary")
 
 
-def rotate(x: Float[Array, "B T H D"], positions: Int[Array, " T"], base: float = 10000.0) -> Float[Array, "B T H D"]:
+def rotate(x: Float[Array, "B T H D"], positions: Int[Array, " T"] | Int[Array, "B T"],
+           base: float = 10000.0) -> Float[Array, "B T H D"]:
     """Rotary position embedding (RoPE; Su et al. 2021, "RoFormer", arXiv 2104.09864, eq. 34):
     feature pairs (x_i, x_{i + D/2}) of the token at position p are rotated by the angle
     p * theta_i, theta_i = base^(-2i/D), so that <rotate(q, m), rotate(k, n)> depends on m - n
     only. Applied to queries and keys before any core, it gives every variant the same
     relative-position signal (a kernel variant sees the rotated vectors, as in RoFormer's
     Performer experiments). The half-split pairing (as in GPT-NeoX) is a fixed permutation of
-    the paper's interleaved one."""
+    the paper's interleaved one. ``positions`` is one row ``[T]`` for every batch row, or
+    ``[B, T]`` (packed rows: positions within each segment)."""
     half = x.shape[-1] // 2
     theta = jnp.exp(-jnp.log(base) * jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-    angle = positions.astype(jnp.float32)[:, None] * theta[None, :]  # [T, D/2]
-    cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+    angle = positions.astype(jnp.float32)[..., None] * theta  # [T, D/2] or [B, T, D/2]
+    angle = angle if angle.ndim == 3 else angle[None]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     a, b = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x.dtype)
 
@@ -322,6 +341,15 @@ def sinusoidal_table(length: int, features: int) -> Float[Array, "L F"]:
     return table.at[:, 1::2].set(jnp.cos(pos * freq)[:, : features // 2])
 
 
+def segment_positions(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Each token's position within its segment: t minus the index where its segment starts
+    (a segment starts where the id changes; ids as packing writes them, sorted)."""
+    T = segment_ids.shape[1]
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
 def _dropout(x, rate: float, key):
     """Inverted dropout with an explicit key (None = evaluation: identity)."""
     if key is None or rate == 0.0:
@@ -345,14 +373,23 @@ class ShortConv(nnx.Module):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (kernel, features)) / np.sqrt(kernel))
         self.bias = nnx.Param(jnp.zeros((features,)))
 
-    def __call__(self, x: Float[Array, "B T F"], mask: Bool[Array, "B T"] | None = None) -> Float[Array, "B T F"]:
+    def __call__(self, x: Float[Array, "B T F"], mask: Bool[Array, "B T"] | None = None,
+                 segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T F"]:
+        """``segment_ids`` (packed rows): x_{t-j} is read only where it is of t's segment, so
+        each segment is convolved as if it started the row."""
         if mask is not None:  # padding contributes nothing to a real token
             x = jnp.where(mask[..., None], x, 0.0).astype(x.dtype)
         w = self.kernel[...].astype(x.dtype)
         T = x.shape[1]
-        padded = jnp.pad(x, ((0, 0), (w.shape[0] - 1, 0), (0, 0)))
         start = w.shape[0] - 1
-        mixed = sum(w[j] * padded[:, start - j : start - j + T] for j in range(w.shape[0]))
+        padded = jnp.pad(x, ((0, 0), (start, 0), (0, 0)))
+        if segment_ids is None:
+            mixed = sum(w[j] * padded[:, start - j : start - j + T] for j in range(w.shape[0]))
+        else:  # -1 before the row: never an id, so nothing is read there either
+            ids = jnp.pad(segment_ids, ((0, 0), (start, 0)), constant_values=-1)
+            mixed = sum(w[j] * jnp.where((ids[:, start - j : start - j + T] == segment_ids)[..., None],
+                                         padded[:, start - j : start - j + T], 0.0)
+                        for j in range(w.shape[0]))
         return x + mixed + self.bias[...].astype(x.dtype)
 
 
@@ -371,11 +408,12 @@ class Block(nnx.Module):
         self.mlp_in = nnx.Linear(cfg.emb_dim, cfg.mlp_dim, rngs=rngs)
         self.mlp_out = nnx.Linear(cfg.mlp_dim, cfg.emb_dim, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None) -> Float[Array, "B T F"]:
+    def __call__(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None,
+                 positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T F"]:
         k1 = k2 = k3 = None
         if dropout_key is not None:
             k1, k2, k3 = jax.random.split(dropout_key, 3)
-        x = x + _dropout(self.attn(self.ln1(x), mask=mask), self.dropout, k1)
+        x = x + _dropout(self.attn(self.ln1(x), mask=mask, positions=positions), self.dropout, k1)
         h = _dropout(nnx.gelu(self.mlp_in(self.ln2(x))), self.dropout, k2)
         return x + _dropout(self.mlp_out(h), self.dropout, k3)
 
@@ -393,18 +431,21 @@ class _Trunk(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.ln_f = nnx.LayerNorm(cfg.emb_dim, rngs=rngs)
 
-    def run(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None) -> Float[Array, "B T F"]:
+    def run(self, x: Float[Array, "B T F"], mask: Mask | None, dropout_key=None,
+            positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T F"]:
+        """``positions``: each token's position (None = 0 .. T-1 in every row; packed rows:
+        the position within its segment), for the table or the rotary angle."""
         T = x.shape[1]
         if self.cfg.position == "learned":
-            x = x + self.pos(jnp.arange(T))[None]
-        elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[...][:T][None]  # "rotary": positions enter in the attention
+            x = x + (self.pos(jnp.arange(T))[None] if positions is None else self.pos(positions))
+        elif self.cfg.position == "sinusoidal":  # "rotary": positions enter in the attention
+            x = x + (self.pos_table[...][:T][None] if positions is None else self.pos_table[...][positions])
         keys = [None] * (len(self.blocks) + 1)
         if dropout_key is not None:
             keys = list(jax.random.split(dropout_key, len(self.blocks) + 1))
         x = _dropout(x, self.cfg.dropout, keys[-1])
         for block, key in zip(self.blocks, keys):
-            x = block(x, mask, key)
+            x = block(x, mask, key, positions)
         return self.ln_f(x)
 
 
@@ -414,8 +455,8 @@ def _short_conv(cfg: EncoderConfig | LMConfig, rngs: nnx.Rngs) -> ShortConv | No
     return ShortConv(cfg.emb_dim, cfg.short_conv, rngs=rngs) if cfg.short_conv else None
 
 
-def _apply_conv(conv: ShortConv | None, x, mask):
-    return x if conv is None else conv(x, mask)
+def _apply_conv(conv: ShortConv | None, x, mask, segment_ids=None):
+    return x if conv is None else conv(x, mask, segment_ids)
 
 
 def _check_tokens(tokens, mask, max_len: int, who: str):
@@ -522,6 +563,8 @@ class CausalLM(nnx.Module):
     """Causal language model: tokens ``[B, L]`` -> next-token logits ``[B, L, V]``.
 
     The attention gets ``Mask(causal=True, kv_mask=mask)``; ``mask=None`` passes no key mask.
+    ``segment_ids`` ``[B, L]`` (packed rows, sorted ids): attention within a segment only,
+    positions and the short convolution restarting at each segment (module docstring).
 
     Token ids must be in ``[0, vocab_size)`` and ``positions`` in ``[0, L)``. Called on
     concrete arrays, a value outside raises a ``ValueError`` naming it, its place and the
@@ -529,7 +572,7 @@ class CausalLM(nnx.Module):
     cannot pass for a result (a loss over it is NaN).
     """
 
-    accepts = frozenset({"dropout_key", "positions"})  # optional keyword inputs of __call__ (see train.py)
+    accepts = frozenset({"dropout_key", "positions", "segment_ids"})  # optional keyword inputs (see train.py)
 
     def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -544,14 +587,25 @@ class CausalLM(nnx.Module):
         *,
         dropout_key=None,
         positions: Int[Array, "B K"] | None = None,
+        segment_ids: Int[Array, "B L"] | None = None,
     ) -> Float[Array, "B L V"] | Float[Array, "B K V"]:
         """Next-token logits at every position, or only at ``positions`` (per row): a task
         scored at a few positions per sequence (MQAR: P of L) then pays the vocabulary head
-        and its softmax there only, not at all L."""
+        and its softmax there only, not at all L. ``segment_ids``: packed rows (class docstring)."""
         _check_tokens(tokens, mask, self.cfg.max_len, "CausalLM")
         x, bad = _embed_ids(self.trunk, tokens, "CausalLM")
-        x = _apply_conv(self.conv, x, mask)
-        h = self.trunk.run(x, Mask(causal=True, kv_mask=mask), dropout_key)
+        if segment_ids is None:
+            attn_mask, within = Mask(causal=True, kv_mask=mask), None
+        else:
+            segment_ids = jnp.asarray(segment_ids)
+            if tuple(segment_ids.shape) != tuple(tokens.shape) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(f"CausalLM: segment_ids must be integers of the tokens' shape {tuple(tokens.shape)}, "
+                                 f"got {segment_ids.dtype}{tuple(segment_ids.shape)}; make packed rows with "
+                                 "tasks.packing.pack")
+            attn_mask = Mask(causal=True, kv_mask=mask, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+            within = segment_positions(segment_ids)
+        x = _apply_conv(self.conv, x, mask, segment_ids)
+        h = self.trunk.run(x, attn_mask, dropout_key, within)
         if positions is not None:
             L = tokens.shape[1]
             if positions.ndim != 2 or positions.shape[0] != tokens.shape[0]:

@@ -46,8 +46,16 @@ keyword inputs it takes (``nn.Classifier`` and ``nn.CausalLM`` declare theirs):
     "dropout_key"   a PRNG key for dropout (passed only when the model's ``cfg.dropout`` > 0)
     "positions"     ``[B, K]`` int: logits only at those positions, ``[B, K, V]`` (a token task
                     scored at few positions then pays the vocabulary head there only)
+    "segment_ids"   ``[B, L]`` int: the rows are packed (``tasks/packing.py``); the model keeps
+                    every segment to itself (attention, positions, convolution)
 
-A model that declares neither is called with ``(tokens, mask)`` alone.
+A model that declares none of them is called with ``(tokens, mask)`` alone.
+
+Packed data (splits with ``segment_ids``): the batches carry the ids, passed to a model that
+accepts ``segment_ids``. A model that does not, or whose attention cores lack the ``segments``
+capability, is refused before anything is compiled (it would let packed sequences see each
+other): train such a model on the unpacked task (pack=False). The loss is the mean over scored
+tokens, as unpacked: the token-weighted mean of the packed examples' losses.
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ __all__ = [
     "make_optimizer",
     "batch_indices",
     "needs_kv_mask",
+    "packed",
     "scored_positions",
     "model_accepts",
     "make_batch",
@@ -298,7 +307,7 @@ def scored_positions(data: TaskData) -> int | None:
     return max(k, 1) if k <= L // 2 else None
 
 
-KNOWN_INPUTS = frozenset({"dropout_key", "positions"})
+KNOWN_INPUTS = frozenset({"dropout_key", "positions", "segment_ids"})
 
 
 def model_accepts(model: nnx.Module) -> frozenset[str]:
@@ -321,24 +330,26 @@ class Batch(NamedTuple):
     targets: Int[Array, " B"] | Int[Array, "B L"] | Int[Array, "B K"]  # classify | token | token at positions
     weights: Float[Array, " B"]  # 0 on the rows that only pad the batch to its fixed size
     positions: Int[Array, "B K"] | None = None
+    segment_ids: Int[Array, "B L"] | None = None  # packed rows (the split's segment_ids); None = unpacked
 
 
 def make_batch(split: Split, idx: np.ndarray, *, rows: int, scored: int | None = None) -> Batch:
     """The rows ``idx`` of ``split``, padded to ``rows`` with zero-weight rows. With ``scored``
     = K, the targets are cut to each row's first K scored positions (the rest IGNORE) and those
-    positions come as ``positions`` ``[rows, K]``."""
+    positions come as ``positions`` ``[rows, K]``. A packed split's ``segment_ids`` come along."""
     pad = rows - len(idx)
     take = np.concatenate([idx, np.zeros(pad, idx.dtype)]) if pad else idx
     tokens = np.asarray(split.inputs)[take].astype(np.int32)
     mask = np.asarray(split.mask)[take].astype(bool)
     targets = np.asarray(split.targets)[take].astype(np.int32)
+    segments = None if split.segment_ids is None else np.asarray(split.segment_ids)[take].astype(np.int32)
     weights = np.ones(rows, np.float32)
     if pad:
         weights[len(idx):] = 0.0
     if scored is None:
-        return Batch(tokens, mask, targets, weights)
+        return Batch(tokens, mask, targets, weights, segment_ids=segments)
     positions = np.argsort(targets == IGNORE, axis=1, kind="stable")[:, :scored].astype(np.int32)
-    return Batch(tokens, mask, np.take_along_axis(targets, positions, axis=1), weights, positions)
+    return Batch(tokens, mask, np.take_along_axis(targets, positions, axis=1), weights, positions, segments)
 
 
 def loss_sums(logits, targets, weights, kind: str):
@@ -359,7 +370,8 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: B
             dropout_key: jax.Array | None = None):
     """Logits of the model ``(graphdef, params, rest)`` on ``batch``, and the model's non-Param
     state after the call (e.g. an advanced RNG stream). ``use_mask=False`` gives the model no
-    padding mask; ``dropout_key`` and ``batch.positions`` are passed only when given."""
+    padding mask; ``dropout_key``, ``batch.positions`` and ``batch.segment_ids`` are passed only
+    when given (``segment_ids`` only to a model that accepts them: ``train`` refuses the others)."""
     # fresh Variables created in this trace, so that a call may update them (RNG streams)
     model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
     extra = {}
@@ -367,6 +379,8 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: B
         extra["dropout_key"] = dropout_key
     if batch.positions is not None:
         extra["positions"] = batch.positions
+    if batch.segment_ids is not None and "segment_ids" in model_accepts(model):
+        extra["segment_ids"] = batch.segment_ids
     logits = model(batch.tokens, batch.mask if use_mask else None, **extra)
     return logits, nnx.split(model, nnx.Param, ...)[2]
 
@@ -597,6 +611,28 @@ def _check_data(model: nnx.Module, data: TaskData, cfg: TrainConfig, use_mask: b
         raise ValueError(f"eval batch {cfg.eval_batch} must be divisible by {len(jax.devices())} devices")
 
 
+def packed(data: TaskData) -> bool:
+    """Whether any split of ``data`` holds packed rows (``segment_ids``)."""
+    return any(getattr(data, s).segment_ids is not None for s in ("train", "val", "test"))
+
+
+def _check_packing(model: nnx.Module, data: TaskData) -> None:
+    """Packed data needs a model that accepts ``segment_ids`` and attention cores with the
+    ``segments`` capability; refused here, before compiling, naming the fix."""
+    if not packed(data):
+        return
+    from efficient_attn.core import Attention, CapabilityError
+
+    if "segment_ids" not in model_accepts(model):
+        raise ValueError(f"task {data.name!r} is packed (segment_ids) but {type(model).__name__} does not accept "
+                         "segment_ids (its class attribute `accepts`), so packed sequences would see each other; "
+                         "train on the unpacked task (pack=False) or use a model that accepts them (nn.CausalLM)")
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Attention) and not node.capabilities.segments:
+            raise CapabilityError(node.variant_name, f"packed training on {data.name!r} (Mask segment ids; train on the "
+                                        "unpacked task instead: pack=False)", "segments")
+
+
 def _on_mesh(model: nnx.Module, data: TaskData, cfg: TrainConfig) -> tuple[nnx.Module, Mesh]:
     """The mesh of ``cfg.mesh`` and the model to train on it: a copy whose attention cores are
     sequence-parallel along "seq" when that axis has more than one device (the caller's model
@@ -652,9 +688,11 @@ def train(
         raise ValueError(f"{type(model).__name__} has dropout={dropout} but does not accept a dropout_key "
                          "(its class attribute `accepts`); add it there or set dropout=0")
     scored = scored_positions(data) if "positions" in accepts else None
+    _check_packing(model, data)
     mesh = None
     if cfg.mesh is not None:
         model, mesh = _on_mesh(model, data, cfg)  # before nnx.split: the graphdef holds the parallel cores
+        _check_packing(model, data)  # the sequence-parallel cores replace the checked ones
     sharder = _Sharder(cfg.batch_size, mesh)
 
     def batches(split: Split, idx: np.ndarray, rows: int) -> Batch:

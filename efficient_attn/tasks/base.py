@@ -5,6 +5,9 @@ kind = "token":    one label per position, ``targets`` int32 ``[N, L]``, ``IGNOR
                    no prediction is scored (MQAR scores only the query positions; bytes_lm
                    scores every real next byte).
 ``mask`` is bool ``[N, L]``: True = a real token, False = padding (passed on as the key mask).
+``segment_ids`` (optional, int32 ``[N, L]``) marks packed rows (``tasks/packing.py``): several
+examples share one row, each with its own id, sorted and starting at 0 in every row, and a
+model must not let one example see another. None (the generators' output) = one example a row.
 ``causal`` says whether a model for this task must be causal (a next-token task would read
 its own answer through a bidirectional attention); non-causal variants are skipped there.
 
@@ -29,6 +32,7 @@ class Split:
     inputs: np.ndarray  # int32 [N, L]
     targets: np.ndarray  # int32 [N] (classify) or [N, L] (token)
     mask: np.ndarray  # bool [N, L]
+    segment_ids: np.ndarray | None = None  # int32 [N, L] for packed rows (tasks/packing.py); None = unpacked
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -87,8 +91,27 @@ def check_split(data: TaskData, name: str) -> None:
     if targets.shape != target_shape or not np.issubdtype(targets.dtype, np.integer):
         raise ValueError(f"task {data.name!r}, {name} split: targets {targets.dtype}{list(targets.shape)} must be "
                          f"integers of shape {list(target_shape)} for kind {data.kind!r}")
+    if split.segment_ids is not None:
+        _check_segment_ids(data.name, name, np.asarray(split.segment_ids), want)
     _check_range(data.name, name, "token id", inputs, data.vocab_size, f"[0, vocab_size={data.vocab_size})")
     token = data.kind == "token"
     _check_range(data.name, name, "target", targets, data.num_classes,
                  f"[0, num_classes={data.num_classes})" + (f" or IGNORE={IGNORE}" if token else ""),
                  ignore=token)
+
+
+def _check_segment_ids(task: str, split: str, seg: np.ndarray, want: tuple) -> None:
+    """Packed rows' ids: integers of the inputs' shape, each row starting at 0 and never
+    decreasing (the order packing writes and the attention's tile skipping relies on)."""
+    if seg.shape != want or not np.issubdtype(seg.dtype, np.integer):
+        raise ValueError(f"task {task!r}, {split} split: segment_ids {seg.dtype}{list(seg.shape)} must be integers "
+                         f"of the inputs' shape {list(want)}")
+    if seg.size == 0:
+        return
+    steps = np.diff(seg, axis=1)
+    bad_rows = (seg[:, 0] != 0) | (steps < 0).any(axis=1)
+    if bad_rows.any():
+        row = int(np.argmax(bad_rows))
+        raise ValueError(f"task {task!r}, {split} split: segment_ids of row {row} must start at 0 and never "
+                         f"decrease (sorted, one id per packed example), got {seg[row][:16].tolist()}...; "
+                         "make packed rows with tasks.packing.pack")

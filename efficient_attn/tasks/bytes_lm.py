@@ -20,6 +20,10 @@ many files are read as the requested number of windows needs. Window w gives ``i
 ``vocab_size`` = ``num_classes`` = 256; metric ``bits_per_byte`` = mean cross-entropy in
 nats / ln 2 over the target bytes. ``kind="token"``, ``causal=True``.
 
+Packing (``tasks/packing.py``, ``PACKABLE = True``): generate windows of the example length,
+then ``pack_task(data, length)`` lays several end to end in rows of ``length`` with segment
+ids; every window keeps its own targets, so none predicts the first byte of the next.
+
 A request for more windows than the split holds raises an error giving the number available.
 """
 
@@ -40,6 +44,7 @@ from efficient_attn.tasks.common import rng, three_splits
 
 NAME = "bytes_lm"
 VERSION = 1
+PACKABLE = True  # every target is the window's own next byte: windows pack (tasks/packing.py)
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 

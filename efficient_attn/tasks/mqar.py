@@ -40,6 +40,11 @@ grow at a fixed model width.
 Bidirectional models: ``BIDIRECTIONAL_SAFE = True`` (no value follows its query, so a model
 reading the whole row learns nothing a causal one could not).
 
+Packing (``tasks/packing.py``, ``PACKABLE = True``): ``pack_task(data, length)`` lays
+sequences of ``seq_len`` end to end in rows of ``length`` with segment ids; a packed model
+then recalls within each sequence only. ``eval_groups`` needs one sequence a row: pack with
+``pack_eval=False`` to report per pair count.
+
 Defaults: V = 8192 and a = 0.01 are Zoology's; P = 8 is Zoology's config default (its
 Figure 2 sweep uses (L, P) in {(64, 4), (128, 8), (256, 16), (512, 64)}).
 ``vocab_size`` = ``num_classes`` = V. Cost O(N L) time, numpy-vectorised.
@@ -58,6 +63,7 @@ from efficient_attn.tasks.common import rng, three_splits
 NAME = "mqar"
 VERSION = 1
 BIDIRECTIONAL_SAFE = True  # a value never follows its query: reading ahead finds no answer
+PACKABLE = True  # targets are the sequence's own values: sequences pack (tasks/packing.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,5 +230,13 @@ def generate(cfg: MQARConfig, *, seq_len: int, num_train: int, num_val: int, num
 
 
 def eval_groups(data: TaskData, split) -> tuple[str, np.ndarray]:
-    """Each row's pair count: its number of scored positions (every key is queried once)."""
+    """Each row's pair count: its number of scored positions (every key is queried once).
+    A packed row holding several sequences has no one pair count: refused."""
+    seg = getattr(split, "segment_ids", None)
+    if seg is not None:
+        seg, mask = np.asarray(seg), np.asarray(split.mask, bool)
+        real_max = np.where(mask, seg, 0).max(axis=1, initial=0)
+        if (real_max > 0).any():
+            raise ValueError("mqar eval_groups: a packed row holds several sequences with different pair counts; "
+                             "pack the evaluation splits one sequence a row (pack_task(..., pack_eval=False))")
     return "pairs", (np.asarray(split.targets) != IGNORE).sum(axis=1).astype(np.int64)
