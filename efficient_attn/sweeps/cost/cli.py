@@ -1,9 +1,9 @@
 """``efficient-attn bench`` / ``experiments/cost_scaling.py``: the cost experiment's command line.
 
 The shared flags come from ``efficient_attn.sweeps.cli``; this experiment adds the shape
-(``--lengths``, ``--batch``, ``--heads``, ``--head-dim``, ``--passes``), ``--no-table2``,
-``--sweep-budget`` and ``--report-only`` (rebuild the tables from the stored rows, measure
-nothing). The exit status is 1 when a row of the run errored, 2 for a bad flag.
+(``--lengths``, ``--batch``, ``--heads``, ``--head-dim``, ``--passes``), ``--no-interface``,
+``--no-table2``, ``--sweep-budget`` and ``--report-only`` (rebuild the tables from the stored
+rows, measure nothing). The exit status is 1 when a row of the run errored, 2 for a bad flag.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=cli.positive_int)
     p.add_argument("--passes", type=cli.name_list("--passes"), metavar="fwd,fwd_bwd",
                    help="comma-separated subset of fwd,fwd_bwd")
+    p.add_argument("--no-interface", action="store_true",
+                   help="skip the interface part (grouped-query heads, packed against padded batches)")
     p.add_argument("--no-table2", action="store_true", help="skip the LRA Table 2 analog")
     p.add_argument("--sweep-budget", type=cli.positive_float, metavar="SECONDS",
                    help="seconds after which remaining points are skipped")
@@ -70,6 +72,8 @@ def config_from_args(args: argparse.Namespace) -> CostConfig:
                          ("sweep_budget_s", args.sweep_budget)):
         if value is not None:
             changes[field] = value
+    if args.no_interface:
+        changes["interface"] = dataclasses.replace(cfg.interface, enabled=False)
     if args.no_table2:
         changes["table2"] = dataclasses.replace(cfg.table2, enabled=False)
     return dataclasses.replace(cfg, **changes)

@@ -1,4 +1,5 @@
-"""The cost experiment's configuration: one sweep of kernel points, and the LRA Table 2 analog."""
+"""The cost experiment's configuration: one sweep of kernel points, the interface part
+(grouped-query heads, packed against padded batches) and the LRA Table 2 analog."""
 
 from __future__ import annotations
 
@@ -6,12 +7,52 @@ import dataclasses
 
 from efficient_attn.core import check_config, check_positive_int
 
-__all__ = ["PASSES", "PASS_TITLES", "MiB", "GiB", "Table2Config", "CostConfig"]
+__all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "MiB", "GiB", "InterfaceConfig", "Table2Config", "CostConfig"]
 
 PASSES = ("fwd", "fwd_bwd")
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
+LAYOUTS = ("packed", "padded")  # the two layouts of the same tokens in the "packing" rows
 MiB = 1024**2
 GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceConfig:
+    """The interface part: what grouped-query heads and packed batches cost (``interface.py``).
+
+    Measured for the registry's exact baselines (``analysis.baselines``: full, blockwise) that
+    have the capability, at those of the sweep's ``lengths`` within [min_length, max_length],
+    bidirectional, each of the sweep's passes, with its batch, head_dim, dtype and timing
+    protocol, under its max_call_s / max_compile_s / memory_budget_bytes:
+
+    "gqa" rows:     ``heads`` query heads and each of ``kv_heads`` key/value heads.
+    "packing" rows: seeded segment lengths in [lo * N, hi * N] (``segment_range``) summing to
+                    N, as one packed row of N tokens with sorted segment ids, and as a padded
+                    batch of one row per segment (the longest one's length, kv_mask/q_mask).
+    budget_s:       after this many seconds of interface work, the rest is skipped (a rerun resumes).
+    """
+
+    enabled: bool = True
+    min_length: int = 1024
+    max_length: int = 16384
+    heads: int = 8
+    kv_heads: tuple[int, ...] = (8, 2, 1)
+    segment_range: tuple[float, float] = (1 / 16, 1 / 4)
+    budget_s: float | None = None
+
+    def __post_init__(self):
+        check_positive_int("cost/interface", "heads", self.heads)
+        check_config("cost/interface", isinstance(self.min_length, int) and isinstance(self.max_length, int)
+                     and 0 < self.min_length <= self.max_length,
+                     f"need 0 < min_length <= max_length, got {self.min_length}, {self.max_length}")
+        check_config("cost/interface", len(self.kv_heads) > 0 and all(
+            isinstance(g, int) and g > 0 and self.heads % g == 0 for g in self.kv_heads),
+                     f"kv_heads must be positive divisors of heads={self.heads}, got {self.kv_heads!r}")
+        lo, hi = self.segment_range
+        check_config("cost/interface", 0 < lo <= hi <= 1,
+                     f"segment_range must be fractions of N with 0 < lo <= hi <= 1, got {self.segment_range!r}")
+        check_config("cost/interface", self.budget_s is None or self.budget_s >= 0,
+                     f"budget_s must be None or >= 0, got {self.budget_s!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +105,8 @@ class CostConfig:
     max_compile_s:       skip the longer lengths of a series once one compile took longer than this
     memory_budget_bytes: skip a point whose compiled memory exceeds this
     sweep_budget_s:      after this many seconds, the remaining points are skipped (None = no limit)
+    interface:           the grouped-query and packed-batch rows (``InterfaceConfig``)
+    table2:              the LRA Table 2 analog (``Table2Config``)
     """
 
     preset: str = "quick"
@@ -85,6 +128,7 @@ class CostConfig:
     sweep_budget_s: float | None = None
     seed: int = 0
     matmul_n: int = 2048
+    interface: InterfaceConfig = InterfaceConfig()
     table2: Table2Config = Table2Config()
 
     def __post_init__(self):

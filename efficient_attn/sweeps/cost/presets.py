@@ -6,7 +6,7 @@ How each preset came to its sizes (the runs behind them, at which commit) is wri
 
 from __future__ import annotations
 
-from efficient_attn.sweeps.cost.config import GiB, CostConfig, Table2Config
+from efficient_attn.sweeps.cost.config import GiB, CostConfig, InterfaceConfig, Table2Config
 
 __all__ = ["quick", "cpu", "lra", "FACTORIES", "PRESETS"]
 
@@ -16,7 +16,9 @@ def quick() -> CostConfig:
 
     Three lengths a factor 4 apart are enough for the slopes and the crossovers, and on a
     small CPU compiling is most of the run, so every extra length is costly. One warm-up and
-    1-5 timed calls within 0.25 s; no call predicted over 3 s. Table 2 is scaled down to one
+    1-5 timed calls within 0.25 s; no call predicted over 3 s. The interface part (grouped-query
+    heads, packed against padded) runs at 1K and 4K, 40 points, about a minute on 2 cores (most
+    of it the quadratic reference at 4K), with a 60 s deadline. Table 2 is scaled down to one
     layer of width 64 at batch 1, at 1K and 4K (the ends of LRA's range). The deadlines are a
     safety net for a slower machine: what they do not reach is stored as skipped, and a
     rerun resumes it.
@@ -31,6 +33,7 @@ def quick() -> CostConfig:
         max_compile_s=15.0,
         memory_budget_bytes=3 * GiB,
         sweep_budget_s=125.0,
+        interface=InterfaceConfig(min_length=1024, max_length=4096, budget_s=60.0),
         table2=Table2Config(lengths=(1024, 4096), batch=1, num_layers=1, emb_dim=64, num_heads=2,
                             mlp_dim=128, min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=5.0,
                             memory_budget_bytes=3 * GiB, budget_s=40.0),
@@ -38,8 +41,8 @@ def quick() -> CostConfig:
 
 
 def cpu() -> CostConfig:
-    """CPU, hours: N from 256 to 65536 or until a budget stops a series; more repeats; Table 2
-    at half LRA's width."""
+    """CPU, hours: N from 256 to 65536 or until a budget stops a series; more repeats; the
+    interface part from 1K to 16K; Table 2 at half LRA's width."""
     return CostConfig(
         preset="cpu",
         lengths=tuple(2**i for i in range(8, 17)),
@@ -49,6 +52,7 @@ def cpu() -> CostConfig:
         max_call_s=60.0,
         max_compile_s=300.0,
         memory_budget_bytes=12 * GiB,
+        interface=InterfaceConfig(min_length=1024, max_length=16384),
         table2=Table2Config(batch=8, num_layers=2, emb_dim=128, num_heads=4, mlp_dim=512,
                             min_repeats=3, max_repeats=10, step_budget_s=5.0, max_step_s=60.0,
                             memory_budget_bytes=12 * GiB),
@@ -56,8 +60,8 @@ def cpu() -> CostConfig:
 
 
 def lra() -> CostConfig:
-    """An accelerator: N from 1024 to 65536; Table 2 at LRA's text configuration (4 layers,
-    width 256, 4 heads, MLP 1024, batch 32)."""
+    """An accelerator: N from 1024 to 65536; the interface part up to 32K; Table 2 at LRA's text
+    configuration (4 layers, width 256, 4 heads, MLP 1024, batch 32)."""
     return CostConfig(
         preset="lra",
         lengths=tuple(2**i for i in range(10, 17)),
@@ -67,6 +71,7 @@ def lra() -> CostConfig:
         max_call_s=30.0,
         max_compile_s=600.0,
         memory_budget_bytes=60 * GiB,
+        interface=InterfaceConfig(min_length=1024, max_length=32768),
         table2=Table2Config(min_repeats=5, max_repeats=50, step_budget_s=5.0, max_step_s=30.0,
                             memory_budget_bytes=60 * GiB),
     )

@@ -1,4 +1,6 @@
-"""The cost sweep: every (variant, pass, masking, N) point of a config, measured into a RowStore.
+"""The cost sweep: every (variant, pass, masking, N) point of a config, measured into a RowStore,
+then the interface part (``interface``: grouped-query heads, packed against padded) and the LRA
+Table 2 analog (``table2``), into the same store.
 
 Each finished point is appended to ``out/rows.jsonl`` as it completes, so a rerun resumes
 (``force`` starts over); the tables are rebuilt from the store (``report.write_outputs``) at
@@ -20,7 +22,7 @@ import jax
 
 import efficient_attn as ea
 from efficient_attn import measure, report
-from efficient_attn.sweeps.cost import point, table2
+from efficient_attn.sweeps.cost import interface, point, table2
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.progress import progress_bar
@@ -108,6 +110,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     budget = _budget(cfg)
     # (with force the store starts empty: everything is left)
     left = sum(not is_done(store.get(row_key("cost", *p, cfg)), budget) for p in todo)
+    left += interface.pending(cfg, variants, store)
     left += table2.pending(cfg, variants, store)
     if report_only or not left:
         write_outputs(out, store.rows(), cfg, previous_run_info(out))
@@ -119,6 +122,8 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         info["matmul_gflops"] = info["matmul_best_gflops"]
         info["matmul_best_gflops_start"] = info["matmul_best_gflops"]
         _sweep(cfg, todo, store, budget, info["matmul_gflops"], force=force, progress=progress)
+        if cfg.interface.enabled:
+            interface.run_interface(cfg, variants, store, force=force, progress=progress)
         if cfg.table2.enabled:
             table2.run_table2(cfg, variants, store, force=force, progress=progress)
         # measure the ceiling again at the end and keep the better: other processes may have left
@@ -167,9 +172,11 @@ def _sweep(cfg: CostConfig, todo: list, store: report.RowStore, budget: dict, ma
 
 
 def rows_of(cfg: CostConfig, store: report.RowStore) -> list[dict]:
-    """The stored rows of ``cfg``'s points (kernel points, then Table 2), in visiting order."""
+    """The stored rows of ``cfg``'s points (kernel points, the interface part, then Table 2), in
+    visiting order."""
     variants = select_variants(cfg)
     rows = [store.get(row_key("cost", *p, cfg)) for p in points(cfg, variants)]
+    rows += [store.get(interface.row_key(p, cfg)) for p in interface.points(cfg, variants)]
     if cfg.table2.enabled:
         rows += [store.get(table2.row_key(name, n, cfg)) for name, n in table2.points(cfg, variants)]
     return [r for r in rows if r is not None]
