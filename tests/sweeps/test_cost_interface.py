@@ -147,7 +147,8 @@ def test_deadline_skips_with_the_reason_and_leaves_the_points_pending(tmp_path):
     assert len(rows) == 4 and all(r["status"] == "skipped" and r["reason"].startswith("sweep budget") for r in rows)
     assert interface.pending(cfg, ["blockwise"], store) == 4  # a rerun resumes them
     cost.write_outputs(tmp_path, rows, cfg, None)
-    assert "4 points not reached within the interface part's time budget" in (tmp_path / "table_interface.md").read_text()
+    table = (tmp_path / "table_interface.md").read_text()
+    assert "4 points not reached within the interface part's time budget" in table
 
 
 def test_a_bad_point_is_an_error_row_not_an_exception():

@@ -383,11 +383,11 @@ def interface_summary(rows: Sequence[dict], cfg: CostConfig) -> dict[str, list[d
     gqa_out = []
     for g in sorted(gqa, key=order):
         by = gqa[g]
-        time = {h: ok(r, "time_median_s") for h, r in by.items()}
-        temp = {h: ok(r, "temp_bytes") for h, r in by.items()}
-        gqa_out.append({"variant": g[0], "pass": g[1], "n": g[2], "rows": by, "time": time, "temp": temp,
-                        "time_ratio": {h: _ratio(t, time.get(heads)) for h, t in time.items()},
-                        "temp_ratio": {h: _ratio(m, temp.get(heads)) for h, m in temp.items()}})
+        times = {h: ok(r, "time_median_s") for h, r in by.items()}
+        temps = {h: ok(r, "temp_bytes") for h, r in by.items()}
+        gqa_out.append({"variant": g[0], "pass": g[1], "n": g[2], "rows": by, "time": times, "temp": temps,
+                        "time_ratio": {h: _ratio(t, times.get(heads)) for h, t in times.items()},
+                        "temp_ratio": {h: _ratio(m, temps.get(heads)) for h, m in temps.items()}})
 
     unsegmented = {key(r): r for r in rows if r.get("kind") == "gqa" and r.get("batch") == 1
                    and r.get("num_kv_heads") == heads
@@ -399,13 +399,13 @@ def interface_summary(rows: Sequence[dict], cfg: CostConfig) -> dict[str, list[d
     for g in sorted(packing, key=order):
         by = packing[g]
         lens = next((r["segment_lengths"] for r in by.values() if r.get("segment_lengths")), None)
-        time = {layout: ok(by.get(layout), "time_median_s") for layout in LAYOUTS}
-        temp = {layout: ok(by.get(layout), "temp_bytes") for layout in LAYOUTS}
-        entry = {"variant": g[0], "pass": g[1], "n": g[2], "rows": by, "time": time, "temp": temp,
+        times = {layout: ok(by.get(layout), "time_median_s") for layout in LAYOUTS}
+        temps = {layout: ok(by.get(layout), "temp_bytes") for layout in LAYOUTS}
+        entry = {"variant": g[0], "pass": g[1], "n": g[2], "rows": by, "time": times, "temp": temps,
                  "k": len(lens) if lens else None, "longest": max(lens) if lens else None,
-                 "padded_over_packed_time": _ratio(time["padded"], time["packed"]),
-                 "padded_over_packed_temp": _ratio(temp["padded"], temp["packed"]),
-                 "packed_over_unsegmented": _ratio(time["packed"], ok(unsegmented.get(g), "time_median_s")),
+                 "padded_over_packed_time": _ratio(times["padded"], times["packed"]),
+                 "padded_over_packed_temp": _ratio(temps["padded"], temps["packed"]),
+                 "packed_over_unsegmented": _ratio(times["packed"], ok(unsegmented.get(g), "time_median_s")),
                  "ideal_packed": None, "ideal_padded_over_packed": None}
         if lens:
             squares = sum(x * x for x in lens)
