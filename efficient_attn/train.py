@@ -78,7 +78,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from efficient_attn.core import check_config, check_positive_int
+from efficient_attn.core import Attention, CapabilityError, check_config, check_positive_int
 from efficient_attn.parallel.mesh import check_divisible, format_mesh, make_mesh, parse_mesh
 from efficient_attn.parallel.models import sequence_parallel
 from efficient_attn.report import write_atomic
@@ -621,8 +621,6 @@ def _check_packing(model: nnx.Module, data: TaskData) -> None:
     ``segments`` capability; refused here, before compiling, naming the fix."""
     if not packed(data):
         return
-    from efficient_attn.core import Attention, CapabilityError
-
     if "segment_ids" not in model_accepts(model):
         raise ValueError(f"task {data.name!r} is packed (segment_ids) but {type(model).__name__} does not accept "
                          "segment_ids (its class attribute `accepts`), so packed sequences would see each other; "
