@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
 from efficient_attn import core
@@ -247,7 +248,17 @@ def make_config(name: str, **hyperparameters):
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "(none)"
         raise TypeError(f"variant {name!r} has no hyperparameter(s) {', '.join(unknown)}; valid (with defaults): {valid}")
-    return spec.config(**hyperparameters)
+    return spec.config(**{k: _python_scalar(v) for k, v in hyperparameters.items()})
+
+
+def _python_scalar(value):
+    """numpy integers and floats as Python ones (configs are hashed, printed and compared with
+    ``isinstance(x, int)`` by engines); bools and everything else unchanged."""
+    if isinstance(value, np.integer) and not isinstance(value, np.bool_):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
 def build(

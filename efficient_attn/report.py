@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "environment"]
+__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "environment",
+           "row_environment", "measured_environment"]
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> None:
@@ -226,6 +227,34 @@ def environment(preset: str | None = None, **extra: Any) -> dict[str, Any]:
     }
     env.update(extra)
     return env
+
+
+# What a row keeps of the environment it was measured in (an experiment's table, re-rendered
+# later or from the rows of several resumed runs, then states where its numbers come from).
+ROW_ENV_FIELDS = ("commit", "cpu", "cpu_cores", "backend", "device", "jax", "flax", "python")
+
+
+def row_environment(preset: str | None = None) -> dict[str, Any]:
+    """The part of ``environment`` a measured row stores (``ROW_ENV_FIELDS``)."""
+    return {k: v for k, v in environment(preset).items() if k in ROW_ENV_FIELDS}
+
+
+def measured_environment(rows: Iterable[dict | None], stored: Path | None = None) -> dict[str, Any]:
+    """Where ``rows`` were measured: the last row's environment, with every commit the rows
+    name. Rows stored before they kept one fall back to the environment of the ``stored``
+    rows.json (the run that wrote them), then to this process's."""
+    envs = [r["environment"] for r in rows if r and r.get("environment")]
+    if envs:
+        commits = list(dict.fromkeys(e.get("commit") for e in envs))
+        return {**envs[-1], "commit": ", ".join(map(str, commits))}
+    if stored is not None and stored.exists():
+        try:
+            env = json.loads(stored.read_text()).get("environment")
+        except (OSError, ValueError):
+            env = None
+        if isinstance(env, dict):
+            return env
+    return environment()
 
 
 def legend_entries(axes: Iterable[Any]) -> tuple[list[Any], list[str]]:

@@ -311,7 +311,7 @@ def test_out_of_range_token_id_under_jit_gives_nan_rows_only(fast):
 
 def test_models_declare_their_optional_inputs():
     assert Classifier.accepts == frozenset({"dropout_key"})
-    assert CausalLM.accepts == frozenset({"dropout_key", "positions"})
+    assert CausalLM.accepts == frozenset({"dropout_key", "positions", "segment_ids"})
 
 
 def test_fast_exact_twin_is_the_registered_one():

@@ -147,6 +147,18 @@ def test_numpy_integers_are_sizes_and_hyperparameters():
     assert attn.dims.num_heads == 2 and type(attn.dims.num_heads) is int
 
 
+@pytest.mark.parametrize("name, hp", [("blockwise", {"block_size": np.int64(8)}), ("gla", {"chunk_size": np.int64(8)}),
+                                      ("deltanet", {"chunk_size": np.int32(8)})])
+def test_numpy_integer_hyperparameters_reach_the_engines(name, hp):
+    """A numpy integer block or chunk size is a Python int in the config and the call works."""
+    attn = ea.build(name, num_heads=2, head_dim=4, max_len=32, **hp)
+    (field, value), = hp.items()
+    assert type(getattr(attn.config, field)) is int and getattr(attn.config, field) == int(value)
+    q = np.ones((1, 20, 2, 4), np.float32)
+    out = attn(q, q, q, mask=ea.Mask(causal=True))
+    assert out.shape == (1, 20, 2, 4) and np.isfinite(np.asarray(out)).all()
+
+
 def test_public_helpers():
     assert issubclass(ea.CapabilityError, ValueError)
     with pytest.raises(ValueError, match="mine: bad hyperparameter: x must be an int >= 1"):

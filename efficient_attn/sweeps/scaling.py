@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from efficient_attn.report import RowStore, environment, markdown_table, write_atomic, write_csv, write_json
+from efficient_attn.report import (RowStore, markdown_table, measured_environment, row_environment, write_atomic,
+                                   write_csv, write_json)
 from efficient_attn.sweeps import cli
 
 __all__ = ["ScalingConfig", "PRESETS", "ENGINES", "run", "render", "main"]
@@ -155,7 +156,7 @@ def _measure(cfg: ScalingConfig, mode: str, engine: str, p: int) -> dict:
         "temp_per_device": None if memory is None else memory.temp_bytes,
         "comm_per_device": sum(comm.values()), "comm_by_kind": comm, "comm_formula": formula,
         "time_median_s": timing.median_s, "time_spread_s": timing.spread_s, "repeats": timing.repeats,
-        "compile_s": compile_s, "status": "ok",
+        "compile_s": compile_s, "status": "ok", "environment": row_environment(cfg.preset),
     }
 
 
@@ -194,9 +195,11 @@ def _mib(x):
 
 def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
     """rows.json, rows.csv and table.md from the stored rows (atomic writes)."""
-    env = environment(cfg.preset, config=dataclasses.asdict(cfg))
+    # where the rows were measured (rows stored before they kept it: the rows.json of their run)
+    env = {**measured_environment(rows, stored=out / "rows.json"), "preset": cfg.preset,
+           "config": dataclasses.asdict(cfg)}
     write_json(out / "rows.json", {"environment": env, "note": TIME_NOTE, "rows": list(rows)})
-    flat = [{k: v for k, v in r.items() if k != "comm_by_kind"} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("comm_by_kind", "environment")} for r in rows if r]
     write_csv(out / "rows.csv", flat)
     parts = [f"# Sequence-parallel scaling ({cfg.preset})\n",
              f"**Time: {TIME_NOTE}.** Memory and communication are per device, for one training pass "

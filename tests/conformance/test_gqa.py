@@ -54,8 +54,8 @@ def test_gqa_equals_repeated_kv(variant, causal):
     mask = ea.Mask(causal=causal, kv_mask=kv_mask)
     rep = lambda x: jnp.repeat(x, H // HKV, axis=2)  # noqa: E731
     assert_close("out", f_gqa(q, k, v, mask), f_mha(q, rep(k), rep(v), mask), rtol=2e-4, atol=2e-5)
-    g_gqa = jax.grad(lambda q, k, v: jnp.sum(f_gqa(q, k, v, mask) * w), (0, 1, 2))(q, k, v)
-    g_mha = jax.grad(lambda q, k, v: jnp.sum(f_mha(q, k, v, mask) * w), (0, 1, 2))(q, rep(k), rep(v))
+    g_gqa = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f_gqa(q, k, v, mask) * w), (0, 1, 2)))(q, k, v)
+    g_mha = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f_mha(q, k, v, mask) * w), (0, 1, 2)))(q, rep(k), rep(v))
     assert_close("dq", g_gqa[0], g_mha[0], rtol=1e-3, atol=1e-4)
     assert_close("dk", g_gqa[1], _group_sum(g_mha[1]), rtol=1e-3, atol=1e-4)
     assert_close("dv", g_gqa[2], _group_sum(g_mha[2]), rtol=1e-3, atol=1e-4)

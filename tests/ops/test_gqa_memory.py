@@ -33,11 +33,12 @@ def _segments(L, cuts):
 
 
 def _check(ours, ref, args, names, rtol=1e-4, atol=1e-5):
-    assert_close("out", ours(*args[:-1]), ref(*args[:-1]), rtol=rtol, atol=atol)
+    # jitted: eager dispatch of the engine's loops costs several times one compile here
+    assert_close("out", jax.jit(ours)(*args[:-1]), jax.jit(ref)(*args[:-1]), rtol=rtol, atol=atol)
     w = args[-1]
     argnums = tuple(range(len(names)))
-    g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums)(*args[:-1])
-    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums)(*args[:-1])
+    g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums))(*args[:-1])
+    g_ref = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums))(*args[:-1])
     for name, a, b in zip(names, g_ours, g_ref):
         assert_close(name, a, b, rtol=rtol, atol=atol)
 

@@ -246,7 +246,7 @@ def test_causal_memory_grows_linearly(name):
     """Compiled memory (compile only, nothing runs) at N = 1024 and 4096: < 5x (quadratic: 16x).
 
     The causal path (the chunked scan), forward and forward+backward. The bidirectional path
-    is checked for every variant by tests/conformance/test_memory.py; at B=1, H=8, D=64 and
+    is checked for every variant by tests/conformance/test_scale.py (8K -> 32K); at B=1, H=8, D=64 and
     N = 2048 -> 8192 it measured 3.99x (linear), 4.00x (performer), 4.00x (cosformer).
     """
     for backward in (False, True):

@@ -19,11 +19,13 @@ relative to the quadratic reference, beside the published numbers (``published``
 
 The package, one concept a module:
 
-    config.py     CostConfig, Table2Config (frozen dataclasses)
+    config.py     CostConfig, Table2Config, InterfaceConfig (frozen dataclasses)
     presets.py    quick(), cpu(), lra(): the named factories; PRESETS = their configs
     point.py      one (variant, pass, masking, N) point measured
     budgets.py    what is skipped (time, memory, compile budgets; the deadline) or already done
     table2.py     the Table 2 analog's training steps measured
+    interface.py  grouped-query heads (Hkv = 8, 2, 1 of 8) and packed against padded batches,
+                  for the exact baselines that have them (full, blockwise): table_interface.md
     run.py        the sweep: every point of a config into the RowStore (resumable)
     analysis.py   slopes, crossovers, the registry's baselines (from stored rows)
     report.py     table.md, table2.md, rows.csv, rows.json (from stored rows only)

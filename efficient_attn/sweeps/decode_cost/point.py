@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn import measure
+from efficient_attn import measure, report
 from efficient_attn.sweeps.decode_cost.config import DecodeCostConfig
 
 __all__ = ["module", "state_len", "state_bytes", "base_row", "measure_point", "clear"]
@@ -119,6 +119,7 @@ def _arguments(m, batch: int, length: int, context: int, cfg: DecodeCostConfig):
 def measure_point(name: str, batch: int, context: int, cfg: DecodeCostConfig) -> dict[str, Any]:
     """Time one step at ``context`` and size its state; a failure becomes an "error" row."""
     row = base_row(name, batch, context, cfg)
+    row["environment"] = report.row_environment(cfg.preset)
     try:
         m = module(name, cfg.heads, cfg.head_dim, cfg.max_len, cfg.seed)
         compiled, compile_s, state = _compiled(name, batch, row["state_len"], cfg)

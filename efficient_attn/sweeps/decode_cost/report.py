@@ -136,7 +136,8 @@ def write_outputs(out: Path, rows: Sequence[dict], cfg: DecodeCostConfig) -> Non
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    env = report.environment(cfg.preset)
+    # where the rows were measured (rows stored before they kept it: the rows.json of their run)
+    env = {**report.measured_environment(rows, stored=out / "rows.json"), "preset": cfg.preset}
     report.write_atomic(out / "table.md", markdown(rows, cfg, env))
     report.write_csv(out / "rows.csv", list(rows), CSV_COLUMNS)
     report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": list(rows)})

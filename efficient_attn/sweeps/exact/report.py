@@ -23,15 +23,7 @@ __all__ = ["markdown", "write_outputs", "summary_line", "measured_environment"]
 DPA, FULL, BW = IMPLS
 _PASS_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 MiB, GiB = 2**20, 2**30
-
-
-def measured_environment(rows: Sequence[dict]) -> dict[str, Any]:
-    """The environment of the rows: the last measured row's, with every commit the rows name."""
-    envs = [r["environment"] for r in rows if r.get("environment")]
-    if not envs:
-        return {}
-    commits = list(dict.fromkeys(e.get("commit") for e in envs))
-    return {**envs[-1], "commit": ", ".join(map(str, commits))}
+measured_environment = report.measured_environment
 
 
 def _ok(rows: Sequence[dict], kind: str) -> list[dict]:

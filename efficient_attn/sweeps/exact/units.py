@@ -24,13 +24,7 @@ __all__ = ["Unit", "units", "row_key", "base_row", "measure_unit", "row_environm
 MATMUL = "matmul"  # the reference program's name inside a time row
 
 
-# What each row records of the machine it was measured on, so that a table rendered later (or
-# from the rows of several resumed runs) states where its numbers come from.
-_ENV_FIELDS = ("commit", "cpu", "cpu_cores", "backend", "device", "jax", "flax", "python")
-
-
-def row_environment(preset: str) -> dict[str, Any]:
-    return {k: v for k, v in report.environment(preset).items() if k in _ENV_FIELDS}
+row_environment = report.row_environment  # what each row records of the machine it was measured on
 
 
 @dataclasses.dataclass(frozen=True)
