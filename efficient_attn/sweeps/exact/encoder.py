@@ -37,7 +37,9 @@ class FlaxAttention(nnx.Module):
     def __init__(self, num_heads: int, features: int, *, rngs: nnx.Rngs):
         self.mha = nnx.MultiHeadAttention(num_heads, features, decode=False, rngs=rngs)
 
-    def __call__(self, x, *, context=None, mask: ea.Mask | None = None):
+    def __call__(self, x, *, context=None, mask: ea.Mask | None = None, positions=None):
+        if positions is not None:  # the blocks pass it for rotary / packed rows: Flax's MHA has neither
+            raise ValueError("FlaxAttention: flax's MultiHeadAttention has no rotary positions; use position='learned'")
         m = None
         if mask is not None and mask.kv_mask is not None:
             m = mask.kv_mask[:, None, None, :]
