@@ -9,6 +9,8 @@ import pytest
 import efficient_attn as ea
 from conformance.harness import MAX_LEN, B, D, H, caps, jitted, pure, qkv
 
+REFERENCE = ea.registry.exact_reference()  # the ground truth of every exact path ("full")
+
 CASES = [
     # (T, S, causal, kv_mask)
     (37, 37, False, False),
@@ -35,7 +37,7 @@ def test_exact_matches_full(variant, T, S, causal, use_kv):
         pytest.skip(f"{variant} does not claim this case")
     q, k, v = qkv(T, S)
     mask = ea.Mask(causal=causal, kv_mask=_kv_mask(S) if use_kv else None)
-    want = jitted("full")(q, k, v, mask)
+    want = jitted(REFERENCE)(q, k, v, mask)
     got = jitted(variant)(q, k, v, mask)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
@@ -64,7 +66,7 @@ def test_exact_gradients_match_full(variant, T, S, causal, use_kv):
     q, k, v = qkv(T, S)
     w = jax.random.normal(jax.random.key(7), (B, T, H, D))
     mask = ea.Mask(causal=causal, kv_mask=_kv_mask(S) if use_kv else None)
-    assert_grads_close(variant, _grads(jitted(variant), q, k, v, mask, w), _grads(jitted("full"), q, k, v, mask, w))
+    assert_grads_close(variant, _grads(jitted(variant), q, k, v, mask, w), _grads(jitted(REFERENCE), q, k, v, mask, w))
 
 
 LIMIT_N = 37
@@ -91,7 +93,7 @@ def test_exact_limit_equals_full_forward_and_backward(variant, causal):
     mask = ea.Mask(causal=causal, kv_mask=kv)
     if c.shared_qk:
         pytest.skip(f"{variant} attends with shared query-keys; its limit is checked in its own tests")
-    np.testing.assert_allclose(fn(q, k, v, mask), jitted("full")(q, k, v, mask), rtol=2e-4, atol=2e-5,
+    np.testing.assert_allclose(fn(q, k, v, mask), jitted(REFERENCE)(q, k, v, mask), rtol=2e-4, atol=2e-5,
                                err_msg=f"{variant} at {setting}: output differs from full's")
     w = jax.random.normal(jax.random.key(7), (B, LIMIT_N, H, D))
-    assert_grads_close(f"{variant} at {setting}", _grads(fn, q, k, v, mask, w), _grads(jitted("full"), q, k, v, mask, w))
+    assert_grads_close(f"{variant} at {setting}", _grads(fn, q, k, v, mask, w), _grads(jitted(REFERENCE), q, k, v, mask, w))

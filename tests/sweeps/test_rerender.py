@@ -151,11 +151,20 @@ def _exact(rel: Path, folder: Path, monkeypatch) -> None:
 RENDER = {"cost": _cost, "decode_cost": _decode_cost, "approximation": _approximation, "accuracy": _accuracy,
           "scaling": _scaling, "exact": _exact}
 
+def _without_skip_notes(text: str) -> str:
+    return "".join(line for line in text.splitlines(True) if not line.startswith("- Skipped: "))
+
+
 _CPU_SECONDS = "; cpu = CPU seconds of the run's process, all threads (where recorded)"
 
 # Known differences, each an expected failure only while it is the only difference (what the
 # check says); the reason says where the fix belongs.
 KNOWN = {
+    "approximation/quick": (
+        "--report-only leaves out the '- Skipped:' notes of variants that have no unit to measure (causal-only "
+        "variants on bidirectional inputs): they are not stored as rows, and a report-only run cannot tell which "
+        "variants the measuring run was given (fix: store the skips as rows)",
+        lambda got, want: _without_skip_notes(got) == _without_skip_notes(want)),
     "accuracy/cpu_v1": (
         f"rendered before its report's throughput note gained {_CPU_SECONDS!r} (e16907e); re-render it from "
         "its rows (all done) to bring it up to date",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from conftest import make_qkv
 from efficient_attn.ops.reference.selection import moba_reference, moba_selected_blocks
 from efficient_attn.variants import selection
 from efficient_attn.variants.full import full_attention
@@ -18,10 +19,7 @@ H, D = 2, 8
 
 
 def _qkv(T, S=None, seed=0, B=2):
-    S = T if S is None else S
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (B, T, H, D)), jax.random.normal(ks[1], (B, S, H, D)),
-            jax.random.normal(ks[2], (B, S, H, D)))
+    return make_qkv(T, S, B=B, H=H, D=D, seed=seed)
 
 
 def _kv_mask(B, S, seed, p=0.25):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import efficient_attn as ea
+from conftest import make_qkv
 from efficient_attn.variants import streaming  # noqa: F401  (registers "streaming")
 from efficient_attn.variants.full import full_attention
 
@@ -16,8 +17,7 @@ H, D = 2, 8
 
 
 def _qkv(T, seed=0, B=2):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return tuple(jax.random.normal(kk, (B, T, H, D)) for kk in ks)
+    return make_qkv(T, B=B, H=H, D=D, seed=seed)
 
 
 def _kv_mask(B, T, seed, p=0.25):

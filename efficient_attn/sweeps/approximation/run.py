@@ -3,8 +3,8 @@ pattern picture drawn, the outputs written from the stored rows.
 
 A rerun skips finished rows (``force`` recomputes); a unit that raised is stored as an error
 and retried on the next run. ``report_only`` measures nothing: the outputs are rebuilt from
-the stored rows and the cached pattern matrices, for the variants that have stored rows (and
-the skip notes of those that have nothing to measure).
+the stored rows and the cached pattern matrices, for the variants that have stored rows (the
+skip notes of variants with nothing to measure are not stored, so they are left out).
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, progress: bo
     for name in variants:
         registry.get_spec(name)  # unknown names fail now, with suggestions
     units, skipped = plan_units(cfg, variants)
-    if report_only:  # the tables of the stored rows: variants with units but no stored row are left out
+    if report_only:  # the tables of the stored rows: variants without any are left out
         stored = {u["variant"] for u in units if store.has(unit_key(cfg, u))}
-        planned = {u["variant"] for u in units}
-        variants = [v for v in variants if v in stored or v not in planned]  # unplanned: their skip notes
+        variants = [v for v in variants if v in stored]
         units, skipped = plan_units(cfg, variants)
     pending = [] if report_only else [u for u in units if not _done(store, cfg, u)]
     log(f"approximation ({cfg.preset}): {len(units)} rows, {sum(_done(store, cfg, u) for u in units)} already done")
