@@ -126,7 +126,7 @@ def tiered(cases, *, ci: int) -> list:
     return out
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (it renames node ids)
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the marks and renames node ids
 def pytest_collection_modifyitems(config, items):
     """One ``xdist_group`` per variant (``make test`` runs ``--dist loadgroup``).
 
@@ -138,3 +138,13 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if isinstance(params.get("variant"), str):
             item.add_marker(pytest.mark.xdist_group(f"variant-{params['variant']}"))
+    result = yield
+    # A grouped item's node id ends in "@<group>" once xdist has read the mark; without it,
+    # loadgroup spreads a variant over both workers and every compile is paid twice (pytest 9
+    # with pytest-xdist 3.8 did this silently: pyproject pins pytest 8).
+    if getattr(config.option, "loadgroup", False):
+        lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"--dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): "
+                                    "pytest-xdist no longer renames node ids with this pytest; see pyproject's pin")
+    return result

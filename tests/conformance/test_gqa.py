@@ -13,7 +13,7 @@ from flax import nnx
 
 import efficient_attn as ea
 from conftest import assert_close
-from conformance.harness import as_claimed, caps
+from conformance.harness import VARIANTS, as_claimed, caps
 
 H, HKV, D, T = 4, 2, 16, 24
 
@@ -25,26 +25,42 @@ def _pair(variant):
     return gqa, mha
 
 
-def _fn(module, name):
+def _out_and_grads(module, name):
+    """One jitted program: (out, (dq, dk, dv)) of sum(out * w), forward and backward together."""
     graphdef, state = nnx.split(module)
-    return jax.jit(lambda q, k, v, mask: nnx.merge(graphdef, state, copy=True)(q, k, v, mask=as_claimed(name, mask)))
+
+    def loss(q, k, v, mask, w):
+        out = nnx.merge(graphdef, state, copy=True)(q, k, v, mask=as_claimed(name, mask))
+        return jnp.sum(out * w), out
+
+    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+    return jax.jit(lambda q, k, v, mask, w: grad(q, k, v, mask, w)[::-1])
 
 
 def _group_sum(g):  # [B, S, H, D] gradient of the repeated k -> [B, S, Hkv, D]
     return g.reshape(g.shape[:2] + (HKV, H // HKV) + g.shape[3:]).sum(3)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+def _cases():
+    """(variant, causal) for every variant claiming gqa: its first masking (causal where it
+    claims causal) in CI, the other one, where it has one, in the slow tier (`make test-slow`)."""
+    out = []
+    for name in VARIANTS:
+        c = caps(name)
+        if not c.gqa:
+            continue  # test_gqa_refused_without_capability
+        first = bool(c.causal)
+        out.append(pytest.param(name, first, id=f"{name}-{'causal' if first else 'bidir'}"))
+        if first and c.bidirectional:
+            out.append(pytest.param(name, False, id=f"{name}-bidir", marks=pytest.mark.slow))
+    return out
+
+
+@pytest.mark.parametrize("variant, causal", _cases())
 def test_gqa_equals_repeated_kv(variant, causal):
     c = caps(variant)
-    if not c.gqa:
-        pytest.skip(f"{variant} does not claim gqa (refusal checked below)")
-    if causal and not c.causal:
-        pytest.skip(f"{variant} is not causal")
-    if not causal and not c.bidirectional:
-        pytest.skip(f"{variant} is causal only")
     gqa, mha = _pair(variant)
-    f_gqa, f_mha = _fn(gqa, variant), _fn(mha, variant)
+    f_gqa, f_mha = _out_and_grads(gqa, variant), _out_and_grads(mha, variant)
     keys = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(keys[0], (2, T, H, D))
     k = jax.random.normal(keys[1], (2, T, HKV, D))
@@ -53,9 +69,9 @@ def test_gqa_equals_repeated_kv(variant, causal):
     kv_mask = jnp.ones((2, T), bool).at[1, T // 2:].set(False) if c.kv_mask else None
     mask = ea.Mask(causal=causal, kv_mask=kv_mask)
     rep = lambda x: jnp.repeat(x, H // HKV, axis=2)  # noqa: E731
-    assert_close("out", f_gqa(q, k, v, mask), f_mha(q, rep(k), rep(v), mask), rtol=2e-4, atol=2e-5)
-    g_gqa = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f_gqa(q, k, v, mask) * w), (0, 1, 2)))(q, k, v)
-    g_mha = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f_mha(q, k, v, mask) * w), (0, 1, 2)))(q, rep(k), rep(v))
+    out_gqa, g_gqa = f_gqa(q, k, v, mask, w)
+    out_mha, g_mha = f_mha(q, rep(k), rep(v), mask, w)
+    assert_close("out", out_gqa, out_mha, rtol=2e-4, atol=2e-5)
     assert_close("dq", g_gqa[0], g_mha[0], rtol=1e-3, atol=1e-4)
     assert_close("dk", g_gqa[1], _group_sum(g_mha[1]), rtol=1e-3, atol=1e-4)
     assert_close("dv", g_gqa[2], _group_sum(g_mha[2]), rtol=1e-3, atol=1e-4)

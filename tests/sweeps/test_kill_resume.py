@@ -6,9 +6,10 @@ Each experiment runs as a subprocess through its real command line (``main(argv)
 tmp ``--out``: once uninterrupted (the reference, in parallel with the rest), and once as a
 chain of kills: started, SIGKILLed once ``rows.jsonl`` holds ``k`` finished lines (``k`` and a
 further delay drawn from a seeded ``random.Random``), rerun and killed again at a later point,
-..., then rerun to the end. Three kill points per experiment (the CI case of the accuracy
-experiment, which trains a model per row, one; its three-point case, like decode_cost, recall
-and scaling, is marked slow: `make test-slow`); after some kills the last line is cut in half,
+..., then rerun to the end. Three kill points per experiment; CI runs one case, the accuracy
+experiment killed once (a RowStore like every other's, and the only one training a model per
+row); the rest, its three-point case included, are marked slow (`make test-slow`). After some
+kills the last line is cut in half,
 as a kill in the middle of that append leaves it.
 
 Checked after every kill and at the end: the kill landed mid-run (the process was still
@@ -338,14 +339,15 @@ EXPERIMENTS = {
     # linformer has no causal mode: the sweeps plan around it (and say so) in every run.
     # cost: 6 kernel points (full 2 maskings, linformer 1, at 2 lengths) + 2 Table 2 points.
     "cost": Experiment("cost", COST_DRIVER, COMMON + ("--variants", "full,linformer", "--passes", "fwd"),
-                       compare_cost, min_rows=8, kills=(False, True, True)),
+                       compare_cost, min_rows=8, kills=(False, True, True), slow=True),
     # approximation: Gaussian inputs both maskings + the trained model's, 2 budget values each
     "approximation": Experiment("approximation", APPROX_DRIVER, COMMON + ("--variants", "full,local,linformer"),
-                                compare_approximation, min_rows=13, kills=(False, True, True)),
-    # accuracy: one trained model per row (linformer skipped on the causal task), so one kill
+                                compare_approximation, min_rows=13, kills=(False, True, True), slow=True),
+    # accuracy (the CI case): one trained model per row (linformer skipped on the causal task), one kill
     "accuracy": Experiment("accuracy", ACCURACY_DRIVER, COMMON + ("--variants", "full,local,linear,linformer"),
                            compare_accuracy, min_rows=3, kills=(True,)),
-    # slow (not in CI): the other experiments with a RowStore, and accuracy at three kill points.
+    # slow (not in CI; cost and approximation above too): the other experiments with a RowStore,
+    # and accuracy at three kill points.
     # accuracy: two variants over three seeds, 6 trained models
     "accuracy_3_kills": Experiment("accuracy_3_kills", ACCURACY_DRIVER,
                                    COMMON + ("--variants", "full,local", "--seeds", "0,1,2"),
