@@ -26,7 +26,8 @@
 - Devices. Without ``TrainConfig.mesh`` the batch is sharded over every local device
   (``Mesh(jax.devices(), ("data",))``, batch axis on "data"), parameters replicated. With
   ``mesh="data=2,seq=4"`` (axes "data" and "seq" only, sizes multiplying to
-  ``jax.device_count()``) the batch goes on ``P("data")`` of that mesh, parameters are
+  ``jax.device_count()``) the batch goes on ``P("data")`` of that mesh (its ``[B, L]`` arrays
+  on ``P("data", "seq")``), parameters are
   replicated, and when "seq" has more than one device every attention core of (a copy of)
   the model is replaced by its sequence-parallel form along "seq" (``parallel.models.
   sequence_parallel``: ring attention for exact cores, context-parallel engines for the
@@ -439,7 +440,14 @@ def _better(metric: str, new: float, old: float | None) -> bool:
 
 class _Sharder:
     """Puts batches on the 'data' axis of ``mesh`` (default: every local device on 'data'),
-    params replicated. A mesh without a 'data' axis gets every batch whole on each device."""
+    params replicated. A mesh without a 'data' axis gets every batch whole on each device.
+
+    With a 'seq' axis of more than one device, the arrays with a sequence axis (tokens, mask,
+    per-token targets, segment ids: ``[B, L]``) are split along it too, so the embeddings,
+    MLPs and head hold 1/P of each sequence per device, as the sequence-parallel attention
+    does: per-device activation memory falls with P (tests/parallel/test_training.py measures
+    it). A length the axis does not divide (a model adding a CLS position makes the
+    attention's length, not L, the one checked) stays whole on each device."""
 
     def __init__(self, batch_size: int, mesh: Mesh | None = None):
         if mesh is None:
@@ -451,11 +459,23 @@ class _Sharder:
                 )
             mesh = Mesh(np.array(devices), ("data",))
         self.mesh = mesh
-        self.batch = NamedSharding(mesh, P("data") if "data" in mesh.shape else P())
+        data = "data" if "data" in mesh.shape else None
+        self.seq_size = int(mesh.shape.get("seq", 1))
+        self.batch = NamedSharding(mesh, P(data))
+        self.per_token = NamedSharding(mesh, P(data, "seq")) if self.seq_size > 1 else self.batch
         self.replicated = NamedSharding(mesh, P())
 
     def put_batch(self, batch: Batch) -> Batch:
-        return jax.device_put(batch, self.batch)
+        length = batch.tokens.shape[1]
+        split = self.seq_size > 1 and length % self.seq_size == 0
+
+        def put(x):
+            if x is None:
+                return None
+            on_tokens = split and np.ndim(x) >= 2 and np.shape(x)[1] == length
+            return jax.device_put(x, self.per_token if on_tokens else self.batch)
+
+        return Batch(*(put(x) for x in batch))
 
     def replicate(self, tree):
         return jax.device_put(tree, self.replicated)

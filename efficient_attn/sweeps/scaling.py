@@ -13,16 +13,25 @@ of P devices.
   per-device memory by P.
 
 Engines: ``ring`` (causal ring attention with zigzag placement, ``parallel.ring``, given its
-input already in zigzag order, as a model keeping that order end to end would) and
+input already in zigzag order, as a model keeping that order end to end would),
 ``context_gated`` (context-parallel gated linear attention with scalar decays,
-``parallel.context_linear``). Columns:
+``parallel.context_linear``) and ``lm``: a whole training step (gradient of the next-token
+loss with respect to every parameter) of a small causal LM (``lm_layers`` layers of
+width heads x head_dim, MLP 4x) whose attention is made ring attention by
+``parallel.models.sequence_parallel`` on every P (P = 1 included, so the baseline runs the
+same kernels), its tokens split along ``seq`` as ``train`` splits them: this is the row that
+shows whether the model's per-device memory, not only the attention's, falls with P.
+Parameters are replicated, so their bytes (and the optimizer's, not in this step) do not
+fall; ``temp_per_device`` is the activations' part. Columns:
 
 - ``memory_per_device``: bytes XLA assigns one device for the pass (arguments, outputs,
   temporaries: ``compiled.memory_analysis()`` of the SPMD program, which is per device;
   ``argument_per_device`` is its share of q, k, v, the output cotangent and the gates);
 - ``comm_per_device``: bytes one device hands to collectives in the pass, read from the
   traced program (``parallel.mesh.collective_bytes``), and for the ring also from its
-  formula (``ring_communication_bytes``; the two agree, the tests check it);
+  formula (``ring_communication_bytes``; the two agree, the tests check it). For ``lm`` these
+  are the attention's collectives; the all-reduce of the parameter gradients, which XLA's
+  partitioner adds after tracing, is not in the count;
 - ``time``: median wall time of the pass. THE DEVICES ARE SIMULATED: all P of them share
   this machine's CPU cores, so time grows with P here and is not a speed-up figure.
 
@@ -54,7 +63,7 @@ from efficient_attn.sweeps import cli
 
 __all__ = ["ScalingConfig", "PRESETS", "ENGINES", "run", "render", "main"]
 
-ENGINES = ("ring", "context_gated")
+ENGINES = ("ring", "context_gated", "lm")
 MODES = ("weak", "strong")
 TIME_NOTE = "simulated devices sharing 2 cores: time is not a speed-up figure"
 _CHILD = "EFFICIENT_ATTN_SCALING_CHILD"  # "1" in the child that measures
@@ -76,6 +85,8 @@ class ScalingConfig:
     head_dim: int = 16
     block_size: int = 1024  # the ring's per-device kernel blocks
     chunk: int = 64  # the gated engine's chunk
+    lm_layers: int = 2  # the "lm" engine's model: layers, vocabulary
+    lm_vocab: int = 256
     time_budget_s: float = 0.5  # timed work per row (at least 3 repeats)
 
     def __post_init__(self):
@@ -110,6 +121,38 @@ PRESETS = {
 # ------------------------------------------------------------------------------ measuring
 
 
+def _lm_step(cfg: ScalingConfig, mesh, T: int):
+    """(step, args): grad of a small causal LM's next-token loss over its parameters, its
+    attention ring attention along "seq", tokens ``[B, T]`` split along "seq"."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from efficient_attn.nn import CausalLM, LMConfig
+    from efficient_attn.parallel.models import sequence_parallel
+
+    width = cfg.heads * cfg.head_dim
+    lm = LMConfig(vocab_size=cfg.lm_vocab, max_len=T, num_layers=cfg.lm_layers, emb_dim=width, num_heads=cfg.heads,
+                  mlp_dim=4 * width, attention="full")
+    model = sequence_parallel(CausalLM(lm, rngs=nnx.Rngs(0)), mesh, axis="seq", block_size=cfg.block_size)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jax.random.randint(jax.random.key(0), (cfg.batch, T), 0, cfg.lm_vocab)
+
+    def step(params, rest, tokens):
+        def loss(params):
+            logits = nnx.merge(graphdef, params, rest, copy=True)(tokens).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+        return jax.grad(loss)(params)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    args = (jax.device_put(params, replicated), jax.device_put(rest, replicated),
+            jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(None, "seq"))))
+    return step, args
+
+
 def _measure(cfg: ScalingConfig, mode: str, engine: str, p: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -140,6 +183,8 @@ def _measure(cfg: ScalingConfig, mode: str, engine: str, p: int) -> dict:
 
     put = NamedSharding(mesh, PartitionSpec(None, "seq"))
     args = tuple(jax.device_put(x, put) for x in (q, k, v, w, g))
+    if engine == "lm":
+        step, args = _lm_step(cfg, mesh, T)
     compiled, compile_s, jaxpr = measure.trace_and_compile(step, *args)
     memory = measure.compiled_memory(compiled)
     comm = collective_bytes(jaxpr)
@@ -206,7 +251,10 @@ def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
              "(forward + backward) of one attention layer; memory from XLA's compiled memory analysis, "
              "communication from the traced program's collectives (ring: equal to its formula).\n",
              f"Batch {cfg.batch}, {cfg.heads} heads of width {cfg.head_dim}; ring = causal ring attention "
-             "(zigzag, input already in zigzag order), context_gated = context-parallel gated linear attention. jax "
+             "(zigzag, input already in zigzag order), context_gated = context-parallel gated linear attention, "
+             f"lm = a whole training step (gradient over every parameter) of a {cfg.lm_layers}-layer causal LM whose "
+             "attention is ring attention, tokens split along the sequence (its replicated parameters do not "
+             "shrink with P: temp is the activations' part; its comm counts the attention's collectives only). jax "
              f"{env['jax']}, {env['cpu']} ({env['cpu_cores']} cores), commit {env['commit']}.\n"]
     for mode in cfg.modes:
         sub = [r for r in rows if r and r.get("mode") == mode]
@@ -221,11 +269,15 @@ def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
                          and b.get("status") == "ok"), None)
             measured = r.get("status") == "ok" and base and base.get("memory_per_device") and r.get("memory_per_device")
             ratio = r["memory_per_device"] / base["memory_per_device"] if measured else None
+            temp_ratio = (r["temp_per_device"] / base["temp_per_device"]
+                          if measured and base.get("temp_per_device") and r.get("temp_per_device") else None)
             body.append([r.get("engine"), r.get("devices"), r.get("length"), r.get("per_device_length"),
-                         _mib(r.get("memory_per_device")), ratio, _mib(r.get("comm_per_device")),
+                         _mib(r.get("memory_per_device")), ratio, _mib(r.get("temp_per_device")),
+                         temp_ratio, _mib(r.get("comm_per_device")),
                          _mib(r.get("comm_formula")), r.get("time_median_s"),
                          r.get("status") if r.get("status") != "error" else f"error: {r.get('reason')}"])
         parts.append(markdown_table(["engine", "P", "T", "T / P", "memory / device (MiB)", "vs P=min",
+                                     "temp / device (MiB)", "temp vs P=min",
                                      "comm / device (MiB)", "ring formula (MiB)", "time (s, simulated)", "status"],
                                     body))
     write_atomic(out / "table.md", "".join(parts))

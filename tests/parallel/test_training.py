@@ -330,7 +330,7 @@ def test_accuracy_mesh_runs_are_rows_of_their_own_and_old_rows_keep_their_finger
     assert acc_run.rows_of(meshed, rows) == []
     # a variant without a sequence-parallel form is n/a on a seq mesh, planned from its capabilities
     seq_setting = dataclasses.replace(plain.tasks[0], train=dataclasses.replace(plain.tasks[0].train, mesh="seq=2"))
-    assert acc_run._mesh_plan("full", seq_setting) == (True, "")
-    ok, reason = acc_run._mesh_plan("linear", seq_setting)
+    assert acc_run.mesh_plan("full", seq_setting) == (True, "")
+    ok, reason = acc_run.mesh_plan("linear", seq_setting)
     assert not ok and "no sequence-parallel form (mesh seq=2)" in reason
-    assert acc_run._mesh_plan("linear", meshed.tasks[0]) == (True, "")  # no seq axis: every variant runs
+    assert acc_run.mesh_plan("linear", meshed.tasks[0]) == (True, "")  # no seq axis: every variant runs

@@ -1,10 +1,12 @@
 """The recall-against-state-size sweep (sweeps/recall): its points, the state it measures, and a
 tiny run that writes its table and plot from rows, skips what a variant cannot do, and resumes."""
 
+import argparse
 import dataclasses
 import importlib
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -137,6 +139,9 @@ def test_presets_and_cli():
     (["--steps", "1.5"], "--steps", "positive integer, got '1.5'"),
     (["--plugin", "{tmp}"], "--plugin", "is a directory, expected a .py file"),
     (["--plugin", "{tmp}/missing.py"], "--plugin", "does not exist, expected a .py file"),
+    (["--mesh", "data=2,tensor=2"], "--mesh", "axis 'tensor'"),
+    (["--mesh", "data=2,seq=4"], "--mesh data=2,seq=4", "needs 8 devices, this process has 1"),
+    (["--mesh", "data=7"], "--mesh data=7", "needs 7 devices, this process has 1"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(argv, flag, says, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli_module, "run", lambda *a, **k: pytest.fail("a bad flag reached the sweep"))
@@ -155,3 +160,31 @@ def test_flags_override_the_preset():
     tr = cfg.task.train  # one step: evaluated at it, no warm-up longer than the run
     assert (tr.steps, tr.eval_every, tr.warmup) == (1, 1, 0)
     assert config_from_args(parse_args([])) == recall.PRESETS["quick"]()
+
+
+def test_mesh_runs_are_rows_of_their_own_in_a_folder_of_their_own():
+    """``--mesh``: the task trains on that mesh (TrainConfig.mesh), the rows' keys and
+    fingerprints carry it (the plain ones are unchanged), the default folder names it; on a
+    seq axis of more than one device a variant with no sequence-parallel form is planned out."""
+    from efficient_attn.sweeps.recall.config import points
+
+    config_from_args, parse_args = cli_module.config_from_args, cli_module.parse_args
+    plain = config_from_args(parse_args(["--variants", "full"]))
+    meshed = config_from_args(parse_args(["--variants", "full", "--mesh", "data=1"]))
+    assert plain.task.train.mesh is None and meshed.task.train.mesh == "data=1"
+    assert cli_module.default_out(plain) == Path("results/recall/quick")
+    assert cli_module.default_out(meshed) == Path("results/recall/quick_mesh_data1")
+    p0, m0 = points(plain, "full")[0], points(meshed, "full")[0]
+    assert run_module.key_of(p0, 0) == "full|width|32|0"
+    assert run_module.key_of(m0, 0) == "full|width|32|0|mesh=data=1"
+    assert p0.fingerprint(0) != m0.fingerprint(0)
+    by_hand = argparse.Namespace(preset="quick", variants=None, seeds=None, steps=None, mesh="data=7")
+    with pytest.raises(ValueError, match=r"--mesh data=7: TrainConfig: .*must be divisible .*'data'"):
+        config_from_args(by_hand)  # the batch check (parse, which main runs first, counts devices)
+    seq = dataclasses.replace(plain, task=dataclasses.replace(
+        plain.task, train=dataclasses.replace(plain.task.train, mesh="seq=2")))
+    info = {"causal": True, "needs_kv_mask": False, "kind": "lm", "seq_len": plain.task.seq_len,
+            "bidirectional_safe": False}
+    assert run_module._plan("full", info, seq) == (True, "")
+    ok, reason = run_module._plan("linear", info, seq)
+    assert not ok and "no sequence-parallel form (mesh seq=2)" in reason

@@ -102,6 +102,20 @@ def test_one_row_measured_stored_and_rendered(tmp_path, monkeypatch):
     assert scaling.run(cfg, tmp_path, progress=False) == rows  # resumed from rows.jsonl
 
 
+def test_the_lm_row_is_a_whole_training_step(tmp_path):
+    """The "lm" engine: a causal LM's parameter gradient, its attention made ring attention on
+    the one-device mesh too (the baseline runs the same kernels): parameters are arguments, the
+    activations temporaries, nothing goes round a ring of one."""
+    cfg = scaling.ScalingConfig("t", per_device=16, devices=(1,), engines=("lm",), modes=("weak",), heads=2,
+                                head_dim=8, lm_layers=1, lm_vocab=32, time_budget_s=0.01)
+    (row,) = scaling.run(cfg, tmp_path, progress=False)
+    assert row["status"] == "ok", row
+    width = 2 * 8  # embeddings, attention and MLP (4x) weights of one layer, float32, at least
+    assert row["argument_per_device"] >= 4 * (32 * width + 4 * width * width + 2 * width * 4 * width)
+    assert row["temp_per_device"] > 0 and row["comm_per_device"] == 0 and row["comm_formula"] is None
+    assert "| lm | 1 | 16 | 16 |" in (tmp_path / "table.md").read_text()
+
+
 def test_more_devices_than_the_process_has_is_refused(tmp_path):
     cfg = scaling.ScalingConfig("t", per_device=16, devices=(1, 64))
     with pytest.raises(RuntimeError, match="needs 64 devices"):

@@ -134,7 +134,7 @@ def _key(variant: str, task: str, seed: int, mesh: str | None = None) -> str:
     return ea_report.RowStore.make_key(*parts)
 
 
-def _mesh_plan(variant: str, setting: TaskSetting) -> tuple[bool, str]:
+def mesh_plan(variant: str, setting: TaskSetting) -> tuple[bool, str]:
     """Whether ``variant`` can train on ``setting``'s mesh: with a "seq" axis of more than one
     device its cores must have a sequence-parallel form."""
     sizes = setting.train.mesh_sizes()
@@ -150,7 +150,7 @@ def _mesh_plan(variant: str, setting: TaskSetting) -> tuple[bool, str]:
 
 def _plan_unit(variant: str, info: dict, setting: TaskSetting) -> tuple[bool, str]:
     ok, reason = _plan(variant, info)
-    return _mesh_plan(variant, setting) if ok else (ok, reason)
+    return mesh_plan(variant, setting) if ok else (ok, reason)
 
 
 def _task_info(data) -> dict:

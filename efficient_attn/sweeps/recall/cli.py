@@ -1,7 +1,12 @@
 """``experiments/recall.py``: the recall sweep's command line (the shared flags of
 ``efficient_attn.sweeps.cli``: ``--preset``, ``--variants``, ``--seeds``, ``--steps``,
-``--plugin``, ``--force``, ``--out``, ``--no-progress``). Exit status 2 for a bad flag, 1 when a
-row of this run errored, else 0."""
+``--plugin``, ``--force``, ``--out``, ``--no-progress``, ``--mesh``). Exit status 2 for a bad
+flag, 1 when a row of this run errored, else 0.
+
+``--mesh data=2,seq=4`` trains every point on that device mesh (``TrainConfig.mesh``, as the
+accuracy experiment's ``--mesh``): its rows are rows of their own (the mesh is in their key and
+fingerprint) and go by default to ``results/recall/<preset>_mesh_data2_seq4``; a variant with
+no sequence-parallel form is skipped with the reason when "seq" has more than one device."""
 
 from __future__ import annotations
 
@@ -15,14 +20,14 @@ from efficient_attn.sweeps.recall.config import RecallConfig
 from efficient_attn.sweeps.recall.presets import PRESETS
 from efficient_attn.sweeps.recall.run import run
 
-__all__ = ["parse_args", "config_from_args", "main"]
+__all__ = ["parse_args", "config_from_args", "default_out", "main"]
 
 _PROG = "experiments/recall.py"
 
 
 def _parser():
     return cli.experiment_parser(_PROG, "MQAR recall against the state each variant keeps.",
-                                 presets=PRESETS, seeds=True, steps=True)
+                                 presets=PRESETS, seeds=True, steps=True, mesh=True)
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -42,7 +47,23 @@ def config_from_args(args) -> RecallConfig:
         tr = dataclasses.replace(tr, steps=args.steps, eval_every=min(tr.eval_every, args.steps),
                                  warmup=min(tr.warmup, args.steps - 1))
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train=tr))
+    if getattr(args, "mesh", None) is not None:
+        try:  # an axis train does not know, a batch the data axis does not divide
+            train = dataclasses.replace(cfg.task.train, mesh=args.mesh)
+        except ValueError as err:
+            raise ValueError(f"--mesh {args.mesh}: {err}") from None
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train=train))
+        problem = cli.mesh_device_problem(train.mesh)
+        if problem:
+            raise ValueError(problem)
     return cfg
+
+
+def default_out(cfg: RecallConfig) -> Path:
+    """``results/recall/<preset>``; a run on a mesh gets ``<preset>_mesh_<axes>`` beside it."""
+    mesh = cfg.task.train.mesh
+    suffix = "" if mesh is None else "_mesh_" + mesh.replace("=", "").replace(",", "_")
+    return Path("results") / "recall" / (cfg.preset + suffix)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as err:  # one line naming what the configs refused, exit 2, before any training
         p.error(str(err.args[0] if err.args else err))
-    out = args.out or Path("results") / "recall" / cfg.preset
+    out = args.out or default_out(cfg)
     try:
         rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None)
     except KeyboardInterrupt:

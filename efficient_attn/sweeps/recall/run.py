@@ -36,7 +36,10 @@ acc_run = importlib.import_module("efficient_attn.sweeps.accuracy.run")
 
 
 def key_of(point: Point, seed: int) -> str:
-    return ea_report.RowStore.make_key(point.variant, point.axis, point.value, seed)
+    # a run on a mesh is a row of its own; without one the key is what it always was
+    mesh = point.setting.train.mesh
+    return ea_report.RowStore.make_key(point.variant, point.axis, point.value, seed,
+                                       *((f"mesh={mesh}",) if mesh is not None else ()))
 
 
 def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bool | None = None,
@@ -70,7 +73,7 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
                 data = acc_run.load_task(cfg.task, cfg.data_seed)
                 info = dict(acc_run.task_info(data), fingerprint=dfp)
                 ea_report.write_json(info_path, info)
-            ok, reason = acc_run.plan_for_task(point.variant, info)
+            ok, reason = _plan(point.variant, info, cfg)
             if not ok:
                 skipped[point.variant] = reason
                 continue
@@ -83,12 +86,19 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
                 f"({row['wall_s']:.0f} s, total {time.perf_counter() - t_start:.0f} s)")
         if info is not None:
             for v in variants:
-                ok, reason = acc_run.plan_for_task(v, info)
+                ok, reason = _plan(v, info, cfg)
                 if not ok:
                     skipped[v] = reason
     finally:
         rows = write_outputs(out, store.rows(), cfg, skipped)
     return rows
+
+
+def _plan(variant: str, info: dict, cfg: RecallConfig) -> tuple[bool, str]:
+    """The accuracy experiment's plan for the task, then its mesh plan (a sequence-parallel form
+    when the mesh's "seq" axis has more than one device)."""
+    ok, reason = acc_run.plan_for_task(variant, info)
+    return acc_run.mesh_plan(variant, cfg.task) if ok else (ok, reason)
 
 
 def _run_point(cfg: RecallConfig, point: Point, seed: int, data, info, fp, runs_dir, progress, force) -> dict:
