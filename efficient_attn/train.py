@@ -445,8 +445,8 @@ class _Sharder:
     With a 'seq' axis of more than one device, the arrays with a sequence axis (tokens, mask,
     per-token targets, segment ids: ``[B, L]``) are split along it too, so the embeddings,
     MLPs and head hold 1/P of each sequence per device, as the sequence-parallel attention
-    does: per-device activation memory falls with P (tests/parallel/test_training.py measures
-    it). A length the axis does not divide (a model adding a CLS position makes the
+    does: per-device activation memory falls with P (the scaling experiment's ``lm`` rows
+    measure it). A length the axis does not divide (a model adding a CLS position makes the
     attention's length, not L, the one checked) stays whole on each device."""
 
     def __init__(self, batch_size: int, mesh: Mesh | None = None):

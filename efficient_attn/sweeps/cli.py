@@ -64,6 +64,7 @@ __all__ = [
     "plugin_file",
     "mesh_spec",
     "mesh_device_problem",
+    "mesh_folder",
     "check_choices",
     "exit_status",
 ]
@@ -149,6 +150,13 @@ def mesh_spec(text: str) -> str:
         return format_mesh(mesh_axes(text))
     except (TypeError, ValueError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def mesh_folder(preset: str, meshes) -> str:
+    """``<preset>``, or ``<preset>_mesh_<axes>`` for runs on meshes (``"data=2,seq=4"`` ->
+    ``quick_mesh_data2_seq4``): the default results folder of a run on a mesh, beside the preset's."""
+    meshes = sorted(set(meshes) - {None})
+    return preset + ("_mesh_" + "_".join(meshes).replace("=", "").replace(",", "_") if meshes else "")
 
 
 def mesh_device_problem(spec: str) -> str | None:

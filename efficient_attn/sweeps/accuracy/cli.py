@@ -110,10 +110,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
 
 def default_out(cfg: AccuracyConfig) -> Path:
     """``results/accuracy/<preset>``; a run on a mesh gets ``<preset>_mesh_<axes>`` beside it."""
-    meshes = {t.train.mesh for t in cfg.tasks} - {None}
-    name = cfg.preset
-    if meshes:
-        name += "_mesh_" + "_".join(sorted(meshes)).replace("=", "").replace(",", "_")
+    name = cli.mesh_folder(cfg.preset, (t.train.mesh for t in cfg.tasks))
     return Path("results") / "accuracy" / name
 
 

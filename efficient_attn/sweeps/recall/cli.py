@@ -61,9 +61,7 @@ def config_from_args(args) -> RecallConfig:
 
 def default_out(cfg: RecallConfig) -> Path:
     """``results/recall/<preset>``; a run on a mesh gets ``<preset>_mesh_<axes>`` beside it."""
-    mesh = cfg.task.train.mesh
-    suffix = "" if mesh is None else "_mesh_" + mesh.replace("=", "").replace(",", "_")
-    return Path("results") / "recall" / (cfg.preset + suffix)
+    return Path("results") / "recall" / cli.mesh_folder(cfg.preset, [cfg.task.train.mesh])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
