@@ -116,6 +116,17 @@ def named_grads(grads, prefix: str = "d") -> dict:
     return out
 
 
+def forbid(monkeypatch, *targets: tuple[object, str]) -> None:
+    """Make each ``(module, function name)`` of ``targets`` fail the test when called: a rerun
+    or a report-only run over stored rows must measure (or train) nothing."""
+
+    def fail(*args, **kwargs):
+        pytest.fail("measured although every row was stored")
+
+    for module, name in targets:
+        monkeypatch.setattr(module, name, fail)
+
+
 def tiered(cases, *, ci: int) -> list:
     """``cases`` for ``pytest.mark.parametrize``: the first ``ci`` run in CI (`make test`), the
     others are marked ``slow`` and run by `make test-slow` / `make test-all`. Order the cases so

@@ -3,7 +3,9 @@ ones inside functions):
 
 - variants import only core, registry and ops from the package;
 - ops import only core and other ops (no variant, no registry);
-- core imports nothing of the package;
+- core imports nothing of the package (the files of the core/ package import only each other);
+- nn imports only core and registry (a core is built by name, never a variant's module);
+- train imports only core, nn, parallel, tasks and report (never a variant, an op or an experiment);
 - the library never imports the sweeps or the experiments (sweeps may import the library);
 - no import cycle between the package's modules.
 """
@@ -63,6 +65,9 @@ def _violations(rule) -> list[str]:
 def test_the_graph_is_read():
     assert "efficient_attn.core" in GRAPH["efficient_attn.registry"]
     assert any(_layer(m) == "variants" for m in GRAPH) and any(_layer(m) == "ops" for m in GRAPH)
+    assert "efficient_attn.core.mask" in GRAPH["efficient_attn.core.validation"]  # the packages' files are read
+    assert "efficient_attn.nn.attention" in GRAPH["efficient_attn.nn.trunk"]
+    assert "efficient_attn.train.steps" in GRAPH["efficient_attn.train.loop"]
 
 
 @pytest.mark.parametrize(
@@ -70,7 +75,9 @@ def test_the_graph_is_read():
     [
         ("variants", {"core", "registry", "ops", "variants"}),
         ("ops", {"core", "ops"}),
-        ("core", set()),
+        ("core", {"core"}),
+        ("nn", {"core", "registry", "nn"}),
+        ("train", {"core", "nn", "parallel", "tasks", "report", "train"}),
     ],
 )
 def test_layer_imports(layer, allowed):

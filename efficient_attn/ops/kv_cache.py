@@ -49,6 +49,7 @@ __all__ = [
     "KVCache",
     "RingBuffer",
     "init_cache",
+    "init_softmax_cache",
     "write",
     "causal_visible",
     "attend_dense",
@@ -79,6 +80,16 @@ def init_cache(batch: int, length: int, heads: int, head_dim: int, value_dim: in
         v=jnp.zeros((batch, length, heads, value_dim), dtype),
         valid=jnp.zeros((batch, length), bool),
     )
+
+
+def init_softmax_cache(variant: str, batch: int, length: int, kv_heads: int, head_dim: int, dtype, *,
+                       softcap: float | None, sinks: bool) -> KVCache:
+    """The empty KV cache of a softmax-family variant's decoding, refused (ValueError naming
+    the fix) when the variant was built with a soft cap or sinks: the cache's readers
+    (``attend_dense``, ``attend_blocks``) implement neither."""
+    if softcap is not None or sinks:
+        raise ValueError(f"{variant}: decoding with softcap or sinks is not implemented; build without them to decode")
+    return init_cache(batch, length, kv_heads, head_dim, head_dim, dtype)
 
 
 def _real(x, keep):

@@ -102,9 +102,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.ops.masks import split_nonfinite
 
-__all__ = ["linear_attention", "normalise"]
+__all__ = ["linear_attention", "normalise", "causal_chunked", "NEG"]
 
-_NEG = -1e30  # "no key yet" log scale: finite, so differences of two of them are 0, not NaN
+NEG = -1e30  # "no key yet" log scale: finite, so differences of two of them are 0, not NaN
 _TINY_DEN = 1e-30  # denominators at or below this are underflow: 1 / den must stay finite in float32
 
 
@@ -160,7 +160,13 @@ def _noncausal(q, k, v1, log_scale):
     return jnp.einsum("btkgf,bkfe->btkge", q, kv)
 
 
-def _causal(q, k, v1, log_scale, chunk: int):
+def causal_chunked(q: Float[Array, "B N K G F"], k: Float[Array, "B N K F"], v1: Float[Array, "B N K E"],
+                   log_scale: Float[Array, "B N K"] | None, chunk: int) -> Float[Array, "B N K G E"]:
+    """The causal sums sum_{j<=i} (phi(q_i) . phi(k_j)) [v_j, 1] by chunks of ``chunk`` tokens
+    from a zero state (intra-chunk products under a triangular mask, the running state
+    between chunks); ``log_scale`` (per key, optional) weights each key by exp(log_scale),
+    carried at a running maximum so that no exponent overflows. The context-parallel form
+    (``parallel.context_linear``) calls it for each device's shard before adding the carries."""
     B, N, K, G, F = q.shape
     E = v1.shape[-1]
     C, _, chunks = _chunker(N, chunk)
@@ -177,7 +183,7 @@ def _causal(q, k, v1, log_scale, chunk: int):
         init = jnp.zeros((B, K, F, E), jnp.float32)
         _, out = lax.scan(step, init, (qc, kc, vc))
     else:
-        lc = chunks(log_scale, _NEG)  # [n, B, K, C]
+        lc = chunks(log_scale, NEG)  # [n, B, K, C]
 
         def step(carry, xs):
             state, top = carry  # state at scale exp(-top); top [B, K]
@@ -185,7 +191,7 @@ def _causal(q, k, v1, log_scale, chunk: int):
             ls = lax.stop_gradient(l)
             row_top = jnp.maximum(top[..., None], lax.cummax(ls, axis=2))  # [B, K, C]
             # exponent l_j - row_top_i <= 0 for j <= i; masked before exp (no inf, no NaN grad)
-            w = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], _NEG))
+            w = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], NEG))
             s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k) * w[:, :, None], 0.0)  # where after the product
             inter = jnp.einsum("bkigf,bkfe->bkige", q, state) * jnp.exp(top[..., None] - row_top)[..., None, None]
             out = jnp.einsum("bkgij,bkje->bkige", s, v) + inter
@@ -194,7 +200,7 @@ def _causal(q, k, v1, log_scale, chunk: int):
             state = state * jnp.exp(top - new_top)[..., None, None] + jnp.einsum("bkjf,bkje->bkfe", kw, v)
             return (state, new_top), out
 
-        init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), _NEG, jnp.float32))
+        init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), NEG, jnp.float32))
         _, out = lax.scan(step, init, (qc, kc, vc, lc))
     return _unchunk(out, N)
 
@@ -221,15 +227,15 @@ def _run_carries(kc, vc, lc, idc, reverse: bool):
             state = jnp.where(cont[..., None, None], state, 0.0) + jnp.einsum("bkjf,bkje->bkfe", kk, v)
         else:
             ls = lax.stop_gradient(l[0])
-            new_top = jnp.maximum(jnp.where(cont, top, _NEG), jnp.max(jnp.where(keep[:, None], ls, _NEG), axis=2))
+            new_top = jnp.maximum(jnp.where(cont, top, NEG), jnp.max(jnp.where(keep[:, None], ls, NEG), axis=2))
             old = jnp.exp(jnp.where(cont, top - new_top, 0.0))[..., None, None]
-            w = jnp.exp(jnp.where(keep[:, None], l[0] - new_top[..., None], _NEG))  # exponents <= 0
+            w = jnp.exp(jnp.where(keep[:, None], l[0] - new_top[..., None], NEG))  # exponents <= 0
             kept = jnp.where(cont[..., None, None], state * old, 0.0)
             state = kept + jnp.einsum("bkjf,bkje->bkfe", kk * w[..., None], v)
             top = new_top
         return (state, top, last), (state, top, last)
 
-    init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), _NEG, jnp.float32), idc[0, :, 0])
+    init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), NEG, jnp.float32), idc[0, :, 0])
     xs = (kc, vc, idc) if lc is None else (kc, vc, idc, lc)
     _, (after_state, after_top, after_run) = lax.scan(step, init, xs, reverse=reverse)
 
@@ -248,7 +254,7 @@ def _contiguous(q, k, v1, log_scale, ids, causal: bool, chunk: int):
     ids = jnp.where(jnp.arange(ids.shape[1]) < N, ids, ids[:, N - 1 : N])  # padding extends the last run
     qc, kc, vc = chunks(q), chunks(k), chunks(v1)
     idc = jnp.moveaxis(ids.reshape(B, -1, C), 1, 0)  # [n, B, C]
-    lc = None if log_scale is None else chunks(log_scale, _NEG)  # [n, B, K, C]
+    lc = None if log_scale is None else chunks(log_scale, NEG)  # [n, B, K, C]
     sides = [_run_carries(kc, vc, lc, idc, reverse=False)]
     if not causal:
         sides.append(_run_carries(kc, vc, lc, idc, reverse=True))
@@ -266,15 +272,15 @@ def _contiguous(q, k, v1, log_scale, ids, causal: bool, chunk: int):
         return _unchunk(out, N)
     ls = lax.stop_gradient(lc)
     # the row's constant: the largest log scale among the keys of ITS segment only
-    row_top = jnp.max(jnp.where(same[:, :, None], ls[..., None, :], _NEG), axis=-1)  # [n, B, K, C]
+    row_top = jnp.max(jnp.where(same[:, :, None], ls[..., None, :], NEG), axis=-1)  # [n, B, K, C]
     for (_, top, _), read in zip(sides, reads):
-        row_top = jnp.maximum(row_top, jnp.where(read[:, :, None], top[..., None], _NEG))
-    w = jnp.exp(jnp.where(same[:, :, None], lc[..., None, :] - row_top[..., :, None], _NEG))  # exponents <= 0
+        row_top = jnp.maximum(row_top, jnp.where(read[:, :, None], top[..., None], NEG))
+    w = jnp.exp(jnp.where(same[:, :, None], lc[..., None, :] - row_top[..., :, None], NEG))  # exponents <= 0
     s = jnp.where(same[:, :, None, None], scores * w[:, :, :, None], 0.0)
     out = jnp.einsum("nbkgij,nbkje->nbkige", s, vc)
     for (state, top, _), read in zip(sides, reads):
         r = read[:, :, None]  # [n, B, 1, C]
-        scale = jnp.exp(jnp.where(r, top[..., None] - row_top, _NEG))[..., None, None]
+        scale = jnp.exp(jnp.where(r, top[..., None] - row_top, NEG))[..., None, None]
         inter = jnp.einsum("nbkigf,nbkfe->nbkige", qc, state) * scale
         out = out + jnp.where(r[..., None, None], inter, 0.0)
     return _unchunk(out, N)
@@ -303,7 +309,7 @@ def _merged(q, k, v1, log_scale, q_ids, kv_ids, causal: bool, chunk: int):
     zv = jnp.concatenate([jnp.zeros((B, T) + v1.shape[2:], v1.dtype), v1], axis=1)
     zl = None
     if log_scale is not None:
-        zl = jnp.concatenate([jnp.full((B, T) + log_scale.shape[2:], _NEG, log_scale.dtype), log_scale], axis=1)
+        zl = jnp.concatenate([jnp.full((B, T) + log_scale.shape[2:], NEG, log_scale.dtype), log_scale], axis=1)
     ids = jnp.concatenate([q_ids, kv_ids], axis=1)
     position = jnp.broadcast_to(jnp.concatenate([jnp.arange(T), jnp.arange(S)]), ids.shape)
     is_query = jnp.broadcast_to(jnp.concatenate([jnp.ones(T, jnp.int32), jnp.zeros(S, jnp.int32)]), ids.shape)
@@ -371,13 +377,13 @@ def linear_attention(
         phi_k = jnp.where(keep[..., None], phi_k, 0.0)
         v = jnp.where(keep[..., None], v, 0.0)
         if k_log_scale is not None:
-            k_log_scale = jnp.where(keep, k_log_scale, _NEG)
+            k_log_scale = jnp.where(keep, k_log_scale, NEG)
     v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
     q = phi_q.reshape(B, T, Hkv, H // Hkv, F)  # query head h = kv head h // G, member h % G
     if q_segment_ids is not None:
         nd = _packed(q, phi_k, v1, k_log_scale, q_segment_ids, kv_segment_ids, bool(causal), chunk_size)
     elif causal:
-        nd = _causal(q, phi_k, v1, k_log_scale, chunk_size)
+        nd = causal_chunked(q, phi_k, v1, k_log_scale, chunk_size)
     else:
         nd = _noncausal(q, phi_k, v1, k_log_scale)
     nd = nd.reshape(B, T, H, -1)

@@ -34,12 +34,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from efficient_attn.ops.linear_attention import normalise
+from efficient_attn.ops.linear_attention import NEG, normalise
 from efficient_attn.ops.masks import split_nonfinite
 
 __all__ = ["LinearState", "init_state", "summarise", "write", "read", "step"]
-
-_NEG = -1e30  # "no key yet" log scale: finite, so a difference of two of them is 0, not NaN
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["kv", "top"], meta_fields=[])
@@ -55,7 +53,7 @@ def init_state(batch: int, heads: int, features: int, value_dim: int) -> LinearS
     """Nothing seen: zero sums, no log scale yet."""
     return LinearState(
         kv=jnp.zeros((batch, heads, features, value_dim + 1), jnp.float32),
-        top=jnp.full((batch, heads), _NEG, jnp.float32),
+        top=jnp.full((batch, heads), NEG, jnp.float32),
     )
 
 
@@ -84,7 +82,7 @@ def summarise(
         keep = kv_mask[:, :, None]
         phi_k = jnp.where(keep[..., None], phi_k, 0.0)
         v1 = jnp.where(keep[..., None], v1, 0.0)
-        scale = jnp.where(keep, scale, _NEG)
+        scale = jnp.where(keep, scale, NEG)
     top = lax.stop_gradient(jnp.max(scale, axis=1))  # [B, H]
     weight = jnp.exp(scale - top[:, None])  # [B, T, H], <= 1
     kv = jnp.einsum("bthf,bthe->bhfe", phi_k * weight[..., None], v1)
@@ -104,7 +102,7 @@ def write(
     if keep_t is not None:
         phi_k_t = jnp.where(keep_t[:, None, None], phi_k_t, 0.0)
         v1 = jnp.where(keep_t[:, None, None], v1, 0.0)
-        scale = jnp.where(keep_t[:, None], scale, _NEG)
+        scale = jnp.where(keep_t[:, None], scale, NEG)
     top = jnp.maximum(state.top, lax.stop_gradient(scale))
     old, new = jnp.exp(state.top - top), jnp.exp(scale - top)  # both <= 1
     kv = state.kv * old[..., None, None] + jnp.einsum("bhf,bhe->bhfe", phi_k_t * new[..., None], v1)

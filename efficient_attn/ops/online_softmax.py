@@ -60,7 +60,7 @@ from jaxtyping import Array, Bool, Float, Int
 from efficient_attn.core import check_config
 from efficient_attn.ops.masks import hide_keys, poison_keys, split_nonfinite
 
-__all__ = ["blockwise_attention", "balanced_block", "check_softcap"]
+__all__ = ["blockwise_attention", "balanced_block", "check_softcap", "forward_blocks", "backward_blocks"]
 
 
 def check_softcap(variant: str, softcap) -> None:
@@ -160,7 +160,7 @@ def _kv_head(bh, num_heads: int, group: int):
     return (bh // num_heads) * (num_heads // group) + (bh % num_heads) // group
 
 
-def _forward(q, k, v, valid, q_seg, k_seg, sinks, num_heads: int, group: int, causal: bool, block: int,
+def forward_blocks(q, k, v, valid, q_seg, k_seg, sinks, num_heads: int, group: int, causal: bool, block: int,
              softcap: float | None):
     """q [B*H, T, D] (pre-scaled), k [B*Hkv, S, D], v [B*Hkv, S, Dv], valid [B, S] | None,
     q_seg [B, T] / k_seg [B, S] | None, sinks [H] | None; H = ``num_heads``, Hkv = H / ``group``.
@@ -271,7 +271,7 @@ def _forward(q, k, v, valid, q_seg, k_seg, sinks, num_heads: int, group: int, ca
     return out.reshape(BH, nq * bq, Dv)[:, :T], lse.reshape(BH, nq * bq)[:, :T]
 
 
-def _backward(q, k, v, valid, q_seg, k_seg, out, lse, d_out, num_heads: int, group: int, causal: bool,
+def backward_blocks(q, k, v, valid, q_seg, k_seg, out, lse, d_out, num_heads: int, group: int, causal: bool,
               block_k: int, block_q: int, softcap: float | None):
     """Gradients of q, k, v (shapes as ``_forward``'s inputs); residuals unpadded.
 
@@ -372,20 +372,20 @@ def _backward(q, k, v, valid, q_seg, k_seg, out, lse, d_out, num_heads: int, gro
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
 def _head_major_attention(q, k, v, valid, q_seg, k_seg, sinks, num_heads, group, causal, block,
                           backward_query_block, softcap):
-    out, _ = _forward(q, k, v, valid, q_seg, k_seg, sinks, num_heads, group, causal, block, softcap)
+    out, _ = forward_blocks(q, k, v, valid, q_seg, k_seg, sinks, num_heads, group, causal, block, softcap)
     return out
 
 
 def _head_major_fwd(q, k, v, valid, q_seg, k_seg, sinks, num_heads, group, causal, block, backward_query_block,
                     softcap):
-    out, lse = _forward(q, k, v, valid, q_seg, k_seg, sinks, num_heads, group, causal, block, softcap)
+    out, lse = forward_blocks(q, k, v, valid, q_seg, k_seg, sinks, num_heads, group, causal, block, softcap)
     return out, (q, k, v, valid, q_seg, k_seg, sinks, out, lse)
 
 
 def _head_major_bwd(num_heads, group, causal, block, backward_query_block, softcap, res, d_out):
     q, k, v, valid, q_seg, k_seg, sinks, out, lse = res
     d_out = d_out.astype(jnp.float32)
-    dq, dk, dv = _backward(q, k, v, valid, q_seg, k_seg, out, lse, d_out, num_heads, group, causal, block,
+    dq, dk, dv = backward_blocks(q, k, v, valid, q_seg, k_seg, out, lse, d_out, num_heads, group, causal, block,
                            backward_query_block, softcap)
     d_sinks = None
     if sinks is not None:

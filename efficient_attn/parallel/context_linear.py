@@ -48,7 +48,6 @@ multiples of P; compute is float32.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +56,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.ops.gated_linear import gated_linear_attention
-from efficient_attn.ops.linear_attention import _NEG, _causal, normalise
+from efficient_attn.ops.linear_attention import NEG, causal_chunked, normalise
 from efficient_attn.ops.masks import split_nonfinite
 from efficient_attn.parallel.mesh import axis_size, check_divisible
 
@@ -96,7 +95,7 @@ def _linear_shard(phi_q, phi_k, v, kv_mask, log_scale, *, axis, causal, eps, chu
         phi_k = jnp.where(keep[..., None], phi_k, 0.0)
         v = jnp.where(keep[..., None], v, 0.0)
         if log_scale is not None:
-            log_scale = jnp.where(keep, log_scale, _NEG)
+            log_scale = jnp.where(keep, log_scale, NEG)
     v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
 
     if not causal:
@@ -108,7 +107,7 @@ def _linear_shard(phi_q, phi_k, v, kv_mask, log_scale, *, axis, causal, eps, chu
         return normalise(nd[..., :-1], nd[..., -1:], eps)
 
     # the engine's grouped layout with one query head per kv head: [b, n, H, 1, F] -> [b, n, H, E]
-    local = _causal(phi_q[:, :, :, None], phi_k, v1, log_scale, chunk)[:, :, :, 0]  # zero incoming state
+    local = causal_chunked(phi_q[:, :, :, None], phi_k, v1, log_scale, chunk)[:, :, :, 0]  # zero incoming state
     if log_scale is None:
         states = lax.all_gather(jnp.einsum("bshf,bshe->bhfe", phi_k, v1), axis)  # [P, b, H, F, E]
         incoming = jnp.sum(jnp.where(_earlier(states, axis)[:, None, None, None, None], states, 0.0), axis=0)
@@ -116,12 +115,12 @@ def _linear_shard(phi_q, phi_k, v, kv_mask, log_scale, *, axis, causal, eps, chu
         return normalise(nd[..., :-1], nd[..., -1:], eps)
 
     ls = lax.stop_gradient(log_scale)
-    row_top = jnp.maximum(_NEG, lax.cummax(ls, axis=1))  # [b, n, H]: the scale of ``local``'s rows
-    top = jnp.maximum(_NEG, jnp.max(ls, axis=1))  # [b, H]: this device's state scale
+    row_top = jnp.maximum(NEG, lax.cummax(ls, axis=1))  # [b, n, H]: the scale of ``local``'s rows
+    top = jnp.maximum(NEG, jnp.max(ls, axis=1))  # [b, H]: this device's state scale
     state = jnp.einsum("bshf,bshe->bhfe", phi_k * jnp.exp(log_scale - top[:, None])[..., None], v1)
     states, tops = lax.all_gather(state, axis), lax.all_gather(top, axis)  # [P, b, H, F, E], [P, b, H]
     earlier = _earlier(tops, axis)[:, None, None]
-    top_in = jnp.max(jnp.where(earlier, tops, _NEG), axis=0)  # [b, H]
+    top_in = jnp.max(jnp.where(earlier, tops, NEG), axis=0)  # [b, H]
     weight = jnp.where(earlier, jnp.exp(jnp.where(earlier, tops - top_in, 0.0)), 0.0)
     incoming = jnp.einsum("pbh,pbhfe->bhfe", weight, states)  # at scale exp(-top_in)
     row_scale = jnp.maximum(row_top, top_in[:, None])  # [b, n, H]

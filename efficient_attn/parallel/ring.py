@@ -17,7 +17,7 @@ After P steps every query has met every key: the result equals one-device attent
 Backward (``jax.custom_vjp``, nothing of size n x m stored): with the final O and L and
 D_i = rowsum(dO_i * O_i), each block's gradient needs only its own scores, recomputed:
 P = exp(S - L), dV_j = P^T dO, dS = P * (dO V_j^T - D), dK_j = dS^T Q, dQ += dS K_j (the
-kernel's ``_backward``, per block). The key/value blocks go round the ring again, and the
+kernel's ``backward_blocks``, per block). The key/value blocks go round the ring again, and the
 accumulators dK_j, dV_j travel with their block; after P - 1 steps one more hop brings each
 accumulator home to the device that owns the block.
 
@@ -71,7 +71,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops.masks import hide_keys, poison_keys, split_nonfinite
-from efficient_attn.ops.online_softmax import _backward, _forward
+from efficient_attn.ops.online_softmax import backward_blocks, forward_blocks
 from efficient_attn.parallel.mesh import axis_size, check_divisible
 
 __all__ = [
@@ -221,7 +221,7 @@ def _ring_forward(q, k, v, valid, q_seg, k_seg, axis, devices, heads, group, cau
     n = q.shape[1]
 
     def attend(rows, k_, v_, valid_, k_seg_, local_causal):
-        return _forward(q[:, rows], k_, v_, valid_, _cut(q_seg, rows), k_seg_, None, heads, group, local_causal,
+        return forward_blocks(q[:, rows], k_, v_, valid_, _cut(q_seg, rows), k_seg_, None, heads, group, local_causal,
                         block, softcap)
 
     def lower(k_s, v_s, valid_s, k_seg_s):
@@ -259,7 +259,7 @@ def _ring_backward(q, k, v, valid, q_seg, k_seg, o, lse, d_o, axis, devices, hea
     n = q.shape[1]
 
     def grads(rows, k_, v_, valid_, k_seg_, local_causal):
-        return _backward(q[:, rows], k_, v_, valid_, _cut(q_seg, rows), k_seg_, o[:, rows], lse[:, rows],
+        return backward_blocks(q[:, rows], k_, v_, valid_, _cut(q_seg, rows), k_seg_, o[:, rows], lse[:, rows],
                          d_o[:, rows], heads, group, local_causal, block, block_q, softcap)
 
     def lower(k_s, v_s, valid_s, k_seg_s):

@@ -85,10 +85,10 @@ class BlockwiseAttention(Attention):
     # ``block_size`` slots; blocks past the position are skipped, so a step reads O(p) slots
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
-        if getattr(self.config, "softcap", None) is not None or getattr(self.config, "sinks", False):
-            raise ValueError("blockwise: decoding with softcap or sinks is not implemented; build without them to decode")
         d = self.dims
-        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+        return kv_cache.init_softmax_cache(self.variant_name, batch, max_len, d.num_kv_heads, d.head_dim, dtype,
+                                           softcap=getattr(self.config, "softcap", None),
+                                           sinks=getattr(self.config, "sinks", False))
 
     def _prefill(self, q, k, v, mask: Mask, state):
         return self.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)

@@ -140,10 +140,10 @@ class FullAttention(Attention):
     # decoding: a KV cache of max_len slots, one masked softmax over it per step (O(p d))
 
     def _init_decode_state(self, batch: int, max_len: int, dtype):
-        if self.config.softcap is not None or self.config.sinks:
-            raise ValueError("full: decoding with softcap or sinks is not implemented; build without them to decode")
         d = self.dims
-        return kv_cache.init_cache(batch, max_len, d.num_kv_heads, d.head_dim, d.head_dim, dtype)
+        return kv_cache.init_softmax_cache(self.variant_name, batch, max_len, d.num_kv_heads, d.head_dim, dtype,
+                                           softcap=getattr(self.config, "softcap", None),
+                                           sinks=getattr(self.config, "sinks", False))
 
     def _prefill(self, q, k, v, mask: Mask, state):
         return self.attend(q, k, v, mask), kv_cache.write(state.data, k, v, 0, mask.kv_mask)

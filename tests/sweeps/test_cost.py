@@ -16,6 +16,7 @@ from efficient_attn.sweeps.cost import point as cost_point
 from efficient_attn.sweeps.cost import table2 as cost_table2
 from efficient_attn.sweeps.cost.budgets import Budgets
 from efficient_attn.sweeps.cost.run import points
+from conftest import forbid
 
 TINY = dict(
     lengths=(64, 128),
@@ -52,12 +53,7 @@ def small_quick(monkeypatch):
 
 
 def _no_measuring(monkeypatch):
-    def fail(*a, **k):
-        pytest.fail("measured although every row was stored")
-
-    monkeypatch.setattr(cost_point, "measure_point", fail)
-    monkeypatch.setattr(cost_table2, "measure_train_step", fail)
-    monkeypatch.setattr(measure, "matmul_rate", fail)
+    forbid(monkeypatch, (cost_point, "measure_point"), (cost_table2, "measure_train_step"), (measure, "matmul_rate"))
 
 
 def test_tiny_sweep_writes_every_output_and_a_rerun_skips_finished_rows(tmp_path, monkeypatch, small_quick):

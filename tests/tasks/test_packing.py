@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-import efficient_attn.train as train_module
+import efficient_attn.train.loop as train_module  # where train() looks compile_steps up
 from efficient_attn import tasks
 from efficient_attn.core import CapabilityError
 from efficient_attn.nn import CausalLM, LMConfig

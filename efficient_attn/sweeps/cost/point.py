@@ -23,7 +23,7 @@ from efficient_attn import measure
 from efficient_attn.core import Mask
 from efficient_attn.sweeps.cost.config import MiB, CostConfig
 
-__all__ = ["base_row", "record_memory", "measure_point"]
+__all__ = ["base_row", "record_memory", "record_timing", "record_error", "skip_over_time_budget", "measure_point"]
 
 
 @functools.lru_cache(maxsize=128)
@@ -120,16 +120,37 @@ def record_memory(row: dict, compiled, budget_bytes: int, what: str) -> bool:
     return True
 
 
+def skip_over_time_budget(row: dict, predicted_s: tuple[float, float] | None, from_n: int | None, limit_s: float,
+                          *, per: str = "call", flag: str = "max_call_s") -> bool:
+    """Mark ``row`` skipped (True) when the time predicted from a shorter length, ``predicted_s``
+    = (seconds, growth exponent), is over ``limit_s``; the reason names the budget's ``flag``."""
+    if predicted_s is None or predicted_s[0] <= limit_s:
+        return False
+    row.update(status="skipped", reason=(
+        f"time budget: predicted {predicted_s[0]:.2f} s per {per} > {flag}={limit_s:g} s "
+        f"(extrapolated from N={from_n} with growth exponent {predicted_s[1]:.2f})"))
+    return True
+
+
+def record_timing(row: dict, timing: measure.Timing) -> None:
+    """The timed calls' median, spread, extremes and count into ``row``."""
+    row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
+               time_min_s=timing.min_s, time_max_s=timing.max_s, repeats=timing.repeats)
+
+
+def record_error(row: dict, err: BaseException) -> None:
+    """``row`` becomes an error row naming the exception (one variant's failure never stops a sweep)."""
+    msg = " ".join(str(err).split())
+    row.update(status="error", reason=f"{type(err).__name__}: {msg[:400]}")
+
+
 def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, *,
                   matmul_gflops: float | None = None,
                   predicted_s: tuple[float, float] | None = None, from_n: int | None = None) -> dict[str, Any]:
     """Measure one (variant, pass, masking, N) point; never raises for a variant's failure."""
     row = base_row(name, pass_, causal, n, cfg)
     row["matmul_gflops"] = matmul_gflops
-    if predicted_s is not None and predicted_s[0] > cfg.max_call_s:
-        row.update(status="skipped", reason=(
-            f"time budget: predicted {predicted_s[0]:.2f} s per call > max_call_s={cfg.max_call_s:g} s "
-            f"(extrapolated from N={from_n} with growth exponent {predicted_s[1]:.2f})"))
+    if skip_over_time_budget(row, predicted_s, from_n, cfg.max_call_s):
         return row
     try:
         fn, args = point_function(name, pass_, causal, n, cfg)
@@ -142,14 +163,12 @@ def measure_point(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig, 
         timing = measure.time_compiled(compiled, *args, warmup=cfg.warmup, min_repeats=cfg.min_repeats,
                                        max_repeats=cfg.max_repeats, budget_s=cfg.repeat_budget_s,
                                        compile_s=compile_s)
-        row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
-                   time_min_s=timing.min_s, time_max_s=timing.max_s, repeats=timing.repeats)
+        record_timing(row, timing)
         row["device_peak_bytes"] = measure.device_peak_bytes()
         if row["flops"]:
             row["gflops_per_s"] = row["flops"] / timing.median_s / 1e9
             if matmul_gflops:
                 row["matmul_fraction"] = row["gflops_per_s"] / matmul_gflops
     except Exception as err:  # noqa: BLE001 - one variant's failure must not stop the sweep
-        msg = " ".join(str(err).split())
-        row.update(status="error", reason=f"{type(err).__name__}: {msg[:400]}")
+        record_error(row, err)
     return row

@@ -20,7 +20,7 @@ import efficient_attn as ea
 from efficient_attn import measure, report
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
 from efficient_attn.sweeps.cost.config import CostConfig
-from efficient_attn.sweeps.cost.point import record_memory
+from efficient_attn.sweeps.cost.point import record_error, record_memory, record_timing, skip_over_time_budget
 from efficient_attn.sweeps.cost.progress import progress_bar
 
 __all__ = ["TEXT_VOCAB", "TEXT_CLASSES", "measure_train_step", "run_table2", "pending"]
@@ -135,10 +135,7 @@ def measure_train_step(name: str, n: int, cfg: CostConfig, *, predicted_s: tuple
             "causal only (capabilities.bidirectional=False): the Table 2 model is LRA's bidirectional "
             "text encoder"))
         return row
-    if predicted_s is not None and predicted_s[0] > t.max_step_s:
-        row.update(status="skipped", reason=(
-            f"time budget: predicted {predicted_s[0]:.2f} s per step > max_step_s={t.max_step_s:g} s "
-            f"(extrapolated from N={from_n} with growth exponent {predicted_s[1]:.2f})"))
+    if skip_over_time_budget(row, predicted_s, from_n, t.max_step_s, per="step", flag="max_step_s"):
         return row
     try:
         fn, args = _train_step_function(name, n, cfg)
@@ -148,12 +145,10 @@ def measure_train_step(name: str, n: int, cfg: CostConfig, *, predicted_s: tuple
             return row
         timing = measure.time_compiled(compiled, *args, warmup=t.warmup, min_repeats=t.min_repeats,
                                        max_repeats=t.max_repeats, budget_s=t.step_budget_s, compile_s=compile_s)
-        row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
-                   time_min_s=timing.min_s, time_max_s=timing.max_s, repeats=timing.repeats,
-                   steps_per_s=1.0 / timing.median_s, device_peak_bytes=measure.device_peak_bytes())
+        record_timing(row, timing)
+        row.update(steps_per_s=1.0 / timing.median_s, device_peak_bytes=measure.device_peak_bytes())
     except Exception as err:  # noqa: BLE001 - one variant's failure must not stop the sweep
-        msg = " ".join(str(err).split())
-        row.update(status="error", reason=f"{type(err).__name__}: {msg[:400]}")
+        record_error(row, err)
     return row
 
 
