@@ -6,7 +6,9 @@ lengths) and decoded in one jitted program: ``init_state``, ``prefill`` of a pro
 padding, then ``lax.scan`` of ``step`` over the rest of the sequence (odd length 37). The
 outputs must equal the causal forward over the whole sequence at every position, in float32
 (a padded prompt of 11) and bfloat16 (a prompt of 1: all but one token by steps). The state
-must keep its sizes from position to position. Variants without ``decode`` refuse.
+must keep its sizes from position to position. Decoders that claim ``gqa`` decode k, v of
+one head shared by the H query heads too, with a state sized by the kv heads. Variants
+without ``decode`` refuse.
 Errors of the state API (a step past max_len, another variant's or batch's state, a used
 state, a non-causal prefill, ...) are checked on the first decoding variants.
 """
@@ -113,6 +115,31 @@ def test_decode_equals_causal_forward(name, dtype, prompt, tol):
                                    f"({np.dtype(dtype).name}, prompt of {prompt})")
     if prompt > 1:
         assert bool(jnp.all(got[:, :prompt][~np.asarray(q_mask[:, :prompt])] == 0)), "q_mask rows not zero"
+
+
+GQA_DECODERS = [v for v in DECODERS if caps(v).gqa]
+HKV = 1  # H = 2 query heads share one key/value head (multi-query, the extreme of grouping)
+
+
+@pytest.mark.parametrize("name", GQA_DECODERS)
+def test_grouped_query_decode_equals_causal_forward(name):
+    """A decoder that claims gqa, built with num_kv_heads < H: prefill + steps of k, v with Hkv
+    heads == its own causal forward at every position (padded prompt, float32), and its state
+    is sized by the kv heads, not the query heads (test_gqa holds that forward to the same
+    variant on k, v repeated per query head)."""
+    module = _module(name, num_kv_heads=HKV)
+    full_heads = _module(name)
+    q, k, v, real = _inputs()
+    k, v = k[:, :, :HKV], v[:, :, :HKV]
+    want = _forward(module, q, k, v, real, real)
+    got, empty, final = _decode(module, q, k, v, real, real, prompt=PROMPT, dtype=jnp.float32)
+    assert _shapes(empty) == _shapes(final), f"{name}: the grouped state changed size"
+    grouped = sum(x.size for x in jax.tree_util.tree_leaves(empty.data))
+    per_head = sum(x.size for x in jax.tree_util.tree_leaves(full_heads.init_state(B, max_len=N).data))
+    assert grouped < per_head, f"{name}: a state of {HKV} kv heads holds {grouped} values, H={H} heads' {per_head}"
+    for t in range(N):
+        np.testing.assert_allclose(got[:, t], want[:, t], rtol=5e-5, atol=5e-5,
+                                   err_msg=f"{name}: grouped-query decoding at position {t} != causal forward")
 
 
 @pytest.mark.parametrize("name", REFUSERS)
