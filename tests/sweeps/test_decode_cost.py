@@ -12,9 +12,10 @@ import pytest
 
 import efficient_attn as ea
 from efficient_attn.sweeps import decode_cost, reproduce
-from efficient_attn.sweeps.decode_cost import analysis, point
+from efficient_attn.sweeps.decode_cost import analysis, growth, point
 from efficient_attn.sweeps.decode_cost.run import rows_of, select_variants
 from efficient_attn import results_index
+from conftest import forbid
 
 DECODERS = [n for n in ea.list_variants() if ea.get_spec(n).capabilities.decode]
 BASE = decode_cost.baseline()
@@ -32,7 +33,7 @@ def _fixed_state_variant():
 def _tiny(**changes):
     cfg = decode_cost.DecodeCostConfig(preset="test", variants=(BASE,), contexts=(32, 64), batches=(1, 2), heads=2,
                                        head_dim=8, steps_per_call=2, warmup=0, min_repeats=1, max_repeats=1,
-                                       repeat_budget_s=0.0, max_step_s=60.0)
+                                       repeat_budget_s=0.0, max_step_s=60.0, growth_rounds=3)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -62,6 +63,27 @@ def test_every_point_measured_and_written(swept):
     assert data["config"]["contexts"] == [32, 64] and data["environment"]["preset"] == "test"
 
 
+def test_fixed_state_growth_is_measured_interleaved_and_drives_the_goal(swept):
+    """One growth row per fixed-state (variant, batch): the same program on the shortest and the
+    longest context's state in interleaved rounds; the KV cache (state grows) gets none; the
+    goal lines use the interleaved ratio and say so."""
+    cfg, out, store = swept
+    fixed = cfg.variants[1]
+    rows = decode_cost.growth_rows_of(cfg, store)
+    assert {(r["variant"], r["batch"]) for r in rows} == {(fixed, b) for b in cfg.batches}
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        assert (r["shortest"], r["longest"], r["rounds"]) == (32, 64, cfg.growth_rounds)
+        assert r["step_shortest_s"] > 0 and r["growth"] == pytest.approx(r["step_longest_s"] / r["step_shortest_s"])
+    table = (out / "table.md").read_text()
+    assert "Growth of the fixed-state step, batch 1" in table
+    assert f"- {fixed}: step growth {rows[0]['growth']:.2f}x over 32-64 (interleaved)" in table
+    assert json.loads((out / "rows.json").read_text())["growth_rows"][0]["variant"] == fixed
+    with pytest.raises(ValueError, match="growth_rounds"):
+        _tiny(growth_rounds=-1)
+    assert decode_cost.growth_rows_of(_tiny(variants=(fixed,), growth_rounds=0), store) == []
+
+
 def test_state_sizes_are_exact_and_only_the_cache_grows(swept):
     cfg, _, store = swept
     rows = rows_of(cfg, store)
@@ -84,10 +106,7 @@ def test_rerun_measures_nothing_and_report_only_rerenders_the_same(swept, monkey
     cfg, out, _ = swept
     table = (out / "table.md").read_text()
 
-    def fail(*a, **k):
-        pytest.fail("measured although every row was stored")
-
-    monkeypatch.setattr(point, "measure_point", fail)
+    forbid(monkeypatch, (point, "measure_point"), (growth, "measure_growth"))
     decode_cost.run(cfg, out, progress=False)
     decode_cost.run(cfg, out, progress=False, report_only=True)
     assert (out / "table.md").read_text() == table

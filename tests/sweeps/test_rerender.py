@@ -92,6 +92,7 @@ def _decode_cost(rel: Path, folder: Path, monkeypatch) -> None:
     from efficient_attn.sweeps import decode_cost
 
     monkeypatch.setattr(importlib.import_module("efficient_attn.sweeps.decode_cost.point"), "measure_point", _forbid)
+    monkeypatch.setattr(importlib.import_module("efficient_attn.sweeps.decode_cost.growth"), "measure_growth", _forbid)
     assert decode_cost.main(["--preset", rel.name, "--report-only", "--no-progress", "--out", str(rel)]) in (0, 1)
 
 

@@ -14,6 +14,7 @@ The package, one concept a module:
     config.py     DecodeCostConfig (frozen dataclass)
     presets.py    quick() (1K-16K), cpu() and lra() (1K-64K): the named factories; PRESETS their configs
     point.py      one (variant, batch, context) point: the synthetic state, the timed step program
+    growth.py     a fixed-state step at the shortest and longest context, timed in interleaved rounds
     run.py        the sweep: every point of a config into the RowStore (resumable), budgets
     analysis.py   slopes, growth, speed-ups, crossovers (from stored rows)
     report.py     table.md, rows.csv, rows.json (from stored rows only)
@@ -29,7 +30,8 @@ from efficient_attn.sweeps.decode_cost.cli import config_from_args, main, parse_
 from efficient_attn.sweeps.decode_cost.config import DecodeCostConfig
 from efficient_attn.sweeps.decode_cost.presets import FACTORIES, PRESETS
 from efficient_attn.sweeps.decode_cost.report import markdown, write_outputs
-from efficient_attn.sweeps.decode_cost.run import run, select_variants
+from efficient_attn.sweeps.decode_cost.run import growth_rows_of, run, select_variants
 
-__all__ = ["DecodeCostConfig", "PRESETS", "FACTORIES", "run", "select_variants", "write_outputs", "markdown",
+__all__ = ["DecodeCostConfig", "PRESETS", "FACTORIES", "run", "select_variants", "growth_rows_of", "write_outputs",
+           "markdown",
            "summarise", "baseline", "main", "parse_args", "config_from_args"]

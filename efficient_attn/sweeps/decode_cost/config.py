@@ -37,11 +37,14 @@ class DecodeCostConfig:
     memory_budget_bytes: int = 2 * GiB  # skip a point whose state (held twice: input and output) exceeds this
     sweep_budget_s: float | None = None  # after this many seconds the remaining points are skipped
     seed: int = 0  # parameters and the synthetic state contents
+    growth_rounds: int = 30  # interleaved rounds of a fixed-state step at the shortest and longest context (0: none)
 
     def __post_init__(self):
         for f in ("heads", "head_dim", "steps_per_call", "min_repeats", "max_repeats"):
             check_positive_int("decode_cost", f, getattr(self, f))
         check_config("decode_cost", self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        check_config("decode_cost", isinstance(self.growth_rounds, int) and self.growth_rounds >= 0,
+                     f"growth_rounds must be an int >= 0, got {self.growth_rounds!r}")
         check_config("decode_cost", self.max_repeats >= self.min_repeats,
                      f"max_repeats={self.max_repeats} must be >= min_repeats={self.min_repeats}")
         for field in ("contexts", "batches"):

@@ -31,7 +31,8 @@ import efficient_attn as ea
 from efficient_attn import measure, report
 from efficient_attn.sweeps.decode_cost.config import DecodeCostConfig
 
-__all__ = ["module", "state_len", "state_bytes", "base_row", "measure_point", "clear"]
+__all__ = ["module", "state_len", "state_bytes", "base_row", "compiled_step", "step_arguments", "measure_point",
+           "clear"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,7 +89,7 @@ def _synthetic_state(m, batch: int, length: int, context: int, cfg: DecodeCostCo
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(name: str, batch: int, length: int, cfg: DecodeCostConfig):
+def compiled_step(name: str, batch: int, length: int, cfg: DecodeCostConfig):
     """(compiled step program, its compile seconds, the module's state): one per state shape,
     so a fixed-size state (whose max_len is the sweep's) is compiled once for every context."""
     m = module(name, cfg.heads, cfg.head_dim, cfg.max_len, cfg.seed)
@@ -104,12 +105,13 @@ def _compiled(name: str, batch: int, length: int, cfg: DecodeCostConfig):
         s, outs = jax.lax.scan(one, dstate, (q, k, v))
         return outs, s.position
 
-    dstate, tokens = _arguments(m, batch, length, cfg.contexts[0], cfg)
+    dstate, tokens = step_arguments(m, batch, length, cfg.contexts[0], cfg)
     compiled, compile_s = measure.compile_function(run, state, dstate, *tokens)
     return compiled, compile_s, state
 
 
-def _arguments(m, batch: int, length: int, context: int, cfg: DecodeCostConfig):
+def step_arguments(m, batch: int, length: int, context: int, cfg: DecodeCostConfig):
+    """(the synthetic state at ``context``, the ``steps_per_call`` random q, k, v tokens) of a call."""
     rng = np.random.default_rng(cfg.seed + 1)
     shape = (cfg.steps_per_call, batch, 1, cfg.heads, cfg.head_dim)
     tokens = tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32), jnp.dtype(cfg.dtype)) for _ in range(3))
@@ -122,8 +124,8 @@ def measure_point(name: str, batch: int, context: int, cfg: DecodeCostConfig) ->
     row["environment"] = report.row_environment(cfg.preset)
     try:
         m = module(name, cfg.heads, cfg.head_dim, cfg.max_len, cfg.seed)
-        compiled, compile_s, state = _compiled(name, batch, row["state_len"], cfg)
-        dstate, tokens = _arguments(m, batch, row["state_len"], context, cfg)
+        compiled, compile_s, state = compiled_step(name, batch, row["state_len"], cfg)
+        dstate, tokens = step_arguments(m, batch, row["state_len"], context, cfg)
         timing = measure.time_compiled(compiled, state, dstate, *tokens, warmup=cfg.warmup,
                                        min_repeats=cfg.min_repeats, max_repeats=cfg.max_repeats,
                                        budget_s=cfg.repeat_budget_s, compile_s=compile_s)
@@ -141,5 +143,5 @@ def measure_point(name: str, batch: int, context: int, cfg: DecodeCostConfig) ->
 
 def clear() -> None:
     """Drop the built modules and compiled programs (the end of a sweep)."""
-    _compiled.cache_clear()
+    compiled_step.cache_clear()
     module.cache_clear()

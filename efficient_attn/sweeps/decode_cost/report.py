@@ -6,8 +6,9 @@ speed-up over the KV-cache baseline (``analysis.baseline``: ``full``) at the lon
 and the context from which it is faster (crossover); the state / cache memory against the
 context with its slope; and the check of the goal the experiment was set (the fixed-state
 variants' step flat within 1.2x from the shortest to the longest context and at least 10x
-faster than the baseline's there). ``rows.csv``, ``rows.json`` (with the environment) and
-``decode.png`` beside it. Nothing is measured here.
+faster than the baseline's there; the growth from the interleaved rows of ``growth`` where
+they exist). ``rows.csv``, ``rows.json`` (with the environment) and ``decode.png`` beside it.
+Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -76,22 +77,37 @@ def _memory_table(rows_by: dict, summaries: list[Summary], ns: list[int]) -> str
     return report.markdown_table(headers, body)
 
 
-def _goal(summaries: list[Summary], base: str) -> list[str]:
+def _growth_table(growth: dict) -> str:
+    body = [[r["variant"], r["shortest"], r["longest"], r["step_shortest_s"] * 1e3, r["step_longest_s"] * 1e3,
+             r["growth"], r["rounds"]] if r.get("status") == "ok" else
+            [r["variant"], r["shortest"], r["longest"], r.get("status"), r.get("reason"), None, r.get("rounds")]
+            for r in growth.values()]
+    return report.markdown_table(["variant", "shortest", "longest", "ms per token at shortest",
+                                  "ms per token at longest", "growth", "rounds"], body)
+
+
+def _goal(summaries: list[Summary], base: str, growth: dict) -> list[str]:
+    """Per fixed-state variant: its growth (the interleaved row's where there is one, else the
+    points' ratio) against FLAT, its speed-up over the baseline against FASTER."""
     lines = []
     for s in summaries:
         if s.state != "fixed" or s.growth is None:
             continue
-        flat = s.growth <= FLAT
+        g = growth.get(s.variant)
+        interleaved = g is not None and g.get("status") == "ok"
+        value, (lo, hi) = (g["growth"], (g["shortest"], g["longest"])) if interleaved else (s.growth, s.growth_span)
+        flat = value <= FLAT
         fast = s.speedup is not None and s.speedup >= FASTER
-        lines.append(f"- {s.variant}: step growth {s.growth:.2f}x over {_k(s.growth_span[0])}-"
-                     f"{_k(s.growth_span[1])} ({'within' if flat else 'above'} {FLAT}x); "
+        lines.append(f"- {s.variant}: step growth {value:.2f}x over {_k(lo)}-{_k(hi)} "
+                     f"{'(interleaved) ' if interleaved else ''}({'within' if flat else 'above'} {FLAT}x); "
                      + (f"{s.speedup:.3g}x faster than {base} at {_k(s.speedup_at)} "
                         f"({'at least' if fast else 'below'} {FASTER:g}x)" if s.speedup is not None
                         else f"no {base} point to compare with"))
     return lines
 
 
-def markdown(rows: Sequence[dict], cfg: DecodeCostConfig, env: dict | None = None) -> str:
+def markdown(rows: Sequence[dict], cfg: DecodeCostConfig, env: dict | None = None,
+             growth_rows: Sequence[dict] = ()) -> str:
     base = baseline()
     rows = [r for r in rows if r is not None]
     summaries = summarise(rows, base)
@@ -117,7 +133,14 @@ def markdown(rows: Sequence[dict], cfg: DecodeCostConfig, env: dict | None = Non
                 _latency_table(rows_by, part, ns, base),
                 f"## State memory (MiB), batch {batch}\n",
                 _memory_table(rows_by, part, ns)]
-        goal = _goal(part, base)
+        growth = {r["variant"]: r for r in growth_rows if r["batch"] == batch}
+        if growth:
+            out += [f"Growth of the fixed-state step, batch {batch}: the one compiled step program on the state at "
+                    "the shortest and at the longest context, timed in the same interleaved rounds (the order "
+                    "rotated each round; medians), so that the machine's drift between points measured minutes "
+                    "apart falls on both alike. The columns above are each point's own median.\n",
+                    _growth_table(growth), ""]
+        goal = _goal(part, base, growth)
         if goal:
             out += [f"Goal for the fixed-state variants at batch {batch} (flat within {FLAT}x, at least "
                     f"{FASTER:g}x faster than {base} at the longest context):\n", *goal, ""]
@@ -130,16 +153,20 @@ def markdown(rows: Sequence[dict], cfg: DecodeCostConfig, env: dict | None = Non
     return "\n".join(out) + "\n"
 
 
-def write_outputs(out: Path, rows: Sequence[dict], cfg: DecodeCostConfig) -> None:
-    """table.md, rows.csv, rows.json and decode.png in ``out``, from ``rows`` only."""
+def write_outputs(out: Path, rows: Sequence[dict], cfg: DecodeCostConfig, growth_rows: Sequence[dict] = ()) -> None:
+    """table.md, rows.csv, rows.json and decode.png in ``out``, from ``rows`` (the points) and
+    ``growth_rows`` (the interleaved growth rows) only."""
     from efficient_attn.sweeps.decode_cost.plots import plot
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # where the rows were measured (rows stored before they kept it: the rows.json of their run)
     env = {**report.measured_environment(rows, stored=out / "rows.json"), "preset": cfg.preset}
-    report.write_atomic(out / "table.md", markdown(rows, cfg, env))
+    report.write_atomic(out / "table.md", markdown(rows, cfg, env, growth_rows))
     report.write_csv(out / "rows.csv", list(rows), CSV_COLUMNS)
-    report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": list(rows)})
+    stored = {"environment": env, "config": dataclasses.asdict(cfg), "rows": list(rows)}
+    if growth_rows:
+        stored["growth_rows"] = list(growth_rows)
+    report.write_json(out / "rows.json", stored)
     if any(r.get("status") == "ok" for r in rows):
         plot(rows, out / "decode.png", baseline())

@@ -3,7 +3,8 @@
 Each finished point is appended to ``out/rows.jsonl`` as it completes, so a rerun resumes
 (``force`` starts over); the tables are rebuilt from the store at the end, on an error and on
 Ctrl-C. A point over a budget is stored as skipped with its reason (its state size is still
-known), an exception as an error; neither stops the sweep.
+known), an exception as an error; neither stops the sweep. After the points, one interleaved
+growth row per fixed-state (variant, batch) (``growth``); an errored one is retried on a rerun.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import jax
 import efficient_attn as ea
 from efficient_attn import report
 from efficient_attn.sweeps.cost.progress import progress_bar
-from efficient_attn.sweeps.decode_cost import point
+from efficient_attn.sweeps.decode_cost import growth, point
 from efficient_attn.sweeps.decode_cost.config import DecodeCostConfig
 from efficient_attn.sweeps.decode_cost.report import write_outputs
 
-__all__ = ["select_variants", "points", "row_key", "is_done", "run", "rows_of"]
+__all__ = ["select_variants", "points", "row_key", "is_done", "run", "rows_of", "growth_rows_of"]
 
 
 def select_variants(cfg: DecodeCostConfig) -> list[str]:
@@ -92,10 +93,11 @@ def run(cfg: DecodeCostConfig, out: str | Path, *, force: bool = False, progress
     store = report.RowStore(out / "rows.jsonl", force=force)
     variants = select_variants(cfg)
     todo = list(points(cfg, variants))
-    if report_only or all(is_done(store.get(row_key(*p, cfg)), cfg) for p in todo):
-        write_outputs(out, rows_of(cfg, store), cfg)
+    flat = [u for u in growth.units(cfg, variants) if not _ok(store.get(growth.row_key(*u, cfg)))]
+    if report_only or (not flat and all(is_done(store.get(row_key(*p, cfg)), cfg) for p in todo)):
+        write_outputs(out, rows_of(cfg, store), cfg, growth_rows_of(cfg, store))
         return store
-    bar = progress_bar(len(todo), progress, "decode_cost")
+    bar = progress_bar(len(todo) + len(flat), progress, "decode_cost")
     history: dict[tuple, tuple] = {}
     t_start = time.perf_counter()
     try:
@@ -117,11 +119,25 @@ def run(cfg: DecodeCostConfig, out: str | Path, *, force: bool = False, progress
                 history[(name, batch)] = (context, float("inf"), row["state_bytes"])  # longer ones: over too
             bar.update(1)
         jax.clear_caches()
+        for name, batch in flat:
+            bar.set_postfix_str(f"{name} B={batch} growth (interleaved)")
+            store.add(growth.row_key(name, batch, cfg), growth.measure_growth(name, batch, cfg))
+            bar.update(1)
     finally:
         bar.close()
         point.clear()
-        write_outputs(out, rows_of(cfg, store), cfg)
+        write_outputs(out, rows_of(cfg, store), cfg, growth_rows_of(cfg, store))
     return store
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and row.get("status") == "ok"
+
+
+def growth_rows_of(cfg: DecodeCostConfig, store: report.RowStore) -> list[dict]:
+    """The stored interleaved growth rows of ``cfg``'s fixed-state variants (``growth``)."""
+    rows = [store.get(growth.row_key(*u, cfg)) for u in growth.units(cfg, select_variants(cfg))]
+    return [r for r in rows if r is not None]
 
 
 def rows_of(cfg: DecodeCostConfig, store: report.RowStore) -> list[dict]:
