@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PRESET ?= quick
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-slow test-all reproduce install clean list
+.PHONY: test test-slow test-all reproduce bench-peers install clean list
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-all: test test-slow
 ## make reproduce: every experiment of the preset (PRESET=quick|cpu|lra), then results/README.md.
 reproduce: $(STAMP)
 	$(PY) experiments/reproduce.py --preset $(PRESET)
+
+## make bench-peers: the exact benchmark against the JAX peers (tokamax, memory-efficient-attention,
+## ringattention): installs the optional extra `peers`, runs the peers preset into results/exact/peers/
+## (<= 15 minutes on 2 cores; run it alone, it times kernels).
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[peers]"
+	$(PY) experiments/bench_exact.py --preset peers
 
 list: $(STAMP)
 	$(VENV)/bin/efficient-attn list

@@ -13,7 +13,8 @@ from efficient_attn import report
 
 SECTIONS = (
     # (title, folder relative to results/ with {preset}, plots, extra tables)
-    ("Exact attention: full, blockwise, jax.nn.dot_product_attention", "exact", (), ("encoder/table.md",)),
+    ("Exact attention: full, blockwise, jax.nn.dot_product_attention", "exact", (),
+     ("encoder/table.md", "peers/table.md")),
     ("Cost: time and memory against sequence length", "cost/{preset}", ("time.png", "memory.png"),
      ("table2.md", "table_interface.md")),
     ("Decoding: per-token step latency and state memory against context length", "decode_cost/{preset}",

@@ -1,4 +1,5 @@
-"""Exact attention side by side: full, blockwise, jax.nn.dot_product_attention (see efficient_attn/sweeps/exact/)."""
+"""Exact attention side by side: full, blockwise, jax.nn.dot_product_attention; ``--preset peers``: blockwise
+against the JAX peers (``make bench-peers``). See efficient_attn/sweeps/exact/."""
 
 import sys
 

@@ -8,7 +8,11 @@ Two parts, one package:
   forward+backward time at each N with blockwise's speed-ups and its fraction of this
   machine's matmul rate; compiled memory of forward+backward at 16K (compile only); causal
   against non-causal blockwise at 8K; with ``--preset huge`` one forward+backward call of
-  blockwise at N = 65536. Writes ``results/exact/`` (``results/exact/huge/``).
+  blockwise at N = 65536. Writes ``results/exact/`` (``results/exact/huge/``). With ``--preset
+  peers`` (``make bench-peers``, the optional extra ``peers``): blockwise against
+  ``jax.nn.dot_product_attention`` and the JAX peers (tokamax ``xla`` and ``xla_chunked``,
+  memory-efficient-attention, ringattention's blockwise kernel), each checked against
+  ``full`` before it is timed, causal and not, N = 1K-8K; writes ``results/exact/peers/``.
 - the encoder throughput (``experiments/bench_encoder.py``): training and forward tokens per
   second of the ``full`` encoder against the same model on ``flax.nnx.MultiHeadAttention``.
   Writes ``results/exact/encoder/``.
@@ -21,18 +25,22 @@ from the stored rows only (``--report-only`` does only that).
 The package, one concept a module:
 
     config.py          ExactConfig, EncoderBenchConfig (frozen dataclasses)
-    presets.py         quick(), huge(), encoder_quick(): the named factories (PRESETS, ENCODER_PRESETS)
+    presets.py         quick(), huge(), peers(), encoder_quick(): the named factories (PRESETS, ENCODER_PRESETS)
     programs.py        the three implementations, forward+backward, inputs, FLOPs, the matmul yardstick
     timing.py          interleaved rounds of compiled programs
     units.py           the units of a config, their keys, measuring one into a row
+    peers.py           the JAX peers: one loader each (past the package __init__ where it breaks)
+    peer_rows.py       a peers row: every implementation checked against full, then timed together
     run.py             the sweep into the RowStore (resumable, errors recorded)
     report.py          table.md and rows.json from stored rows only
+    peer_report.py     the peers preset's table.md from its stored rows only
     encoder.py         the encoder models, their measured row, its run
     encoder_report.py  the encoder table from its stored row only
     cli.py             ``main(argv)`` and ``encoder_main(argv)``: the command lines
 
     python experiments/bench_exact.py                 # about 2 minutes on 2 cores
     python experiments/bench_exact.py --huge          # adds N=65536 forward+backward (minutes)
+    make bench-peers                                  # the peers preset, extra installed (<= 15 minutes)
     python experiments/bench_encoder.py               # about a minute
 """
 

@@ -5,7 +5,8 @@ The shared flags come from ``efficient_attn.sweeps.cli`` (``--preset``, ``--plug
 ``--force``, ``--out``, ``--no-progress``; ``--variants`` is refused: the implementations
 compared are fixed). Each part adds its shape flags and ``--report-only`` (rebuild the table
 from the stored rows, measure nothing). The kernel benchmark keeps its earlier flags:
-``--lengths 1024 2048`` (or ``1024,2048``), ``--huge`` (the same as ``--preset huge``). The
+``--lengths 1024 2048`` (or ``1024,2048``), ``--huge`` (the same as ``--preset huge``);
+``--preset peers`` times blockwise against the JAX peers (``peers.py``). The
 exit status is 1 when a row of the run errored, 2 for a bad flag, 130 on Ctrl-C.
 """
 
@@ -33,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p = cli.experiment_parser(
         _PROG,
         "Exact attention side by side: full, blockwise and jax.nn.dot_product_attention, forward and "
-        "forward+backward time against N, compiled memory, causal against non-causal (one row per unit, resumable).",
+        "forward+backward time against N, compiled memory, causal against non-causal (one row per unit, resumable). "
+        "--preset peers: blockwise against the JAX peers (tokamax, memory-efficient-attention, ringattention; "
+        "the optional extra: pip install -e '.[peers]', or make bench-peers) into results/exact/peers.",
         presets=presets.PRESETS,
     )
     p.add_argument("--lengths", type=cli.int_list("--lengths", minimum=1), nargs="+", metavar="N",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 from efficient_attn import report
 from efficient_attn.sweeps.exact.config import ENCODER_MODELS, EncoderBenchConfig
-from efficient_attn.sweeps.exact.report import measured_environment
+from efficient_attn.sweeps.exact.report import measured_environment, write_table_and_rows
 
 __all__ = ["markdown", "write_outputs", "summary_line", "BASE"]
 
@@ -45,12 +44,7 @@ def markdown(rows: Sequence[dict], cfg: EncoderBenchConfig) -> str:
 
 def write_outputs(out: Path, rows: Sequence[dict], cfg: EncoderBenchConfig) -> None:
     """table.md and rows.json in ``out``, from ``rows`` only."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in rows if r is not None]
-    report.write_atomic(out / "table.md", markdown(rows, cfg))
-    report.write_json(out / "rows.json", {"environment": {**measured_environment(rows), "preset": cfg.preset},
-                                          "config": dataclasses.asdict(cfg), "rows": rows})
+    write_table_and_rows(out, rows, cfg, markdown)
 
 
 def summary_line(row: dict) -> str:

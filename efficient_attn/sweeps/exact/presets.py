@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from efficient_attn.sweeps.exact.config import EncoderBenchConfig, ExactConfig
+from efficient_attn.sweeps.exact.config import PEERS, EncoderBenchConfig, ExactConfig
 
-__all__ = ["quick", "huge", "encoder_quick", "PRESETS", "ENCODER_PRESETS"]
+__all__ = ["quick", "huge", "peers", "encoder_quick", "PRESETS", "ENCODER_PRESETS"]
 
 
 def quick() -> ExactConfig:
@@ -26,10 +26,29 @@ def huge() -> ExactConfig:
     return dataclasses.replace(quick(), preset="huge", huge_n=65536)
 
 
+def peers() -> ExactConfig:
+    """blockwise against the JAX peers (``make bench-peers`` installs them: the extra ``peers``):
+    float32, B=1, H=8, D=64, N = 1K-8K, non-causal and causal, forward and forward+backward
+    (16 rows), written to results/exact/peers/.
+
+    Sized for about 15 minutes on 2 cores: each timed call right after one untimed call of
+    the same program (settle=1, as the quick table times), the first untimed call being the
+    check against ``full`` too (so warmup=0); medians of 3 interleaved rounds up to 4K and one
+    round at 8K, where by the issue's per-call figures (forward+backward jax.nn 9.4 s,
+    memory-efficient-attention 11.5 s, tokamax xla_chunked 10.6 s) one round of the row's
+    programs takes about a minute. A peer whose checked call took over 20 s (twice the
+    slowest expected) is not timed in that cell, so a pathological peer cannot take the run
+    far past its time. Compiled temporary memory of one program is at most 10.5 GiB (full,
+    causal forward+backward at 8K), one at a time."""
+    return dataclasses.replace(quick(), preset="peers", lengths=(1024, 2048, 4096, 8192), repeats=3, warmup=0,
+                               peers=PEERS, peer_causal=(False, True), peer_settle=1, peer_call_budget_s=20.0,
+                               peer_one_round_from_n=8192)
+
+
 def encoder_quick() -> EncoderBenchConfig:
     """CPU, about a minute: two blocks of width 128 with 4 heads, batch 4 at length 1024."""
     return EncoderBenchConfig(preset="quick", length=1024, batch=4, layers=2, emb=128, heads=4, repeats=5)
 
 
-PRESETS = {"quick": quick, "huge": huge}
+PRESETS = {"quick": quick, "huge": huge, "peers": peers}
 ENCODER_PRESETS = {"quick": encoder_quick}

@@ -17,7 +17,8 @@ import efficient_attn as ea
 from efficient_attn.ops.online_softmax import blockwise_attention
 from efficient_attn.variants.full import full_attention
 
-__all__ = ["impls", "fwd_bwd", "program", "inputs", "attention_flops", "matmul_program"]
+__all__ = ["impls", "fwd_bwd", "program", "with_gradients", "checked_program", "inputs", "attention_flops",
+           "matmul_program"]
 
 Fn = Callable[[Array, Array, Array], Array]
 
@@ -45,6 +46,23 @@ def program(name: str, pass_name: str, causal: bool = False) -> Callable:
     """The function timed for ``name`` in pass ``"fwd"`` or ``"fwd_bwd"``."""
     f = impls(causal)[name]
     return f if pass_name == "fwd" else fwd_bwd(f)
+
+
+def with_gradients(f: Fn) -> Callable:
+    """``(q, k, v) -> (out, dq, dk, dv)``: the output and the gradients of ``sum(out)``, one
+    forward and one backward (what ``fwd_bwd`` computes, the output kept so it can be checked)."""
+
+    def both(q, k, v):
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(jnp.ones_like(out)))
+
+    return both
+
+
+def checked_program(f: Fn, pass_name: str) -> Callable:
+    """The function a peers row times and checks for ``f``: its output (``"fwd"``), or its
+    output and gradients (``"fwd_bwd"``); every implementation of the row gets the same one."""
+    return f if pass_name == "fwd" else with_gradients(f)
 
 
 def inputs(n: int, b: int, h: int, d: int) -> list[Float[Array, "B N H D"]]:

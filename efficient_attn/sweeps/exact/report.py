@@ -5,20 +5,21 @@ and its fraction of the matmul rate (each ratio from one row: the same interleav
 the compiled memory of forward+backward; causal against non-causal blockwise; the huge run.
 ``rows.json`` beside it holds the rows, the config and the environment the rows were
 measured in (each row records its own; nothing of the rendering machine is written).
-Nothing is measured here.
+A config with peers gets the peers table instead (``peer_report``). Nothing is measured here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from efficient_attn import report
+from efficient_attn.sweeps.exact import peer_report
 from efficient_attn.sweeps.exact.config import IMPLS, PASSES, ExactConfig
 from efficient_attn.sweeps.exact.units import MATMUL
 
-__all__ = ["markdown", "write_outputs", "summary_line", "measured_environment"]
+__all__ = ["markdown", "write_outputs", "write_table_and_rows", "summary_line", "measured_environment"]
 
 DPA, FULL, BW = IMPLS
 _PASS_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward"}
@@ -60,6 +61,8 @@ def _mib(x: int | None) -> float | None:
 
 
 def markdown(rows: Sequence[dict], cfg: ExactConfig) -> str:
+    if cfg.peers:
+        return peer_report.markdown(rows, cfg)
     rows = [r for r in rows if r is not None]
     lines = ["# Exact attention: full, blockwise and jax.nn.dot_product_attention\n\n", _intro(rows, cfg)]
     times = _ok(rows, "time")
@@ -90,18 +93,26 @@ def markdown(rows: Sequence[dict], cfg: ExactConfig) -> str:
     return "".join(lines)
 
 
-def write_outputs(out: Path, rows: Sequence[dict], cfg: ExactConfig) -> None:
-    """table.md and rows.json in ``out``, from ``rows`` only."""
+def write_table_and_rows(out: Path, rows: Sequence[dict | None], cfg, render) -> None:
+    """``out``/table.md (``render(rows, cfg)``) and ``out``/rows.json (rows, config, the rows'
+    environment), from ``rows`` only: the writer of the kernel and the encoder benchmarks."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in rows if r is not None]
-    report.write_atomic(out / "table.md", markdown(rows, cfg))
+    report.write_atomic(out / "table.md", render(rows, cfg))
     report.write_json(out / "rows.json", {"environment": {**measured_environment(rows), "preset": cfg.preset},
                                           "config": dataclasses.asdict(cfg), "rows": rows})
 
 
+def write_outputs(out: Path, rows: Sequence[dict], cfg: ExactConfig) -> None:
+    """table.md and rows.json in ``out``, from ``rows`` only."""
+    write_table_and_rows(out, rows, cfg, markdown)
+
+
 def summary_line(row: dict) -> str:
     """One log line for a finished row."""
+    if row["kind"] == "peers":
+        return peer_report.summary_line(row)
     head = f"exact: N={row['n']:6d} {row['kind']:6s} {row['pass']:7s}"
     if row.get("status") != "ok":
         return f"{head} {row.get('status')}: {row.get('reason')}"

@@ -3,7 +3,8 @@
 Each finished unit is appended to ``out/rows.jsonl`` as it completes, so a killed run
 resumes where it stopped (``force`` starts over); the tables are rebuilt from the store at
 the end, on an error and on Ctrl-C. A unit that raises is stored as an error with its reason
-and the sweep goes on; errors are tried again on a rerun.
+and the sweep goes on; errors are tried again on a rerun, and so are peers rows that found a
+peer not installed that is installed now.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import jax
 
 from efficient_attn import report
+from efficient_attn.sweeps.exact import peer_rows
 from efficient_attn.sweeps.exact import units as units_
 from efficient_attn.sweeps.exact.config import ExactConfig
 from efficient_attn.sweeps.exact.report import summary_line, write_outputs
@@ -20,7 +22,8 @@ from efficient_attn.sweeps.exact.report import summary_line, write_outputs
 __all__ = ["run", "rows_of", "is_done"]
 
 def is_done(row: dict | None) -> bool:
-    return row is not None and row.get("status") == "ok"
+    """Stored as ok and, for a peers row, no peer it found missing installed since."""
+    return row is not None and row.get("status") == "ok" and not peer_rows.installed_since(row)
 
 
 def _error_row(unit: units_.Unit, cfg: ExactConfig, err: BaseException) -> dict:
@@ -35,8 +38,8 @@ def run(cfg: ExactConfig, out: str | Path, *, force: bool = False, report_only: 
         raise ValueError("exact: report_only=True re-renders the stored rows; it cannot be combined with force")
     out = Path(out)
     store = report.RowStore(out / "rows.jsonl", force=force)
-    todo = [u for u in units_.units(cfg) if not is_done(store.get(units_.row_key(u, cfg)))]
-    if report_only or not todo:
+    todo = [] if report_only else [u for u in units_.units(cfg) if not is_done(store.get(units_.row_key(u, cfg)))]
+    if not todo:
         write_outputs(out, rows_of(cfg, store), cfg)
         return store
     env = units_.row_environment(cfg.preset)

@@ -2,7 +2,9 @@
 
 A time row holds every implementation of its (N, pass) and the matmul reference, timed in
 the same interleaved rounds (``timing``), so the speed-ups and the fractions of the matmul
-rate in a row never mix two runs; a resumed run only adds whole rows.
+rate in a row never mix two runs; a resumed run only adds whole rows. A config with peers
+has peers rows instead (``peer_rows``), one per (causal, N, pass); their keys name the kind,
+the mask and the implementations, so they never meet the other rows' keys.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attn import measure, report
-from efficient_attn.sweeps.exact import programs
-from efficient_attn.sweeps.exact.config import IMPLS, MEMORY_IMPLS, PASSES, ExactConfig
+from efficient_attn.sweeps.exact import peer_rows, programs
+from efficient_attn.sweeps.exact.config import IMPLS, MEMORY_IMPLS, PASSES, PEER_BASELINES, ExactConfig
 from efficient_attn.sweeps.exact.timing import time_interleaved
 
 __all__ = ["Unit", "units", "row_key", "base_row", "measure_unit", "row_environment", "MATMUL"]
@@ -29,13 +31,17 @@ row_environment = report.row_environment  # what each row records of the machine
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    kind: str  # "time", "memory", "causal" or "huge"
+    kind: str  # "time", "memory", "causal", "huge" or "peers"
     n: int
     pass_name: str  # "fwd" or "fwd_bwd"
+    causal: bool | None = None  # peers rows: the mask (None for the other kinds)
 
 
 def units(cfg: ExactConfig) -> list[Unit]:
-    """Every unit of ``cfg`` in visiting order: time rows by N, then memory, causal, huge."""
+    """Every unit of ``cfg`` in visiting order: time rows by N, then memory, causal, huge;
+    with peers, only peers rows: by mask, then N, then pass."""
+    if cfg.peers:
+        return [Unit("peers", n, p, c) for c in cfg.peer_causal for n in dict.fromkeys(cfg.lengths) for p in PASSES]
     out = [Unit("time", n, p) for n in dict.fromkeys(cfg.lengths) for p in PASSES]
     out += [Unit("memory", cfg.memory_n, "fwd_bwd"), Unit("causal", cfg.causal_n, "fwd")]
     if cfg.huge_n is not None:
@@ -46,6 +52,11 @@ def units(cfg: ExactConfig) -> list[Unit]:
 def row_key(unit: Unit, cfg: ExactConfig) -> str:
     """What a row's numbers depend on: a stored row is reused only for the same measurement."""
     parts: list[Any] = ["exact", unit.kind, unit.n, unit.pass_name, cfg.batch, cfg.heads, cfg.head_dim, "float32"]
+    if unit.kind == "peers":
+        return report.RowStore.make_key(
+            *parts, "causal" if unit.causal else "non_causal", "impls=" + ",".join([*PEER_BASELINES, *cfg.peers]),
+            f"repeats={cfg.repeats}", f"warmup={cfg.warmup}", f"settle={cfg.peer_settle}", f"matmul={cfg.matmul_n}",
+            f"budget_s={cfg.peer_call_budget_s}", f"atol={peer_rows.ATOL:g}", f"rounds={cfg.peer_rounds(unit.n)}")
     if unit.kind in ("time", "causal"):
         parts += [f"repeats={cfg.repeats}", f"warmup={cfg.warmup}"]
     if unit.kind == "time":
@@ -54,8 +65,9 @@ def row_key(unit: Unit, cfg: ExactConfig) -> str:
 
 
 def base_row(unit: Unit, cfg: ExactConfig) -> dict[str, Any]:
-    return {"kind": unit.kind, "n": unit.n, "pass": unit.pass_name, "batch": cfg.batch, "heads": cfg.heads,
-            "head_dim": cfg.head_dim, "dtype": "float32"}
+    row = {"kind": unit.kind, "n": unit.n, "pass": unit.pass_name, "batch": cfg.batch, "heads": cfg.heads,
+           "head_dim": cfg.head_dim, "dtype": "float32"}
+    return row if unit.causal is None else {**row, "causal": unit.causal}
 
 
 def _time_row(unit: Unit, cfg: ExactConfig) -> dict[str, Any]:
@@ -111,7 +123,11 @@ def _huge_row(unit: Unit, cfg: ExactConfig) -> dict[str, Any]:
     return {"impl": "blockwise", "time_s": time.perf_counter() - t0, "compile_s": compile_s, **_memory(compiled)}
 
 
-_MEASURE = {"time": _time_row, "memory": _memory_row, "causal": _causal_row, "huge": _huge_row}
+def _peers_row(unit: Unit, cfg: ExactConfig) -> dict[str, Any]:
+    return peer_rows.measure_row(unit.n, unit.pass_name, unit.causal, cfg)
+
+
+_MEASURE = {"time": _time_row, "memory": _memory_row, "causal": _causal_row, "huge": _huge_row, "peers": _peers_row}
 
 
 def measure_unit(unit: Unit, cfg: ExactConfig) -> dict[str, Any]:
