@@ -13,6 +13,7 @@ from efficient_attn.sweeps.cost import point as cost_point
 from efficient_attn.sweeps.cost import table2 as cost_table2
 from efficient_attn.sweeps.cost.config import InterfaceConfig
 from efficient_attn.sweeps.cost.report import interface_summary
+from conftest import forbid
 
 HEADS, KV, N = 4, (4, 1), (64, 128)
 
@@ -29,13 +30,8 @@ def tiny(**changes):
 
 
 def _forbid_measuring(monkeypatch):
-    def fail(*a, **k):
-        pytest.fail("measured although every row was stored")
-
-    monkeypatch.setattr(cost_point, "measure_point", fail)
-    monkeypatch.setattr(interface, "measure_interface_point", fail)
-    monkeypatch.setattr(cost_table2, "measure_train_step", fail)
-    monkeypatch.setattr(measure, "matmul_rate", fail)
+    forbid(monkeypatch, (cost_point, "measure_point"), (interface, "measure_interface_point"),
+           (cost_table2, "measure_train_step"), (measure, "matmul_rate"))
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +95,29 @@ def test_ratios_are_computed_from_the_stored_rows(measured):
         assert e["ideal_padded_over_packed"] >= 1
 
 
+def test_equal_sequences_are_packed_and_padded_with_an_ideal_of_one_kth(measured):
+    """The packing_equal rows: k = equal_segments sequences of N / k, both layouts, the same
+    tokens; ideal packed/unsegmented 1/k, ideal padded/packed 1; their own table section."""
+    cfg, out, rows = measured
+    k = cfg.interface.equal_segments
+    equal = {(r["n"], r["layout"]): r for r in rows if r.get("kind") == "packing_equal"}
+    assert set(equal) == {(n, lay) for n in N for lay in ("packed", "padded")}
+    for (n, layout), r in equal.items():
+        assert r["status"] == "ok", r["reason"]
+        assert r["segment_lengths"] == [n // k] * k and r["equal_segments"] == k
+        assert (r["batch"], r["seq_len"]) == ((1, n) if layout == "packed" else (k, n // k))
+    summary = interface_summary(rows, cfg)
+    assert len(summary["packing_equal"]) == len(N)
+    for e in summary["packing_equal"]:
+        assert (e["k"], e["longest"]) == (k, e["n"] // k)
+        assert e["ideal_packed"] == pytest.approx(1 / k) and e["ideal_padded_over_packed"] == pytest.approx(1)
+        t = e["rows"]
+        assert e["padded_over_packed_time"] == pytest.approx(t["padded"]["time_median_s"] / t["packed"]["time_median_s"])
+    assert f"## Packed against padded, {k} equal sequences" in (out / "table_interface.md").read_text()
+    with pytest.raises(ValueError, match="equal_segments"):
+        InterfaceConfig(min_length=100, equal_segments=8)
+
+
 def test_table_shows_the_rows_and_the_report_only_path_rerenders_it(measured, tmp_path, monkeypatch):
     cfg, out, rows = measured
     table = (out / "table_interface.md").read_text()
@@ -144,11 +163,12 @@ def test_deadline_skips_with_the_reason_and_leaves_the_points_pending(tmp_path):
     store = report.RowStore(tmp_path / "rows.jsonl")
     interface.run_interface(cfg, ["blockwise"], store, progress=False)
     rows = store.rows()
-    assert len(rows) == 4 and all(r["status"] == "skipped" and r["reason"].startswith("sweep budget") for r in rows)
-    assert interface.pending(cfg, ["blockwise"], store) == 4  # a rerun resumes them
+    # two kv counts, two layouts of the seeded lengths, two of the equal sequences
+    assert len(rows) == 6 and all(r["status"] == "skipped" and r["reason"].startswith("sweep budget") for r in rows)
+    assert interface.pending(cfg, ["blockwise"], store) == 6  # a rerun resumes them
     cost.write_outputs(tmp_path, rows, cfg, None)
     table = (tmp_path / "table_interface.md").read_text()
-    assert "4 points not reached within the interface part's time budget" in table
+    assert "6 points not reached within the interface part's time budget" in table
 
 
 def test_a_bad_point_is_an_error_row_not_an_exception():

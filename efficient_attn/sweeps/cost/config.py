@@ -7,11 +7,14 @@ import dataclasses
 
 from efficient_attn.core import check_config, check_positive_int
 
-__all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "MiB", "GiB", "InterfaceConfig", "Table2Config", "CostConfig"]
+__all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "INTERFACE_KINDS", "PACKING_KINDS", "MiB", "GiB", "InterfaceConfig",
+           "Table2Config", "CostConfig"]
 
 PASSES = ("fwd", "fwd_bwd")
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
-LAYOUTS = ("packed", "padded")  # the two layouts of the same tokens in the "packing" rows
+LAYOUTS = ("packed", "padded")  # the two layouts of the same tokens in the packing rows
+INTERFACE_KINDS = ("gqa", "packing", "packing_equal")  # the interface part's kinds of rows (InterfaceConfig)
+PACKING_KINDS = ("packing", "packing_equal")  # those measured in both LAYOUTS
 MiB = 1024**2
 GiB = 1024**3
 
@@ -29,6 +32,9 @@ class InterfaceConfig:
     "packing" rows: seeded segment lengths in [lo * N, hi * N] (``segment_range``) summing to
                     N, as one packed row of N tokens with sorted segment ids, and as a padded
                     batch of one row per segment (the longest one's length, kv_mask/q_mask).
+    "packing_equal" rows: the same two layouts of ``equal_segments`` sequences of N / k tokens
+                    each (8 of 1K at N = 8K: the issue's case, whose ideal is 1/k of the
+                    unsegmented cost); None leaves them out.
     budget_s:       after this many seconds of interface work, the rest is skipped (a rerun resumes).
     """
 
@@ -38,6 +44,7 @@ class InterfaceConfig:
     heads: int = 8
     kv_heads: tuple[int, ...] = (8, 2, 1)
     segment_range: tuple[float, float] = (1 / 16, 1 / 4)
+    equal_segments: int | None = 8
     budget_s: float | None = None
 
     def __post_init__(self):
@@ -51,6 +58,10 @@ class InterfaceConfig:
         lo, hi = self.segment_range
         check_config("cost/interface", 0 < lo <= hi <= 1,
                      f"segment_range must be fractions of N with 0 < lo <= hi <= 1, got {self.segment_range!r}")
+        k = self.equal_segments
+        check_config("cost/interface", k is None or (isinstance(k, int) and k > 1 and self.min_length % k == 0),
+                     f"equal_segments must be None or an int > 1 dividing min_length={self.min_length} (N / k tokens "
+                     f"each), got {self.equal_segments!r}")
         check_config("cost/interface", self.budget_s is None or self.budget_s >= 0,
                      f"budget_s must be None or >= 0, got {self.budget_s!r}")
 

@@ -9,7 +9,9 @@ at the sweep's lengths within ``InterfaceConfig``'s range:
 - "packing": the same N tokens as one packed row (sorted segment ids) and as a padded batch
   (one row per sequence, as long as the longest, with kv_mask / q_mask). A tile-skipping
   engine should approach the ideal sum(l_i^2) / N^2 of the dense cost when packed; a dense
-  engine pays N^2 for the packed row whatever the ids say, which is the point of showing both.
+  engine pays N^2 for the packed row whatever the ids say, which is the point of showing both;
+- "packing_equal": the same for k equal sequences of N / k (``equal_segments``), whose ideal
+  is 1/k: sequences aligned with the engine's tiles show what the tile skipping itself costs.
 
 Each point is timed and measured the way ``point.py`` does it (compile apart, warm-up,
 ``block_until_ready``, medians; ``measure.compiled_memory``); a point over a budget is stored
@@ -32,18 +34,18 @@ from efficient_attn import measure, report
 from efficient_attn.core import Mask
 from efficient_attn.sweeps.cost.analysis import baselines
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
-from efficient_attn.sweeps.cost.config import LAYOUTS, CostConfig
-from efficient_attn.sweeps.cost.point import record_memory
+from efficient_attn.sweeps.cost.config import INTERFACE_KINDS, LAYOUTS, PACKING_KINDS, CostConfig
+from efficient_attn.sweeps.cost.point import record_error, record_memory, record_timing, skip_over_time_budget
 from efficient_attn.sweeps.cost.progress import progress_bar
 
-__all__ = ["KINDS", "Point", "lengths", "variants_for", "segment_lengths", "points", "row_key", "pending",
-           "measure_interface_point", "run_interface"]
+__all__ = ["KINDS", "PACKING_KINDS", "Point", "lengths", "variants_for", "segment_lengths", "points", "row_key",
+           "pending", "measure_interface_point", "run_interface"]
 
-KINDS = ("gqa", "packing")
+KINDS = INTERFACE_KINDS
 
 
 class Point(NamedTuple):
-    """One interface point. ``setting`` is the number of kv heads ("gqa") or the layout ("packing")."""
+    """One interface point. ``setting`` is the number of kv heads ("gqa") or the layout (the packing kinds)."""
 
     kind: str
     variant: str
@@ -60,7 +62,7 @@ def lengths(cfg: CostConfig) -> list[int]:
 
 def variants_for(kind: str, variants: Sequence[str]) -> list[str]:
     """The baselines among ``variants`` whose capabilities cover ``kind`` (gqa / segments)."""
-    flag = "gqa" if kind == "gqa" else "segments"
+    flag = "gqa" if kind == "gqa" else "segments"  # the packing kinds
     return [b for b in baselines() if b in variants and getattr(ea.get_spec(b).capabilities, flag)]
 
 
@@ -104,6 +106,8 @@ def points(cfg: CostConfig, variants: Sequence[str]) -> list[Point]:
         for pass_ in cfg.passes:
             out += [Point("gqa", v, pass_, n, g) for v in gqa for g in dict.fromkeys(cfg.interface.kv_heads)]
             out += [Point("packing", v, pass_, n, layout) for v in packing for layout in LAYOUTS]
+            if cfg.interface.equal_segments is not None:
+                out += [Point("packing_equal", v, pass_, n, layout) for v in packing for layout in LAYOUTS]
     return out
 
 
@@ -112,6 +116,9 @@ def row_key(p: Point, cfg: CostConfig) -> str:
     if p.kind == "gqa":
         return report.RowStore.make_key("gqa", p.variant, p.pass_, "bidir", p.n, cfg.batch, i.heads, p.setting,
                                         cfg.head_dim, cfg.dtype)
+    if p.kind == "packing_equal":
+        return report.RowStore.make_key("packing_equal", p.variant, p.pass_, p.setting, p.n, i.heads, cfg.head_dim,
+                                        cfg.dtype, f"k={i.equal_segments}")
     lo, hi = i.segment_range
     return report.RowStore.make_key("packing", p.variant, p.pass_, p.setting, p.n, i.heads, cfg.head_dim,
                                     cfg.dtype, cfg.seed, f"{lo:g}-{hi:g}")
@@ -136,17 +143,26 @@ def _layout(p: Point, cfg: CostConfig) -> dict[str, Any]:
     i = cfg.interface
     if p.kind == "gqa":
         return {"batch": cfg.batch, "seq_len": p.n, "num_kv_heads": p.setting}
-    lens = segment_lengths(p.n, cfg)
     packed = p.setting == "packed"
+    if p.kind == "packing_equal":
+        k = i.equal_segments
+        if p.n % k:
+            raise ValueError(f"cost/interface: N={p.n} does not split into {k} equal sequences; "
+                             "choose lengths divisible by equal_segments")
+        lens = [p.n // k] * k
+        described = {"equal_segments": k}
+    else:
+        lens = segment_lengths(p.n, cfg)
+        described = {"segment_range": list(i.segment_range), "seed": cfg.seed}
     return {"batch": 1 if packed else len(lens), "seq_len": p.n if packed else max(lens), "num_kv_heads": i.heads,
-            "segment_lengths": lens, "segment_range": list(i.segment_range), "seed": cfg.seed}
+            "segment_lengths": lens, **described}
 
 
 def base_row(p: Point, cfg: CostConfig) -> dict[str, Any]:
     """The row of a point before it is measured: what it is, under which budgets, no figures."""
     spec = ea.get_spec(p.variant)
     row = {"kind": p.kind, "variant": p.variant, "n": p.n, "pass": p.pass_, "causal": False,
-           "layout": p.setting if p.kind == "packing" else None, "status": "ok", "reason": "",
+           "layout": p.setting if p.kind in PACKING_KINDS else None, "status": "ok", "reason": "",
            "family": spec.family, "exact": spec.capabilities.exact, "claimed_time": spec.capabilities.time,
            "claimed_memory": spec.capabilities.memory, "heads": cfg.interface.heads, "head_dim": cfg.head_dim,
            "dtype": cfg.dtype}
@@ -220,10 +236,7 @@ def measure_interface_point(p: Point, cfg: CostConfig, *, predicted_s: tuple[flo
     row = base_row(p, cfg)
     if row["status"] == "error":
         return row
-    if predicted_s is not None and predicted_s[0] > cfg.max_call_s:
-        row.update(status="skipped", reason=(
-            f"time budget: predicted {predicted_s[0]:.2f} s per call > max_call_s={cfg.max_call_s:g} s "
-            f"(extrapolated from N={from_n} with growth exponent {predicted_s[1]:.2f})"))
+    if skip_over_time_budget(row, predicted_s, from_n, cfg.max_call_s):
         return row
     try:
         fn, args = point_function(p, cfg, row)
@@ -234,11 +247,9 @@ def measure_interface_point(p: Point, cfg: CostConfig, *, predicted_s: tuple[flo
         timing = measure.time_compiled(compiled, *args, warmup=cfg.warmup, min_repeats=cfg.min_repeats,
                                        max_repeats=cfg.max_repeats, budget_s=cfg.repeat_budget_s,
                                        compile_s=compile_s)
-        row.update(time_median_s=timing.median_s, time_spread=timing.spread_s, time_spread_kind=timing.spread_kind,
-                   time_min_s=timing.min_s, time_max_s=timing.max_s, repeats=timing.repeats)
+        record_timing(row, timing)
     except Exception as err:  # noqa: BLE001 - one point's failure must not stop the sweep
-        msg = " ".join(str(err).split())
-        row.update(status="error", reason=f"{type(err).__name__}: {msg[:400]}")
+        record_error(row, err)
     return row
 
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from efficient_attn import measure, report
 from efficient_attn.sweeps.cost.analysis import analyse, baselines, current, ok, order_key, quadratic_reference, series
-from efficient_attn.sweeps.cost.config import LAYOUTS, PASS_TITLES, PASSES, MiB
+from efficient_attn.sweeps.cost.config import INTERFACE_KINDS as KINDS
+from efficient_attn.sweeps.cost.config import LAYOUTS, PACKING_KINDS, PASS_TITLES, PASSES, MiB
 from efficient_attn.sweeps.cost.plots import plot
 from efficient_attn.sweeps.cost.published import PUBLISHED_LENGTHS, PUBLISHED_TABLE2, published_baseline
 
@@ -349,12 +350,14 @@ def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
 
 
 def _interface_current(rows: Sequence[dict], cfg: CostConfig, kind: str) -> list[dict]:
-    """The rows of ``kind`` ("gqa" / "packing") measured at ``cfg``'s interface shape."""
+    """The rows of ``kind`` ("gqa", "packing", "packing_equal") measured at ``cfg``'s interface shape."""
     i = cfg.interface
     dims = (i.heads, cfg.head_dim, cfg.dtype)
     out = [r for r in rows if r.get("kind") == kind and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == dims]
     if kind == "gqa":
         return [r for r in out if r.get("batch") == cfg.batch]
+    if kind == "packing_equal":
+        return [r for r in out if r.get("equal_segments") == i.equal_segments]
     return [r for r in out if r.get("seed") == cfg.seed and r.get("segment_range") == list(i.segment_range)]
 
 
@@ -371,7 +374,8 @@ def interface_summary(rows: Sequence[dict], cfg: CostConfig) -> dict[str, list[d
     ``padded_over_packed_*`` ratios, ``packed_over_unsegmented`` (the packed row's time over one
     unsegmented row of N: the gqa row with Hkv = H at batch 1, where there is one) and the
     ideals of the lengths: ``ideal_packed`` = sum(l^2) / N^2, ``ideal_padded_over_packed`` =
-    k * max(l)^2 / sum(l^2).
+    k * max(l)^2 / sum(l^2);
+    "packing_equal": the same for the k equal sequences of N / k.
     """
     heads = cfg.interface.heads
     key = lambda r: (r["variant"], r["pass"], int(r["n"]))  # noqa: E731
@@ -392,8 +396,16 @@ def interface_summary(rows: Sequence[dict], cfg: CostConfig) -> dict[str, list[d
     unsegmented = {key(r): r for r in rows if r.get("kind") == "gqa" and r.get("batch") == 1
                    and r.get("num_kv_heads") == heads
                    and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (heads, cfg.head_dim, cfg.dtype)}
+    out = {"gqa": gqa_out}
+    for kind in PACKING_KINDS:
+        out[kind] = _packing_summary(_interface_current(rows, cfg, kind), unsegmented, key, order)
+    return out
+
+
+def _packing_summary(rows: Sequence[dict], unsegmented: dict, key, order) -> list[dict]:
+    """``interface_summary``'s entries of one packing kind (its docstring)."""
     packing: dict[tuple, dict[str, dict]] = {}
-    for r in _interface_current(rows, cfg, "packing"):
+    for r in rows:
         packing.setdefault(key(r), {})[r["layout"]] = r
     packing_out = []
     for g in sorted(packing, key=order):
@@ -412,7 +424,7 @@ def interface_summary(rows: Sequence[dict], cfg: CostConfig) -> dict[str, list[d
             entry["ideal_packed"] = squares / g[2] ** 2
             entry["ideal_padded_over_packed"] = len(lens) * max(lens) ** 2 / squares
         packing_out.append(entry)
-    return {"gqa": gqa_out, "packing": packing_out}
+    return packing_out
 
 
 def _status_or(r: dict | None, value: float | None, scale) -> Any:
@@ -462,20 +474,17 @@ def interface_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
                   "An engine that skips the tiles whose segments cannot meet approaches the ideals from above "
                   "as its tiles shrink against the sequences; a dense engine computes all N^2 pairs of the "
                   "packed row whatever the ids, so for it padding is the cheaper layout.", ""]
-        head = ["variant", "pass", "N", "k", "longest", "ms packed", "ms padded", "padded/packed time",
-                "temp MiB packed", "temp MiB padded", "padded/packed temp", "packed/unsegmented",
-                "ideal packed/unsegmented", "ideal padded/packed"]
-        body = []
-        for e in summary["packing"]:
-            rs = e["rows"]
-            body.append([e["variant"], e["pass"], e["n"], e["k"], e["longest"],
-                         _status_or(rs.get("packed"), e["time"]["packed"], _ms),
-                         _status_or(rs.get("padded"), e["time"]["padded"], _ms), e["padded_over_packed_time"],
-                         _status_or(rs.get("packed"), e["temp"]["packed"], _mib),
-                         _status_or(rs.get("padded"), e["temp"]["padded"], _mib), e["padded_over_packed_temp"],
-                         e["packed_over_unsegmented"], e["ideal_packed"], e["ideal_padded_over_packed"]])
-        lines += [report.markdown_table(head, body)]
-    bad = [r for kind in ("gqa", "packing") for r in _interface_current(rows, cfg, kind) if r.get("status") != "ok"]
+        lines += [_packing_table(summary["packing"])]
+    if summary["packing_equal"]:
+        k = i.equal_segments
+        lines += [f"## Packed against padded, {k} equal sequences (H = {i.heads})", "",
+                  f"As above for k = {k} sequences of N / {k} tokens each (at N = {k}K: {k} x 1K^2 query-key pairs "
+                  f"against {k * k} x 1K^2 unsegmented): ideal packed/unsegmented = 1/{k}, "
+                  "ideal padded/packed = 1. Where N / k is a multiple of the engine's tile, no visited tile holds "
+                  "two sequences, so the gap to the ideal is the cost of the tile skipping and the in-tile "
+                  "segment mask themselves.", ""]
+        lines += [_packing_table(summary["packing_equal"])]
+    bad = [r for kind in KINDS for r in _interface_current(rows, cfg, kind) if r.get("status") != "ok"]
     late = [r for r in bad if str(r.get("reason", "")).startswith("sweep budget")]
     if bad:
         lines += ["Not measured:", ""]
@@ -486,6 +495,22 @@ def interface_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
                          + (", ..." if len(late) > 40 else "") + "; the same command resumes them.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _packing_table(entries: Sequence[dict]) -> str:
+    head = ["variant", "pass", "N", "k", "longest", "ms packed", "ms padded", "padded/packed time",
+            "temp MiB packed", "temp MiB padded", "padded/packed temp", "packed/unsegmented",
+            "ideal packed/unsegmented", "ideal padded/packed"]
+    body = []
+    for e in entries:
+        rs = e["rows"]
+        body.append([e["variant"], e["pass"], e["n"], e["k"], e["longest"],
+                     _status_or(rs.get("packed"), e["time"]["packed"], _ms),
+                     _status_or(rs.get("padded"), e["time"]["padded"], _ms), e["padded_over_packed_time"],
+                     _status_or(rs.get("packed"), e["temp"]["packed"], _mib),
+                     _status_or(rs.get("padded"), e["temp"]["padded"], _mib), e["padded_over_packed_temp"],
+                     e["packed_over_unsegmented"], e["ideal_packed"], e["ideal_padded_over_packed"]])
+    return report.markdown_table(head, body)
 
 
 def _interface_label(r: dict) -> str:
@@ -530,5 +555,5 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
     plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB, bases)
     if _table2_current(rows, cfg):
         report.write_atomic(out / "table2.md", table2_markdown(rows, cfg, env))
-    if _interface_current(rows, cfg, "gqa") or _interface_current(rows, cfg, "packing"):
+    if any(_interface_current(rows, cfg, kind) for kind in KINDS):
         report.write_atomic(out / "table_interface.md", interface_markdown(rows, cfg, env))
