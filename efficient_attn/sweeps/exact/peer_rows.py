@@ -28,6 +28,7 @@ from jaxtyping import Array
 
 from efficient_attn import measure
 from efficient_attn.sweeps.exact import peers, programs
+from efficient_attn.sweeps.exact.peers import first_line as _first_line
 from efficient_attn.sweeps.exact.config import PEER_BASELINES, ExactConfig
 from efficient_attn.sweeps.exact.timing import time_interleaved
 
@@ -41,10 +42,6 @@ _SETTINGS = {
     BW: "blockwise_attention's defaults: block_size=1024, backward_query_block=256 (clipped to N)",
     DPA: "jax.nn.dot_product_attention(is_causal=causal), implementation=None (XLA)",
 }
-
-
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def _as_tuple(x) -> tuple:

@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float
 
-__all__ = ["Peer", "PeerFn", "LOADERS", "load", "tokamax_xla", "tokamax_xla_chunked", "memory_efficient_attention",
+__all__ = ["Peer", "PeerFn", "LOADERS", "load", "first_line", "tokamax_xla", "tokamax_xla_chunked", "memory_efficient_attention",
            "ringattention"]
 
 PeerFn = Callable[[Array, Array, Array, bool], Array]
@@ -93,7 +93,8 @@ def _load_file(package: str, relative: str) -> ModuleType:
     return module
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``: how a failure is named in a row."""
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
@@ -104,7 +105,7 @@ def _jax_file(package: str, distribution: str, relative: str) -> ModuleType | Pe
     try:
         return _load_file(package, relative)
     except Exception as err:  # installed but broken: recorded, not raised
-        return _missing(distribution, f"did not load {relative} ({_first_line(err)})")
+        return _missing(distribution, f"did not load {relative} ({first_line(err)})")
 
 
 def _tokamax(implementation: str, note: str) -> Peer:
@@ -114,7 +115,7 @@ def _tokamax(implementation: str, note: str) -> Peer:
         tokamax = importlib.import_module("tokamax")
         flags = importlib.import_module("absl.flags").FLAGS
     except Exception as err:  # installed but broken: recorded, not raised
-        return _missing("tokamax", f"did not import ({_first_line(err)})")
+        return _missing("tokamax", f"did not import ({first_line(err)})")
     if not flags.is_parsed():  # else tokamax parses sys.argv, our flags (module docstring)
         flags.mark_as_parsed()
 
