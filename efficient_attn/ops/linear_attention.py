@@ -345,7 +345,8 @@ def linear_attention(
     kv_segment_ids: Int[Array, "B S"] | None = None,
     eps: float = 0.0,
     chunk_size: int = 64,
-) -> Float[Array, "B T H Dv"]:
+    return_denominator: bool = False,
+) -> Float[Array, "B T H Dv"] | tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """Normalised linear attention of feature maps; float32 output (see the module docstring).
 
     ``causal`` needs T == S. ``k_log_scale``: optional per-key log multiplier of phi(k); the
@@ -353,7 +354,13 @@ def linear_attention(
     phi(K), v (and the log scales) may have Hkv heads dividing H (grouped-query attention:
     query head h reads kv head h // (H / Hkv)). ``q_segment_ids`` / ``kv_segment_ids``
     (both or neither): packed sequences, a query sees only keys of its own segment.
+    ``return_denominator``: also return each query's denominator sum_j phi(q_i) . phi(k_j)
+    (from the same pass as the numerator), for a caller that merges this output with another
+    normalised part; only without ``k_log_scale`` (whose denominator is rescaled).
     """
+    if return_denominator and k_log_scale is not None:
+        raise ValueError("linear_attention: return_denominator needs k_log_scale=None (the rescaled denominator "
+                         "has no fixed scale)")
     B, T, H, F = phi_q.shape
     S, Hkv = phi_k.shape[1], phi_k.shape[2]
     if causal and T != S:
@@ -387,4 +394,5 @@ def linear_attention(
     else:
         nd = _noncausal(q, phi_k, v1, k_log_scale)
     nd = nd.reshape(B, T, H, -1)
-    return normalise(nd[..., :-1], nd[..., -1:], eps)
+    out = normalise(nd[..., :-1], nd[..., -1:], eps)
+    return (out, nd[..., -1]) if return_denominator else out

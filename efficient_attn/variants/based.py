@@ -116,8 +116,8 @@ def _linear_before(phi_q, phi_k, v, real, offset: int, chunk: int):
     keep = _shift(real, offset)
     phi_k = jnp.where(keep[:, :, None, None], _shift(phi_k, offset), 0.0)
     v = _shift(v, offset)
-    out = linear_attention(phi_q, phi_k, v, causal=True, kv_mask=keep, eps=0.0, chunk_size=chunk)
-    den = jnp.einsum("bthg,bthg->bth", phi_q, jnp.cumsum(phi_k, axis=1))
+    out, den = linear_attention(phi_q, phi_k, v, causal=True, kv_mask=keep, eps=0.0, chunk_size=chunk,
+                                return_denominator=True)
     pos = den > 0
     return out, jnp.where(pos, jnp.log(jnp.where(pos, den, 1.0)), -jnp.inf)
 

@@ -199,3 +199,25 @@ def test_rejects_causal_cross_and_eps_with_log_scale():
         _engine(phi_q, phi_k, v, causal=True)
     with pytest.raises(ValueError, match="eps"):
         _engine(phi_q, phi_k, v, k_log_scale=ls, eps=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_returned_denominator_is_the_visible_feature_sum(causal):
+    """return_denominator gives sum_j phi(q_i) . phi(k_j) over the keys query i sees (the
+    causal prefix, kv_mask applied), from the same pass as the unchanged output."""
+    T = 11
+    phi_q, phi_k, v, _ = _inputs(T, T, seed=3)
+    mask = _kv_mask(T)
+    out, den = jax.jit(functools.partial(_engine, causal=causal, kv_mask=mask, chunk_size=4,
+                                         return_denominator=True))(phi_q, phi_k, v)
+    w = jnp.einsum("bthf,bshf->bhts", phi_q, phi_k) * mask[:, None, None, :]
+    if causal:
+        w = w * jnp.tril(jnp.ones((T, T)))
+    assert_close("den", den, jnp.sum(w, axis=-1).transpose(0, 2, 1), rtol=1e-5, atol=1e-6)
+    assert_close("out", out, engine(phi_q, phi_k, v, causal=causal, kv_mask=mask, chunk_size=4), rtol=1e-6, atol=1e-7)
+
+
+def test_returned_denominator_refuses_log_scales():
+    phi_q, phi_k, v, log_scale = _inputs(5, 5)
+    with pytest.raises(ValueError, match="return_denominator needs k_log_scale=None"):
+        _engine(phi_q, phi_k, v, k_log_scale=log_scale, return_denominator=True)
