@@ -12,11 +12,14 @@ __all__ = ["quick", "cpu", "lra", "FACTORIES", "PRESETS"]
 
 
 def quick() -> CostConfig:
-    """CPU, minutes: every variant at N = 256, 1024, 4096.
+    """CPU, minutes: every variant at N = 256, 1024, 4096, 16384.
 
-    Three lengths a factor 4 apart are enough for the slopes and the crossovers, and on a
-    small CPU compiling is most of the run, so every extra length is costly. One warm-up and
-    1-5 timed calls within 0.25 s; no call predicted over 3 s. The interface part (grouped-query
+    Lengths a factor 4 apart are enough for the slopes and the crossovers, and on a small CPU
+    compiling is most of the run, so every extra length is costly; 16K is where a quadratic
+    term hidden below 8K shows (the tail slope, 1K-16K). One warm-up and 1-5 timed calls
+    within 0.25 s; no call predicted over 8 s (the quadratic variants stop there at 16K,
+    with the reason stored; at 3 s a dozen subquadratic forward+backward points at 16K
+    stopped too). The interface part (grouped-query
     heads, packed against padded, 8 equal sequences packed against padded) runs at 1K and 4K,
     56 points, about two minutes on 2 cores (most of it the quadratic reference at 4K), with a
     150 s deadline. Table 2 is scaled down to one layer of width 64 at batch 1, at 1K and 4K
@@ -25,18 +28,18 @@ def quick() -> CostConfig:
     """
     return CostConfig(
         preset="quick",
-        lengths=(256, 1024, 4096),
+        lengths=(256, 1024, 4096, 16384),
         min_repeats=1,
         max_repeats=5,
         repeat_budget_s=0.25,
-        max_call_s=3.0,
+        max_call_s=8.0,
         max_compile_s=15.0,
         memory_budget_bytes=3 * GiB,
-        sweep_budget_s=125.0,
+        sweep_budget_s=1500.0,
         interface=InterfaceConfig(min_length=1024, max_length=4096, budget_s=150.0),
         table2=Table2Config(lengths=(1024, 4096), batch=1, num_layers=1, emb_dim=64, num_heads=2,
                             mlp_dim=128, min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=5.0,
-                            memory_budget_bytes=3 * GiB, budget_s=40.0),
+                            memory_budget_bytes=3 * GiB, budget_s=120.0),
     )
 
 

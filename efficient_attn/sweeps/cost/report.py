@@ -211,6 +211,7 @@ def _reason_kind(r: dict) -> str:
 
 def _notes(title: str, by_variant: dict, info: dict, ns: list[int], bases: Sequence[str]) -> list[str]:
     out = []
+    past_base: dict[tuple[str, tuple], list[str]] = {}  # (baseline, lengths) -> variants measured there
     for v in sorted(info):
         i = info[v]
         for which in ("time", "memory"):
@@ -238,8 +239,7 @@ def _notes(title: str, by_variant: dict, info: dict, ns: list[int], bases: Seque
         for base in bases:
             beyond = i.get(f"beyond_{base}")
             if beyond:
-                out.append(f"{title}, `{v}`: ran at N={', '.join(map(str, beyond))} where `{base}` was over budget; "
-                           "crossovers use only lengths both measured.")
+                past_base.setdefault((base, tuple(beyond)), []).append(v)
         loops = [n for n, r in sorted(by_variant[v].items()) if r.get("flops_source") == "jaxpr_lower_bound"]
         if loops:
             out.append(f"{title}, `{v}`: FLOPs are a lower bound (a while loop with a data-dependent trip count "
@@ -248,6 +248,9 @@ def _notes(title: str, by_variant: dict, info: dict, ns: list[int], bases: Seque
                if r.get("status") == "error"]
         for n, _, reason in bad[:2]:
             out.append(f"{title}, `{v}` failed at N={n}: {reason[:200]}")
+    for (base, beyond), names in sorted(past_base.items()):
+        out.append(f"{title}: {', '.join(f'`{v}`' for v in names)} ran at N={', '.join(map(str, beyond))} where "
+                   f"`{base}` was over budget; their crossovers use only lengths both measured.")
     return out
 
 
