@@ -317,3 +317,23 @@ def test_short_conv_reaches_the_model_and_keeps_old_fingerprints(isolated):
     data = run_module._load_task(setting, 0)
     assert run_module._build_model("full", (), with_conv, data, 0).conv is not None
     assert run_module._build_model("full", (), setting, data, 0).conv is None
+
+
+def test_report_only_rebuilds_the_tables_and_trains_nothing(isolated, monkeypatch, capsys):
+    from conftest import forbid
+
+    out = isolated / "results" / "accuracy" / "tiny"
+    rows = acc.run(_tiny_cfg(["full"]), out, progress=False, log=lambda *a: None)
+    (out / "table.md").unlink()
+    forbid(monkeypatch, (run_module, "_run_one"), (run_module, "_load_task"))
+    # blockwise is pending: report-only leaves it pending (counted as not run) instead of training it
+    again = acc.run(_tiny_cfg(["full", "blockwise"]), out, progress=False, report_only=True)
+    assert again == rows
+    table = (out / "table.md").read_text()
+    assert "| full |" in table and "| blockwise |" in table
+    with pytest.raises(ValueError, match="cannot be combined with force"):
+        acc.run(_tiny_cfg(["full"]), out, report_only=True, force=True)
+    cli = importlib.import_module("efficient_attn.sweeps.accuracy.cli")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--preset", "quick", "--report-only", "--force", "--out", str(out)])
+    assert err.value.code == 2 and "--report-only" in capsys.readouterr().err

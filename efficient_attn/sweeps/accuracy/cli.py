@@ -2,7 +2,8 @@
 
 The flags are the shared ones of ``efficient_attn.sweeps.cli`` (``--preset``, ``--variants``,
 ``--tasks``, ``--seeds``, ``--steps``, ``--plugin``, ``--force``, ``--out``, ``--no-progress``);
-``--tasks`` must name tasks of the preset. ``--mesh data=2,seq=4`` trains every run on that
+``--tasks`` must name tasks of the preset; ``--report-only`` rebuilds the tables and plots from
+the stored rows and trains nothing (not with ``--force``). ``--mesh data=2,seq=4`` trains every run on that
 device mesh (``TrainConfig.mesh``: the batch over "data", the attention sequence-parallel
 over "seq"; a variant without a sequence-parallel form is n/a there). Its rows are rows of
 their own (the mesh is in their fingerprint and key) and go by default to
@@ -31,10 +32,13 @@ _PROG = "efficient-attn train"
 
 
 def _parser() -> argparse.ArgumentParser:
-    return cli.experiment_parser(
+    p = cli.experiment_parser(
         _PROG, "Accuracy of every attention variant on every task (LRA Table 1 analog).",
         presets=PRESETS, tasks=True, seeds=True, steps=True, mesh=True,
     )
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the tables and plots from the stored rows; train nothing")
+    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -119,10 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = _parser()
     args = cli.parse(p, argv)
     cfg = config_from_args(args, p)
+    if args.report_only and args.force:
+        p.error("--report-only: re-renders the stored rows, so it cannot be combined with --force")
     out = args.out or default_out(cfg)
     t0 = time.perf_counter()
     try:
-        rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None)
+        rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None,
+                   report_only=args.report_only)
     except KeyboardInterrupt:
         print(f"\naccuracy: interrupted; finished rows are kept in {out / 'rows.jsonl'} and the tables were "
               "rebuilt from them; rerun the same command to resume", file=sys.stderr)

@@ -171,8 +171,14 @@ def run(
     force: bool = False,
     progress: bool | None = None,
     log=print,
+    report_only: bool = False,
 ) -> list[dict]:
-    """Train every pending (variant, task, seed) of ``cfg``; write the outputs; return the stored rows."""
+    """Train every pending (variant, task, seed) of ``cfg``; write the outputs; return the stored rows.
+
+    ``report_only``: train nothing, only rebuild the tables and plots from the stored rows (the
+    n/a cells from the stored task information; cells not run stay counted as missing)."""
+    if report_only and force:
+        raise ValueError("accuracy: report_only=True re-renders the stored rows; it cannot be combined with force=True")
     out = Path(out)
     store = ea_report.RowStore(out / "rows.jsonl", force=force)
     info_path = out / "task_info.json"
@@ -216,6 +222,8 @@ def run(
                         skipped[(variant, setting.task)] = reason
 
     plan_known()
+    if report_only:
+        return write_outputs(out, store.rows(), cfg, skipped)
     t_start = time.perf_counter()
     try:
         for count, (seed, setting, variant) in enumerate(units, 1):
