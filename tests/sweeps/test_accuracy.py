@@ -111,9 +111,8 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     assert "cost results missing" not in table and "mqar at N=64 fwd_bwd" in table
 
 
-def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):
-    out = isolated / "out"
-    cfg = _tiny_cfg(["full"])
+def _count_runs(monkeypatch) -> list:
+    """The variants ``_run_one`` trains from now on, in order (the real function still runs)."""
     calls = []
     real = run_module._run_one
 
@@ -122,6 +121,13 @@ def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(run_module, "_run_one", counting)
+    return calls
+
+
+def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):
+    out = isolated / "out"
+    cfg = _tiny_cfg(["full"])
+    calls = _count_runs(monkeypatch)
     acc.run(cfg, out, progress=False, log=lambda *_: None)
     longer = acc.AccuracyConfig(preset="tiny", variants=("full",), tasks=(
         acc.TaskSetting("mqar", 32, 32, 16, 16, TINY_MODEL, TrainConfig(lr=3e-3, warmup=1, steps=6, batch_size=8,
@@ -134,6 +140,23 @@ def test_changed_config_reruns_and_errors_are_recorded(isolated, monkeypatch):
     rows = acc.run(cfg, isolated / "out2", progress=False, log=lambda *_: None)
     assert rows[0]["status"] == "error" and "kaput" in rows[0]["reason"]
     assert "error [" in (isolated / "out2" / "table.md").read_text()
+
+
+def test_force_retrains_only_the_selected_rows(isolated, monkeypatch):
+    out = isolated / "out"
+    acc.run(_tiny_cfg(["full", "linear"]), out, progress=False, log=lambda *_: None)
+    before = {r["variant"]: r for r in json.loads((out / "rows.json").read_text())["rows"]}
+    calls = _count_runs(monkeypatch)
+    rows = acc.run(_tiny_cfg(["linear"]), out, force=True, progress=False, log=lambda *_: None)
+    assert calls == ["linear"]  # retrained although its row was done
+    kept = {r["variant"]: r for r in rows}
+    assert set(kept) == {"full", "linear"}  # full's row is still in the store and the table
+    assert kept["full"] == before["full"]
+    assert "| full |" in (out / "table.md").read_text()
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 3  # appended; the newest line wins on load
+    reloaded = {r["variant"]: r for r in acc.run(_tiny_cfg(["full", "linear"]), out, report_only=True,
+                                                  log=lambda *_: None)}
+    assert reloaded["linear"]["wall_s"] == kept["linear"]["wall_s"]
 
 
 def test_presets_and_cli_parsing():

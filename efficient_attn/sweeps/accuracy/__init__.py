@@ -14,9 +14,10 @@ its message and retried on the next invocation; neither stops the sweep, and the
 then exits 1.
 
 Each finished run is a row of ``results/accuracy/<preset>/rows.jsonl`` (a ``RowStore``):
-a rerun skips it (``--force`` recomputes), and an interrupted run resumes from its last
-orbax checkpoint under the cache directory (``$EA_CACHE_DIR/runs/accuracy/<preset>/``, by
-default ``~/.cache/efficient_attn``), never in results/. Outputs, rebuilt from the store:
+a rerun skips it (``--force`` retrains the selected rows and keeps the others), and an
+interrupted run resumes from its last orbax checkpoint under the cache directory
+(``$EA_CACHE_DIR/runs/accuracy/<preset>/``, by default ``~/.cache/efficient_attn``), never in
+results/. Outputs, rebuilt from the store:
 ``table.md`` (variants x tasks, mean ± std over seeds, LRA's published Table 1 beside ours
 where the task matches), ``rows.csv``, ``rows.json`` (config, environment, curves),
 ``curves.png`` and ``pareto.png`` (accuracy against the time and memory the cost experiment

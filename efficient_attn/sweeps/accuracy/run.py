@@ -14,7 +14,8 @@ mesh (only when there is one, so that the rows stored before keep theirs) and so
 
 A run that raises is stored as an error row with its message and retried on the next
 invocation; neither stops the sweep. A finished row whose
-fingerprint matches the config is never trained again (``--force`` recomputes). An
+fingerprint matches the config is never trained again (``--force`` retrains the selected
+variants, tasks and seeds and keeps every other row). An
 interrupted run resumes from its last orbax checkpoint under the cache directory
 (``$EA_CACHE_DIR/runs/accuracy/<preset>/``), never in results/. Whatever happens, the
 outputs are rebuilt from the store before ``run`` returns (``report.write_outputs``).
@@ -175,15 +176,18 @@ def run(
 ) -> list[dict]:
     """Train every pending (variant, task, seed) of ``cfg``; write the outputs; return the stored rows.
 
+    ``force``: train the units ``cfg`` selects again even when their rows are done (their
+    checkpoints are discarded first); rows of other variants, tasks or seeds stay in the store,
+    so one variant can be re-run after a fix without losing the rest of the table.
     ``report_only``: train nothing, only rebuild the tables and plots from the stored rows (the
     n/a cells from the stored task information; cells not run stay counted as missing)."""
     if report_only and force:
         raise ValueError("accuracy: report_only=True re-renders the stored rows; it cannot be combined with force=True")
     out = Path(out)
-    store = ea_report.RowStore(out / "rows.jsonl", force=force)
+    store = ea_report.RowStore(out / "rows.jsonl")
     info_path = out / "task_info.json"
     infos: dict[str, dict] = {}
-    if info_path.exists() and not force:
+    if info_path.exists():  # keyed by the data's fingerprint: a stale entry is recomputed
         try:
             infos = json.loads(info_path.read_text())
         except json.JSONDecodeError:
@@ -230,7 +234,7 @@ def run(
             fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
             key = _key(variant, setting.task, seed, setting.train.mesh)
             prev = store.get(key)
-            if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
+            if not force and prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue
             info = info_for(setting)
             ok, reason = _plan_unit(variant, info, setting)
