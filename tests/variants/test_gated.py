@@ -115,19 +115,33 @@ def test_retnet_padding_is_invisible():
 # ---------------------------------------------------------------------------------- gla
 
 
-def _gla_reference(params, q, k, v, mask=None, tau=16.0, eps=1e-6):
-    """Yang et al. 2024: alpha_t = sigmoid(k_t W1 W2 + b)^(1/tau); o_t = q_t^T S_t / sqrt(d); LN per head."""
+def _gla_reference(params, q, k, v, mask=None, tau=16.0, eps=1e-6, input_norm=True):
+    """Yang et al. 2024: alpha_t = sigmoid(x_t W1 W2 + b)^(1/tau) with x_t = rms(k_t) (or k_t);
+    o_t = q_t^T S_t / sqrt(d); LN per head."""
     kv_mask = None if mask is None else mask
     if kv_mask is not None:
         k = jnp.where(kv_mask[:, :, None, None], k, 0.0)
-    z = jnp.einsum("bthd,hdr,hre->bthe", k, params["gate_down"], params["gate_up"]) + params["gate_bias"]
+    x = k / jnp.sqrt(jnp.mean(k * k, axis=-1, keepdims=True) + eps) if input_norm else k  # rms(k)
+    z = jnp.einsum("bthd,hdr,hre->bthe", x, params["gate_down"], params["gate_up"]) + params["gate_bias"]
     log_alpha = jnp.log(jax.nn.sigmoid(z) ** (1.0 / tau))
     return _layer_norm(gated_linear_quadratic(q, k, v, log_alpha, kv_mask=kv_mask), eps)
 
 
-def test_gla_equals_its_gated_form():
+@pytest.mark.parametrize("input_norm", [True, False])
+def test_gla_equals_its_gated_form(input_norm):
     mask = _kv_mask()
-    _compare(_build("gla"), lambda p, q, k, v: _gla_reference(p, q, k, v, mask), ea.Mask(causal=True, kv_mask=mask))
+    _compare(_build("gla", gate_input_norm=input_norm),
+             lambda p, q, k, v: _gla_reference(p, q, k, v, mask, input_norm=input_norm),
+             ea.Mask(causal=True, kv_mask=mask))
+
+
+def test_gla_gate_ignores_the_key_scale():
+    """With the RMS-normalised gate input, scaling a key changes its write, not its forgetting."""
+    k = _qkv()[1]
+    module = _build("gla")
+    assert_close("log alpha(3 k)", module.log_gate(3.0 * k), module.log_gate(k), **FWD)
+    raw = _build("gla", gate_input_norm=False)
+    assert not np.allclose(np.asarray(raw.log_gate(3.0 * k)), np.asarray(raw.log_gate(k)), atol=1e-3)
 
 
 def test_gla_gate_shapes_and_range():
@@ -217,6 +231,7 @@ def test_bidirectional_is_refused(name):
         ("retnet", "norm_eps", 0.0),
         ("gla", "gate_rank", 0),
         ("gla", "gate_temperature", -1.0),
+        ("gla", "gate_input_norm", 1),
         ("mamba2", "dt_min", 0.0),
         ("mamba2", "dt_max", 1e-4),
         ("mamba2", "skip", 1),
