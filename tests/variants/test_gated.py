@@ -248,3 +248,26 @@ def test_bfloat16_runs_finite(name):
     out = _build(name)(q, k, v, mask=CAUSAL)
     assert out.dtype == jnp.bfloat16 and out.shape == (B, T, H, D)
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_gate_ablation_plugin_registers_its_variants():
+    """experiments/plugins/gate_ablations.py (the NOTES' ablations) loads and builds what it says."""
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "plugins" / "gate_ablations.py"
+    names = ("gla_key_gate", "gla_key_gate_tau64", "mamba2_narrow_init", "mamba2_rms_dt")
+    module = ea.registry.load_plugin(path)
+    try:
+        assert ea.get_spec("gla_key_gate").config().gate_input_norm is False
+        assert ea.get_spec("gla_key_gate_tau64").config().gate_temperature == 64.0
+        narrow = _build("mamba2_narrow_init")
+        dt = np.asarray(jax.nn.softplus(narrow.dt_bias[...]))
+        assert np.all(dt <= 1e-2 * (1 + 1e-5)) and np.all(np.exp(np.asarray(narrow.A_log[...])) <= 2.0 + 1e-5)
+        k = _qkv()[1]
+        rms_dt = _build("mamba2_rms_dt")
+        assert_close("dt(3 k)", rms_dt.step_sizes(3.0 * k), rms_dt.step_sizes(k), **FWD)
+    finally:
+        for name in names:
+            ea.registry.unregister(name)
+        sys.modules.pop(module.__name__, None)
