@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PRESET ?= quick
 STAMP  := $(VENV)/.installed
+# glibc malloc tuned so that XLA's large buffers are reused, not page-faulted anew on every call
+# (efficient_attn/allocator.py says why and what it measured); the experiments re-exec with it anyway.
+export GLIBC_TUNABLES := glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1
 
 .PHONY: test test-slow test-all reproduce bench-peers install clean list
 

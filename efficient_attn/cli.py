@@ -13,6 +13,7 @@ import importlib
 import sys
 
 from efficient_attn import registry
+from efficient_attn.allocator import reexec_with_tuned_allocator
 
 _SUBCOMMANDS = {
     "bench": "efficient_attn.sweeps.cost",
@@ -62,6 +63,8 @@ def _list(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script: measure under the tuned allocator (efficient_attn/allocator.py)
+        reexec_with_tuned_allocator()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from efficient_attn import allocator
+
 __all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "environment",
            "row_environment", "measured_environment"]
 
@@ -223,6 +225,7 @@ def environment(preset: str | None = None, **extra: Any) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "commit": _git_commit(),
+        "allocator": allocator.describe(),
         "preset": preset,
     }
     env.update(extra)
@@ -231,7 +234,7 @@ def environment(preset: str | None = None, **extra: Any) -> dict[str, Any]:
 
 # What a row keeps of the environment it was measured in (an experiment's table, re-rendered
 # later or from the rows of several resumed runs, then states where its numbers come from).
-ROW_ENV_FIELDS = ("commit", "cpu", "cpu_cores", "backend", "device", "jax", "flax", "python")
+ROW_ENV_FIELDS = ("commit", "cpu", "cpu_cores", "backend", "device", "jax", "flax", "python", "allocator")
 
 
 def row_environment(preset: str | None = None) -> dict[str, Any]:

@@ -8,7 +8,9 @@ It runs in a child process with simulated CPU devices, all sharing this machine'
 time column is not a speed-up figure. Exit status 1 when a row errored, 2 for a bad flag.
 """
 
+from efficient_attn.allocator import reexec_with_tuned_allocator
 from efficient_attn.sweeps.scaling import main
 
 if __name__ == "__main__":
+    reexec_with_tuned_allocator()  # before any timing: see efficient_attn/allocator.py
     raise SystemExit(main())

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn import measure
+from efficient_attn import allocator, measure
 from efficient_attn.core import Mask
 from efficient_attn.sweeps.cost.config import MiB, CostConfig
 
@@ -79,6 +79,7 @@ def base_row(name: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> di
         "heads": cfg.heads,
         "head_dim": cfg.head_dim,
         "dtype": cfg.dtype,
+        "allocator": allocator.describe(),
         "time_median_s": None,
         "time_spread": None,
         "time_spread_kind": None,

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from efficient_attn import measure, report
 from efficient_attn.sweeps.cost.analysis import analyse, baselines, current, ok, order_key, quadratic_reference, series
@@ -93,11 +94,25 @@ def _scaling_table(names: Sequence[str], info: dict, by_variant: dict, ns: list[
     return report.markdown_table(head, body)
 
 
-def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict) -> list[str]:
+NOT_RECORDED = "not recorded (measured before rows kept it: glibc's defaults)"
+
+
+def allocator_phrase(rows: Iterable[dict]) -> str:
+    """Which allocator settings the timed rows ran under (``allocator.describe()``), with counts when mixed."""
+    seen = Counter(r.get("allocator") or NOT_RECORDED for r in rows if r.get("time_median_s") is not None)
+    if not seen:
+        return "no timed rows"
+    if len(seen) == 1:
+        return next(iter(seen))
+    return "; ".join(f"{name} for {n} timed rows" for name, n in seen.most_common())
+
+
+def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Iterable[dict]) -> list[str]:
     return [
         f"# Cost scaling: preset `{cfg.preset}`", "",
         f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
         f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
+        f"Allocator: {allocator_phrase(rows)}. "
         + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
            f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
            if rate and rate.get("matmul_gflops") else "")
@@ -161,7 +176,7 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
     groups = series(rows)
     bases = measured_baselines(rows)
     analysis = analyse(rows, bases)
-    lines = _header(cfg, rate, env)
+    lines = _header(cfg, rate, env, rows)
     notes: list[str] = []
     for (pass_, causal) in sorted(groups, key=lambda g: (PASSES.index(g[0]) if g[0] in PASSES else 9, g[1])):
         by_variant = groups[(pass_, causal)]
@@ -530,7 +545,7 @@ CSV_COLUMNS = [
     "gflops_per_s", "matmul_gflops", "matmul_fraction", "steps_per_s", "speedup_vs_full", "memory_vs_full",
     "claimed_time", "claimed_memory", "family", "exact", "batch", "heads", "head_dim", "dtype",
     "num_layers", "emb_dim", "mlp_dim", "num_kv_heads", "layout", "seq_len", "segment_lengths", "segment_range",
-    "seed", "max_call_s", "max_compile_s", "memory_budget_bytes",
+    "seed", "max_call_s", "max_compile_s", "memory_budget_bytes", "allocator",
 ]
 
 
@@ -550,6 +565,7 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
             if r.get("matmul_gflops") == start and r.get("gflops_per_s"):
                 r.update(matmul_gflops=ceiling, matmul_fraction=r["gflops_per_s"] / ceiling)
     env = report.environment(cfg.preset, **(info or {}))
+    env["allocator"] = allocator_phrase(current(rows, cfg))  # what the rows ran under, not this process
     report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
     report.write_json(out / "rows.json", {"environment": env, "config": dataclasses.asdict(cfg), "rows": rows})
     report.write_atomic(out / "table.md", cost_markdown(rows, cfg, info, env))
