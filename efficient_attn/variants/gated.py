@@ -37,8 +37,8 @@ from the key of each head, RMS-normalised: z_t = rms(k_t) W_1 W_2 + b, rms(k) = 
 + eps), with learned ``nnx.Param`` W_1 [H, d, r], W_2 [H, r, d], b [H, d] (per head). The
 paper's x is the block's pre-normalised input, whose scale the norm fixes; a key's scale is
 learned and grows as retrieval sharpens, and an un-normalised gate input ties forgetting to
-it (measured: results/accuracy/cpu/NOTES.md, MQAR 5.2% pooled with k, 32.2% with rms(k),
-seed 0). ``gate_input_norm=False`` gives the un-normalised form. Scale 1 / sqrt(d_k) on q. The output of each head is
+it (results/accuracy/cpu/NOTES.md: MQAR seed 0, 5.2% pooled reading k; 32.2% and 13.5% in two
+runs reading rms(k), which left the 1/P plateau where the k-gated run did not). ``gate_input_norm=False`` gives the un-normalised form. Scale 1 / sqrt(d_k) on q. The output of each head is
 normalised as in retnet (the paper's LayerNorm before its swish output gate; the gate
 itself needs x and is not included).
 
