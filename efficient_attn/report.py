@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from efficient_attn import allocator
 
-__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "environment",
+__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "fixed", "environment",
            "row_environment", "measured_environment"]
 
 
@@ -177,6 +177,13 @@ def _fmt(x: Any) -> str:
             return f"{x:.2e}"
         return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
     return str(x).replace("|", "\\|")
+
+
+def fixed(x: float, digits: int = 2) -> str:
+    """``x`` with ``digits`` decimals, a value that rounds to zero printed without a sign (a flat
+    fit's slope comes out as +-1e-6 depending on the BLAS, and a table must not flip on it)."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

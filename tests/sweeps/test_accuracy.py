@@ -159,6 +159,33 @@ def test_force_retrains_only_the_selected_rows(isolated, monkeypatch):
     assert reloaded["linear"]["wall_s"] == kept["linear"]["wall_s"]
 
 
+def test_a_narrowed_rerun_keeps_the_rest_of_the_table(isolated, monkeypatch):
+    """--variants/--seeds/--tasks narrow what is trained; the table keeps the folder's scope."""
+    monkeypatch.setitem(acc.PRESETS, "quick", lambda: dataclasses.replace(_tiny_cfg(["full", "linear"]), seeds=(0, 1)))
+    monkeypatch.setattr(run_module, "_run_one", _fake_ok_row)
+    out = isolated / "out"
+    assert acc.main(["--preset", "quick", "--out", str(out), "--no-progress"]) == 0
+    calls = _count_runs(monkeypatch)
+    assert acc.main(["--preset", "quick", "--out", str(out), "--no-progress",
+                     "--variants", "linear", "--seeds", "1", "--force"]) == 0
+    assert calls == ["linear"]
+    stored = json.loads((out / "rows.json").read_text())["config"]
+    assert stored["variants"] == ["full", "linear"] and stored["seeds"] == [0, 1]
+    table = (out / "table.md").read_text()
+    assert "| full |" in table and "Not finished" not in table
+
+    two = _tiny_cfg(["full"])
+    other = dataclasses.replace(two.tasks[0], task="bytes_lm")
+    preset = dataclasses.replace(two, tasks=(two.tasks[0], other))
+    narrowed = dataclasses.replace(preset, tasks=(other,), variants=("linear",), seeds=(2,))
+    wide = acc.config.widen_scope(narrowed, {"tasks": ["mqar"], "seeds": [0], "variants": ["full"]}, preset.tasks)
+    assert [t.task for t in wide.tasks] == ["mqar", "bytes_lm"] and wide.seeds == (0, 2)
+    assert wide.variants == ("full", "linear")
+    assert acc.config.widen_scope(narrowed, {"tasks": ["mqar"], "seeds": [0], "variants": None},
+                                  preset.tasks).variants is None
+    assert acc.config.widen_scope(narrowed, None, preset.tasks) == narrowed
+
+
 def test_presets_and_cli_parsing():
     lra_tasks = {"listops", "pathfinder", "mqar", "bytes_lm"}
     for name, make in acc.PRESETS.items():

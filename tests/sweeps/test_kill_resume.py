@@ -172,6 +172,10 @@ def assert_json_rows_equal(ref: Path, got: Path, timing: frozenset[str]) -> None
         if key == "rows":
             strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
             assert strip(b[key]) == strip(a[key]), f"{got}: rows differ beyond {sorted(timing)}"
+        elif key == "growth_rows":  # decode_cost's interleaved growth rows: each has its own stamp
+            strip = lambda rows: [{k: v for k, v in r.items() if k not in DECODE_GROWTH_TIMING}  # noqa: E731
+                                  for r in rows]
+            assert strip(b[key]) == strip(a[key]), f"{got}: growth rows differ beyond {sorted(DECODE_GROWTH_TIMING)}"
         else:
             assert b[key] == a[key], f"{got}: {key!r} differs"
 
@@ -267,6 +271,8 @@ def compare_accuracy(ref: Path, got: Path) -> None:
 # spread kind it decides), and compile time. The state's bytes and the compiled step's
 # temporaries are properties of the program and are compared.
 DECODE_TIMING = frozenset({"step_median_s", "step_spread_s", "spread_kind", "repeats", "compile_s"})
+# a growth row: the two interleaved step times, their ratio, compile time and its environment stamp
+DECODE_GROWTH_TIMING = frozenset({"step_shortest_s", "step_longest_s", "growth", "compile_s", "environment"})
 
 
 def compare_decode_cost(ref: Path, got: Path) -> None:

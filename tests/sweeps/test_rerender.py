@@ -73,6 +73,9 @@ def _as_stored(cfg, stored: dict):
 
     now = plain(cfg)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in now and now[k] != v}
+    if "tasks" in changes:  # a table of some of the preset's tasks: their settings, by name
+        names = {t["task"] for t in stored["tasks"]}
+        changes["tasks"] = tuple(t for t in cfg.tasks if t.task in names)
     cfg = dataclasses.replace(cfg, **changes)
     assert plain(cfg) == stored, f"the stored config is not the preset's with top-level changes {sorted(changes)}"
     return cfg

@@ -2,7 +2,8 @@
 
 The flags are the shared ones of ``efficient_attn.sweeps.cli`` (``--preset``, ``--variants``,
 ``--tasks``, ``--seeds``, ``--steps``, ``--plugin``, ``--force``, ``--out``, ``--no-progress``);
-``--tasks`` must name tasks of the preset; ``--report-only`` rebuilds the tables and plots from
+``--tasks`` must name tasks of the preset; ``--tasks``, ``--variants`` and ``--seeds`` narrow what
+is trained, never what the folder's table shows (``config.widen_scope``); ``--report-only`` rebuilds the tables and plots from
 the stored rows and trains nothing (not with ``--force``). ``--mesh data=2,seq=4`` trains every run on that
 device mesh (``TrainConfig.mesh``: the batch over "data", the attention sequence-parallel
 over "seq"; a variant without a sequence-parallel form is n/a there). Its rows are rows of
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import Sequence
 
 from efficient_attn.sweeps import cli
-from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting
+from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting, stored_scope, widen_scope
 from efficient_attn.sweeps.accuracy.presets import PRESETS
 from efficient_attn.sweeps.accuracy.run import rows_of, run
 
-__all__ = ["parse_args", "config_from_args", "default_out", "main"]
+__all__ = ["parse_args", "settings_from_args", "config_from_args", "default_out", "main"]
 
 _PROG = "efficient-attn train"
 
@@ -61,32 +62,9 @@ def _refuse(parser: argparse.ArgumentParser | None, message: str):
     raise SystemExit(f"{_PROG}: error: {message}")
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> AccuracyConfig:
-    """The preset with the flags' overrides; a bad value exits with one line naming its flag."""
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> AccuracyConfig:
+    """The preset with the flags that change a setting (``--steps``, ``--mesh``), every task kept."""
     cfg = PRESETS[args.preset]()
-    tasks = _names(getattr(args, "tasks", None))
-    if tasks is not None:
-        known = [t.task for t in cfg.tasks]
-        if not tasks:
-            _refuse(parser, "--tasks: expected at least one comma-separated name")
-        bad = [t for t in tasks if t not in known]
-        if bad:
-            _refuse(parser, f"--tasks: unknown task(s) {', '.join(bad)}; the {args.preset} preset has {', '.join(known)}")
-        cfg = dataclasses.replace(cfg, tasks=tuple(t for t in cfg.tasks if t.task in tasks))
-    variants = _names(getattr(args, "variants", None))
-    if variants is not None:
-        if not variants:
-            _refuse(parser, "--variants: expected at least one comma-separated name")
-        cfg = dataclasses.replace(cfg, variants=variants)
-    seeds = _names(getattr(args, "seeds", None))
-    if seeds is not None:
-        try:
-            seeds = tuple(int(s) for s in seeds)
-        except ValueError:
-            seeds = ()
-        if not seeds or min(seeds) < 0:
-            _refuse(parser, f"--seeds: expected comma-separated non-negative integers, got {args.seeds!r}")
-        cfg = dataclasses.replace(cfg, seeds=seeds)
     steps = getattr(args, "steps", None)
     if steps is not None:
         if not isinstance(steps, int) or steps < 1:
@@ -112,6 +90,37 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     return cfg
 
 
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> AccuracyConfig:
+    """What this invocation trains: the preset with the flags' settings (``settings_from_args``),
+    narrowed to the ``--tasks``, ``--variants`` and ``--seeds`` named; a bad value exits with one
+    line naming its flag."""
+    cfg = settings_from_args(args, parser)
+    tasks = _names(getattr(args, "tasks", None))
+    if tasks is not None:
+        known = [t.task for t in cfg.tasks]
+        if not tasks:
+            _refuse(parser, "--tasks: expected at least one comma-separated name")
+        bad = [t for t in tasks if t not in known]
+        if bad:
+            _refuse(parser, f"--tasks: unknown task(s) {', '.join(bad)}; the {args.preset} preset has {', '.join(known)}")
+        cfg = dataclasses.replace(cfg, tasks=tuple(t for t in cfg.tasks if t.task in tasks))
+    variants = _names(getattr(args, "variants", None))
+    if variants is not None:
+        if not variants:
+            _refuse(parser, "--variants: expected at least one comma-separated name")
+        cfg = dataclasses.replace(cfg, variants=variants)
+    seeds = _names(getattr(args, "seeds", None))
+    if seeds is not None:
+        try:
+            seeds = tuple(int(s) for s in seeds)
+        except ValueError:
+            seeds = ()
+        if not seeds or min(seeds) < 0:
+            _refuse(parser, f"--seeds: expected comma-separated non-negative integers, got {args.seeds!r}")
+        cfg = dataclasses.replace(cfg, seeds=seeds)
+    return cfg
+
+
 def default_out(cfg: AccuracyConfig) -> Path:
     """``results/accuracy/<preset>``; a run on a mesh gets ``<preset>_mesh_<axes>`` beside it."""
     name = cli.mesh_folder(cfg.preset, (t.train.mesh for t in cfg.tasks))
@@ -125,10 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args, p)
     if args.report_only and args.force:
         p.error("--report-only: re-renders the stored rows, so it cannot be combined with --force")
-    out = args.out or default_out(cfg)
+    out = Path(args.out or default_out(cfg))
+    # --tasks/--variants/--seeds narrow what is trained, not what the folder's table shows
+    table = widen_scope(cfg, stored_scope(out), settings_from_args(args, p).tasks)
     t0 = time.perf_counter()
     try:
-        rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None,
+        rows = run(cfg, out, table=table, force=args.force, progress=False if args.no_progress else None,
                    report_only=args.report_only)
     except KeyboardInterrupt:
         print(f"\naccuracy: interrupted; finished rows are kept in {out / 'rows.jsonl'} and the tables were "

@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Sequence
 
 from efficient_attn.core import check_config, check_positive_int
 from efficient_attn.registry import list_variants
 from efficient_attn.train import TrainConfig
 
-__all__ = ["ModelSize", "TaskSetting", "AccuracyConfig", "TASK_TITLES", "current_rows", "data_fingerprint"]
+__all__ = ["ModelSize", "TaskSetting", "AccuracyConfig", "TASK_TITLES", "current_rows", "data_fingerprint",
+           "stored_scope", "widen_scope"]
 
 TASK_TITLES = {"listops": "ListOps", "pathfinder": "Pathfinder", "mqar": "MQAR", "bytes_lm": "bytes_lm",
                "selective_copy": "Selective copy"}
@@ -141,3 +143,33 @@ def current_rows(rows: Sequence[dict], cfg: AccuracyConfig) -> dict[tuple[str, s
             continue
         by.setdefault((r["variant"], r["task"]), []).append(r)
     return by
+
+
+def stored_scope(out: str | Path) -> dict | None:
+    """The scope (task names, seeds, variants) of the table last written in ``out``, or None."""
+    try:
+        stored = json.loads((Path(out) / "rows.json").read_text())["config"]
+        return {"tasks": [t["task"] for t in stored["tasks"]], "seeds": list(stored["seeds"]),
+                "variants": stored["variants"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def widen_scope(cfg: AccuracyConfig, stored: dict | None, tasks: Sequence[TaskSetting]) -> AccuracyConfig:
+    """The config a folder's table describes after ``cfg`` ran there: ``cfg`` together with the
+    table's earlier scope ``stored`` (``stored_scope``), so that re-running one variant, task or
+    seed keeps every other cell in the table. ``tasks``: the settings to take a stored task's
+    from (the preset's, with this invocation's settings); stored names it lacks are dropped.
+    ``variants`` None (every registered variant) on either side stays None."""
+    if stored is None:
+        return cfg
+    names = {t.task for t in cfg.tasks} | set(stored["tasks"])
+    mine = {t.task: t for t in cfg.tasks}
+    widened = tuple(mine.get(t.task, t) for t in tasks if t.task in names)
+    widened += tuple(t for t in cfg.tasks if t.task not in {w.task for w in widened})
+    seeds = tuple(sorted(set(cfg.seeds) | {s for s in stored["seeds"] if isinstance(s, int) and s >= 0}))
+    if cfg.variants is None or stored["variants"] is None:
+        variants = None
+    else:
+        variants = tuple(dict.fromkeys([*stored["variants"], *cfg.variants]))
+    return dataclasses.replace(cfg, tasks=widened, seeds=seeds, variants=variants)

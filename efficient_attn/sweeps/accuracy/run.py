@@ -38,7 +38,8 @@ import numpy as np
 from efficient_attn import report as ea_report
 from efficient_attn import tasks as ea_tasks
 from efficient_attn.registry import get_spec
-from efficient_attn.sweeps.accuracy.config import AccuracyConfig, TaskSetting, current_rows, data_fingerprint
+from efficient_attn.sweeps.accuracy.config import (AccuracyConfig, TaskSetting, current_rows, data_fingerprint,
+                                                   stored_scope, widen_scope)
 from efficient_attn.sweeps.accuracy.groups import grouped_accuracy
 from efficient_attn.sweeps.accuracy.report import write_outputs
 from efficient_attn.train import needs_kv_mask
@@ -173,8 +174,13 @@ def run(
     progress: bool | None = None,
     log=print,
     report_only: bool = False,
+    table: AccuracyConfig | None = None,
 ) -> list[dict]:
     """Train every pending (variant, task, seed) of ``cfg``; write the outputs; return the stored rows.
+
+    ``table``: the config the outputs describe (default: ``cfg`` widened by the scope of the
+    table already in ``out``, ``config.widen_scope``), so that a run narrowed to some variants,
+    tasks or seeds trains only those and leaves the rest of the table in place.
 
     ``force``: train the units ``cfg`` selects again even when their rows are done (their
     checkpoints are discarded first); rows of other variants, tasks or seeds stay in the store,
@@ -192,6 +198,8 @@ def run(
             infos = json.loads(info_path.read_text())
         except json.JSONDecodeError:
             infos = {}
+    if table is None:
+        table = widen_scope(cfg, stored_scope(out), cfg.tasks)
     variants = cfg.variant_names()
     for v in variants:
         get_spec(v)  # unknown names fail before any training
@@ -217,17 +225,17 @@ def run(
 
     def plan_known() -> None:
         """The n/a cells of every task whose data is known (stored info or loaded now)."""
-        for setting in cfg.tasks:
+        for setting in table.tasks:
             info = infos.get(setting.task)
-            if info is not None and info.get("fingerprint") == data_fingerprint(setting, cfg.data_seed):
-                for variant in variants:
+            if info is not None and info.get("fingerprint") == data_fingerprint(setting, table.data_seed):
+                for variant in table.variant_names():
                     ok, reason = _plan_unit(variant, info, setting)
                     if not ok:
                         skipped[(variant, setting.task)] = reason
 
     plan_known()
     if report_only:
-        return write_outputs(out, store.rows(), cfg, skipped)
+        return write_outputs(out, store.rows(), table, skipped)
     t_start = time.perf_counter()
     try:
         for count, (seed, setting, variant) in enumerate(units, 1):
@@ -246,10 +254,10 @@ def run(
             done = f"{row['metric']} {row['test']:.4g}" if row["status"] == "ok" else f"ERROR {row['reason']}"
             log(f"[{count}/{len(units)}] {variant} on {setting.task} seed {seed}: {done} "
                 f"({row['wall_s']:.1f} s, total {time.perf_counter() - t_start:.0f} s)")
-            write_outputs(out, store.rows(), cfg, skipped)  # the tables follow the store row by row
+            write_outputs(out, store.rows(), table, skipped)  # the tables follow the store row by row
         plan_known()  # tasks first loaded in this call
     finally:
-        rows = write_outputs(out, store.rows(), cfg, skipped)
+        rows = write_outputs(out, store.rows(), table, skipped)
     return rows
 
 

@@ -77,7 +77,7 @@ def _fmt_cross(c: measure.Crossover | None) -> str:
 
 
 def _fmt_slope(fit: measure.Fit | None) -> str:
-    return "-" if fit is None else f"{fit.slope:.2f}"
+    return "-" if fit is None else report.fixed(fit.slope)
 
 
 def _scaling_table(names: Sequence[str], info: dict, by_variant: dict, ns: list[int], which: str, field: str,

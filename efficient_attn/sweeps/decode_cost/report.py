@@ -59,7 +59,7 @@ def _latency_table(rows_by: dict, summaries: list[Summary], ns: list[int], base:
             c = s.crossover
             cross = (f"none <= {_k(c.ns[-1])}" if c.n is None else f"<= {_k(c.n)}" if c.from_start
                      else f"{_k(c.n)} (~{c.n_interp:.0f})")
-        body.append([s.variant, s.state, *cells, None if s.slope is None else f"{s.slope.slope:.2f}", growth,
+        body.append([s.variant, s.state, *cells, None if s.slope is None else report.fixed(s.slope.slope), growth,
                      speed, cross if s.variant != base else "-"])
     return report.markdown_table(headers, body)
 
@@ -72,7 +72,7 @@ def _memory_table(rows_by: dict, summaries: list[Summary], ns: list[int]) -> str
         mem = [None if n not in s.state_bytes else s.state_bytes[n] / MiB for n in ns]
         temps = [by_n[n].get("step_temp_bytes") for n in sorted(by_n) if by_n[n].get("status") == "ok"]
         temp = temps[-1] / MiB if temps and temps[-1] is not None else None
-        body.append([s.variant, s.state, *mem, None if s.memory_slope is None else f"{s.memory_slope.slope:.2f}",
+        body.append([s.variant, s.state, *mem, None if s.memory_slope is None else report.fixed(s.memory_slope.slope),
                      temp])
     return report.markdown_table(headers, body)
 
