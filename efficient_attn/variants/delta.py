@@ -58,14 +58,14 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 from jaxtyping import Array, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
 from efficient_attn.ops.delta_rule import delta_rule_attention, delta_rule_step
+from efficient_attn.ops.feature_norms import l2_normalise
 from efficient_attn.registry import register
 
-__all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNet", "GatedDeltaNet", "l2_normalise"]
+__all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNet", "GatedDeltaNet"]
 
 _CAPS = Capabilities(
     causal=True,
@@ -87,11 +87,6 @@ def _check_common(variant: str, cfg) -> None:
     check_positive_int(variant, "chunk_size", cfg.chunk_size)
     _positive_float(variant, "scale", cfg.scale)
     _positive_float(variant, "norm_eps", cfg.norm_eps)
-
-
-def l2_normalise(x: Float[Array, "... D"], eps: float) -> Float[Array, "... D"]:
-    """x / sqrt(|x|^2 + eps): unit vectors, and 0 (with a finite gradient) for x = 0."""
-    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def _real_tokens(q, k, v, mask: Mask):

@@ -81,6 +81,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from efficient_attn.core import Attention, Capabilities, Dims, Mask, check_config, check_positive_int
+from efficient_attn.ops.feature_norms import rms_normalise
 from efficient_attn.ops.gated_linear import gated_linear_attention, gated_linear_step
 from efficient_attn.registry import register
 
@@ -93,7 +94,6 @@ __all__ = [
     "Mamba2",
     "retnet_log_decays",
     "head_norm",
-    "rms_normalise",
 ]
 
 _CAPS = Capabilities(
@@ -106,12 +106,6 @@ def head_norm(x: Float[Array, "B T H Dv"], eps: float) -> Float[Array, "B T H Dv
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
-
-
-def rms_normalise(x: Float[Array, "B T H D"], eps: float) -> Float[Array, "B T H D"]:
-    """x / sqrt(mean(x^2) + eps) over each head's features: the direction of a key, at unit RMS
-    (a zeroed padded key stays 0, with a finite gradient)."""
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def retnet_log_decays(num_heads: int) -> np.ndarray:

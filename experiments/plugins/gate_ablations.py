@@ -21,7 +21,8 @@ registered defaults. Used for results/accuracy/cpu/NOTES.md ("gla and mamba2 on 
 import dataclasses
 
 from efficient_attn.registry import register
-from efficient_attn.variants.gated import GLA, GLAConfig, Mamba2, Mamba2Config, rms_normalise
+from efficient_attn.ops.feature_norms import rms_normalise
+from efficient_attn.variants.gated import GLA, GLAConfig, Mamba2, Mamba2Config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,7 +112,7 @@ def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Itera
         f"# Cost scaling: preset `{cfg.preset}`", "",
         f"q, k, v of shape [B={cfg.batch}, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on "
         f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
-        f"Allocator: {allocator_phrase(rows)}. "
+        f"Allocator: {env.get('allocator') or allocator_phrase(rows)}. "
         + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
            f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
            if rate and rate.get("matmul_gflops") else "")
