@@ -119,6 +119,31 @@ def test_tiny_run_writes_table_and_plot_skips_and_resumes(plugins, monkeypatch):
     assert "Not finished: 1 points" in text and f"{ref} width=32 (0/1)" in text
 
 
+def test_a_point_trained_by_the_accuracy_experiment_is_not_trained_again(plugins, monkeypatch):
+    from efficient_attn.sweeps import accuracy
+
+    ref = reference_variant()
+    acc_cfg = accuracy.AccuracyConfig(preset="tiny", tasks=(TINY,), variants=(ref,))
+    acc_rows = accuracy.run(acc_cfg, plugins / "results" / "accuracy" / "tiny", progress=False, log=lambda *_: None)
+    trained = []
+    real = run_module._run_point
+    monkeypatch.setattr(run_module, "_run_point", lambda cfg, point, *a, **k: trained.append(point.value)
+                        or real(cfg, point, *a, **k))
+    cfg = recall.RecallConfig(preset="tiny", task=TINY, widths=(8, 16), budget_width=None, variants=(ref,))
+    out = plugins / "results" / "recall" / "tiny"
+    rows = {r["value"]: r for r in recall.run(cfg, out, progress=False, log=lambda *_: None)}
+    assert trained == [8]  # width 16 is TINY's own model: the accuracy run trained exactly it
+    (acc_row,) = acc_rows
+    assert rows[16]["groups"] == acc_row["groups"] and rows[16]["test"] == acc_row["test"]
+    assert rows[16]["reused_from"].endswith("accuracy/tiny/rows.jsonl") and "reused_from" not in rows[8]
+    assert rows[16]["state_floats"] > rows[8]["state_floats"]
+    assert "1 points were not trained again" in (out / "table.md").read_text()
+    trained.clear()
+    forced = recall.run(cfg, plugins / "results" / "recall" / "tiny_alone", progress=False, log=lambda *_: None,
+                        reuse=None)
+    assert sorted(trained) == [8, 16] and not any(r.get("reused_from") for r in forced)
+
+
 def test_presets_and_cli():
     for name, make in recall.PRESETS.items():
         cfg = make()

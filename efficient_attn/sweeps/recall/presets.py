@@ -14,8 +14,10 @@ __all__ = ["cpu", "PRESETS"]
 def cpu() -> RecallConfig:
     """The accuracy experiment's cpu MQAR setting (length 128, vocabulary 1024, 4-32 pairs, 2
     layers, short convolution), every registered variant at widths 32/64/128 and, at width 64,
-    over its budget knob; one seed. About 120 runs of 1-3 minutes each on 2 idle cores: the
-    lead decides when to run it."""
+    over its budget knob; one seed: 132 points of 2-25 minutes on 2 idle cores (the accuracy
+    experiment's per-variant MQAR times, results/accuracy/cpu/NOTES.md), of which the 22 at width
+    64 are the accuracy experiment's own MQAR runs and reuse their rows (``run.accuracy_rows``).
+    ``--variants`` runs a family subset first."""
     mqar = next(t for t in accuracy_presets.cpu().tasks if t.task == "mqar")
     return RecallConfig(preset="cpu", task=mqar, widths=(32, 64, 128), budget_width=64, seeds=(0,))
 

@@ -17,7 +17,8 @@ from efficient_attn.sweeps.recall.state import KV_BOUND
 __all__ = ["CSV_COLUMNS", "current", "markdown", "plot", "write_outputs"]
 
 CSV_COLUMNS = ["variant", "family", "axis", "value", "width", "seed", "status", "reason", "test", "state_floats",
-               "state_kind", "num_layers", "seq_len", "steps", "wall_s", "cpu_s", "num_params", "fingerprint"]
+               "state_kind", "num_layers", "seq_len", "steps", "wall_s", "cpu_s", "num_params", "fingerprint",
+               "reused_from"]
 
 
 def current(rows: Sequence[dict], cfg: RecallConfig) -> dict[tuple[str, str, int], list[dict]]:
@@ -87,6 +88,13 @@ def markdown(rows: Sequence[dict], cfg: RecallConfig, skipped: dict, env: dict) 
               "decode capability; otherwise '(bound)': a KV cache of 2 N H d floats, which any causal attention "
               "can decode with (its true state may be smaller, a window's 2 w H d). The short convolution's "
               f"{max(m.short_conv - 1, 0)} past embeddings per model are the same for every variant and not counted."]
+    reused = sorted(f"{r['variant']} {r['axis']}={r['value']} seed {r['seed']}" for rs in by.values() for r in rs
+                    if r.get("status") == "ok" and r.get("reused_from"))
+    if reused:
+        sources = sorted({r["reused_from"] for rs in by.values() for r in rs if r.get("reused_from")})
+        lines.append(f"- {len(reused)} points were not trained again: their training is the accuracy experiment's "
+                     f"(same variant, seed, model and setting; rows of {', '.join(f'`{x}`' for x in sources)}): "
+                     + ", ".join(reused) + ".")
     for v, why in sorted(skipped.items()):
         lines.append(f"- {v}: n/a: {why}")
     errors = [r for rs in by.values() for r in rs if r["status"] != "ok"]

@@ -6,6 +6,11 @@ the best-validation model per pair count (``accuracy.groups``) and records the s
 variant keeps per layer (``state.py``). Variants that cannot serve the task are skipped with
 the reason (``accuracy.run.plan_for_task``); a failing point is an error row, retried next
 time; finished points are never retrained; the outputs are rebuilt from the store at the end.
+
+A point whose training is the accuracy experiment's (the same variant, seed and fingerprint:
+the width of the accuracy preset's MQAR model at the registered defaults) is not trained
+again: its row is built from the accuracy row in ``results/accuracy/<preset>/rows.jsonl``
+(test accuracy per pair count, history, times), with ``reused_from`` naming that file.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from efficient_attn.sweeps.recall.config import Point, RecallConfig, points
 from efficient_attn.sweeps.recall.report import write_outputs
 from efficient_attn.sweeps.recall.state import state_floats
 
-__all__ = ["run", "key_of"]
+__all__ = ["run", "key_of", "accuracy_rows"]
 
 # the module (the package's attribute ``run`` is the accuracy sweep's function of that name)
 acc_run = importlib.import_module("efficient_attn.sweeps.accuracy.run")
@@ -42,10 +47,43 @@ def key_of(point: Point, seed: int) -> str:
                                        *((f"mesh={mesh}",) if mesh is not None else ()))
 
 
+def accuracy_rows(path: Path) -> dict[tuple[str, int, str], dict]:
+    """The finished MQAR rows of an accuracy RowStore with per-pair-count test accuracy, by
+    (variant, seed, fingerprint); {} when there is none."""
+    if not path.exists():
+        return {}
+    return {(r["variant"], r["seed"], r["fingerprint"]): r for r in ea_report.RowStore(path).rows()
+            if r.get("task") == "mqar" and r.get("status") == "ok" and r.get("groups") and "mesh" not in r}
+
+
+def _from_accuracy(point: Point, seed: int, fp: str, acc_row: dict, data_len: int, source: str) -> dict:
+    """The recall row of ``point`` from the accuracy row of the same training."""
+    m = point.setting.model
+    floats, kind = state_floats(point.variant, point.kwargs, num_heads=m.num_heads, head_dim=m.emb_dim // m.num_heads,
+                                max_len=data_len)
+    row = {"variant": point.variant, "family": get_spec(point.variant).family, "axis": point.axis,
+           "value": point.value, "width": point.width, "variant_kwargs": dict(point.kwargs), "seed": seed,
+           "status": "ok", "reason": "", "fingerprint": fp, "state_floats": floats, "state_kind": kind,
+           "num_layers": m.num_layers, "seq_len": data_len, "metric": acc_row["metric"],
+           "model": dataclasses.asdict(m), "reused_from": source}
+    for k in ("train", "test", "best_val", "best_step", "steps", "num_params", "tokens_per_s", "history", "groups",
+              "wall_s", "cpu_s", "load_1min", "cores"):
+        if k in acc_row:
+            row[k] = acc_row[k]
+    return row
+
+
 def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bool | None = None,
-        log=print) -> list[dict]:
-    """Train every pending point of ``cfg``; write the outputs; return the stored rows."""
+        log=print, reuse: str | Path | None = "default") -> list[dict]:
+    """Train every pending point of ``cfg``; write the outputs; return the stored rows.
+
+    ``reuse``: an accuracy RowStore whose matching rows stand for points instead of training
+    them (default: ``results/accuracy/<preset>/rows.jsonl`` beside ``out``'s results folder;
+    None: train every point)."""
     out = Path(out)
+    if reuse == "default":
+        reuse = out.parent.parent / "accuracy" / cfg.preset / "rows.jsonl"
+    shared = {} if reuse is None or force else accuracy_rows(Path(reuse))
     store = ea_report.RowStore(out / "rows.jsonl", force=force)
     variants = cfg.variant_names()
     for v in variants:
@@ -76,6 +114,12 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
             ok, reason = _plan(point.variant, info, cfg)
             if not ok:
                 skipped[point.variant] = reason
+                continue
+            acc_row = shared.get((point.variant, seed, fp)) if point.setting.train.mesh is None else None
+            if acc_row is not None:
+                store.add(key_of(point, seed), _from_accuracy(point, seed, fp, acc_row, cfg.task.seq_len, str(reuse)))
+                log(f"[{count}/{len(todo)}] {point.variant} {point.axis}={point.value} seed {seed}: acc "
+                    f"{acc_row['test']:.3f} (the accuracy experiment's row, {reuse})")
                 continue
             if data is None:
                 data = acc_run.load_task(cfg.task, cfg.data_seed)
