@@ -40,8 +40,9 @@ def quick() -> AccuracyConfig:
 
 
 def cpu() -> AccuracyConfig:
-    """Every variant x every task x 3 seeds within about 8 hours of 2 cores, at settings that
-    separate variants (sized from measured runs of ``full``; results/accuracy/cpu/NOTES.md).
+    """Every variant x every task x 3 seeds at settings that separate variants. Sized from
+    ``full`` alone for about 8 hours of 2 cores; measured per variant since, it is about 21
+    hours (the slower kernels), run over sessions by the RowStore (results/accuracy/cpu/NOTES.md).
 
     Every task: 2 layers, width 64, 2 heads, MLP 128, learned positions, and a causal depthwise
     short convolution of kernel 3 on the embeddings (``nn``'s ``short_conv``), given to every
