@@ -138,6 +138,15 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
     lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", _ms)]
     lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
     lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", _mib)]
+    if not bases:  # a run of some variants only: no ratio or crossover has a baseline to be taken against
+        lines += ["No speed-ups or crossovers: these rows hold no baseline (exact attention) to take them "
+                  "against; a run whose --variants include `full` gives them.", "", "Matmul fraction: FLOPs / time at "
+                  "the longest measured N, over this run's matmul rate.", ""]
+        body = []
+        for v in names:
+            last = next((by_variant[v][n] for n in reversed(ns) if ok(by_variant[v].get(n), "time_median_s")), None)
+            body.append([v, last.get("flops_source") if last else None, last.get("matmul_fraction") if last else None])
+        return lines + [report.markdown_table(["variant", "FLOPs source", "matmul fraction"], body)]
     lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
               f"memory), each as `{' / '.join(f'vs {b}' for b in bases)}`.", ""]
     head = ["variant"] + [f"speed-up N={n}" for n in ns] + [f"memory N={n}" for n in ns]
