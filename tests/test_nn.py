@@ -145,6 +145,30 @@ def test_lm_refuses_non_causal_variant():
         ea.registry.unregister("_test_noncausal")
 
 
+def test_bidirectional_lm_sees_the_future_and_refuses_to_generate():
+    """LMConfig(causal=False): a bidirectional-only core runs unmasked (MQAR's layout allows it)."""
+    with pytest.raises(ValueError, match="causal=False runs it bidirectionally"):
+        _small_lm(attention="linformer", attention_kwargs=(("rank", 4),))
+    cfg = _small_lm(attention="linformer", attention_kwargs=(("rank", 4),), causal=False)
+    model = CausalLM(cfg, rngs=nnx.Rngs(3))
+    tokens = np.random.default_rng(3).integers(0, 11, (2, 16)).astype(np.int32)
+    changed = tokens.copy()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 11
+    a, b = (np.asarray(model(jnp.asarray(t))) for t in (tokens, changed))
+    assert not np.allclose(a[:, :12], b[:, :12], atol=1e-4)  # earlier positions see the changed later tokens
+    # one layer: the last position attends every embedding either way (deeper, its inputs differ)
+    bidir_full = CausalLM(_small_lm(causal=False, num_layers=1), rngs=nnx.Rngs(4))
+    causal_full = CausalLM(_small_lm(num_layers=1), rngs=nnx.Rngs(4))  # same parameters, the causal mask on
+    x = jnp.asarray(tokens)
+    np.testing.assert_allclose(np.asarray(bidir_full(x))[:, -1], np.asarray(causal_full(x))[:, -1],
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(bidir_full(x))[:, 0], np.asarray(causal_full(x))[:, 0], atol=1e-4)
+    with pytest.raises(ValueError, match="causal=False"):
+        bidir_full.generate(x[:, :4], 2)
+    with pytest.raises(ValueError, match="causal-only"):
+        _small_lm(attention="retnet", causal=False)
+
+
 def test_models_jit_and_grad():
     model = Classifier(_small_enc(), rngs=nnx.Rngs(0))
     tokens = jnp.zeros((2, 16), jnp.int32)

@@ -83,7 +83,13 @@ class EncoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-    """Sizes of the causal language model (``num_classes`` = output vocabulary, default input's)."""
+    """Sizes of the causal language model (``num_classes`` = output vocabulary, default input's).
+
+    ``causal=False`` runs the attention without the causal mask: a bidirectional-only variant
+    (Linformer, Nystromformer) on a task whose layout cannot leak an answer to a look-ahead
+    (``tasks.bidirectional_safe``: MQAR's values never follow their query). Such a model
+    predicts at positions it can see the whole row from, so it cannot ``generate``.
+    """
 
     vocab_size: int
     max_len: int
@@ -99,13 +105,22 @@ class LMConfig:
     position: str = "learned"  # or "sinusoidal" or "rotary" (see nn/models.py)
     short_conv: int = 0  # kernel of the causal depthwise convolution on the embeddings; 0 = none
     num_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = num_heads
+    causal: bool = True  # False: the attention sees the whole row (class docstring)
 
     def __post_init__(self):
         if self.num_classes is None:
             object.__setattr__(self, "num_classes", self.vocab_size)
         _check_model_config(self)
-        check_config(type(self).__name__, get_spec(self.attention).capabilities.causal,
-                     f"variant {self.attention!r} cannot do causal masking, which a causal LM needs")
+        caps = get_spec(self.attention).capabilities
+        check_config(type(self).__name__, isinstance(self.causal, bool), f"causal must be a bool, got {self.causal!r}")
+        if self.causal:
+            check_config(type(self).__name__, caps.causal,
+                         f"variant {self.attention!r} cannot do causal masking, which a causal LM needs; "
+                         "causal=False runs it bidirectionally, only for a task whose layout cannot leak its answers")
+        else:
+            check_config(type(self).__name__, caps.bidirectional,
+                         f"causal=False needs a variant that can attend bidirectionally; {self.attention!r} is "
+                         "causal-only (capabilities.bidirectional=False)")
 
     @property
     def attention_len(self) -> int:

@@ -100,7 +100,8 @@ class Classifier(nnx.Module):
 class CausalLM(nnx.Module):
     """Causal language model: tokens ``[B, L]`` -> next-token logits ``[B, L, V]``.
 
-    The attention gets ``Mask(causal=True, kv_mask=mask)``; ``mask=None`` passes no key mask.
+    The attention gets ``Mask(causal=True, kv_mask=mask)`` (``causal=cfg.causal``: False for a
+    bidirectional model, ``LMConfig``); ``mask=None`` passes no key mask.
     ``segment_ids`` ``[B, L]`` (packed rows, sorted ids): attention within a segment only,
     positions and the short convolution restarting at each segment (module docstring).
 
@@ -133,14 +134,15 @@ class CausalLM(nnx.Module):
         _check_tokens(tokens, mask, self.cfg.max_len, "CausalLM")
         x, bad = _embed_ids(self.trunk, tokens, "CausalLM")
         if segment_ids is None:
-            attn_mask, within = Mask(causal=True, kv_mask=mask), None
+            attn_mask, within = Mask(causal=self.cfg.causal, kv_mask=mask), None
         else:
             segment_ids = jnp.asarray(segment_ids)
             if tuple(segment_ids.shape) != tuple(tokens.shape) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
                 raise ValueError(f"CausalLM: segment_ids must be integers of the tokens' shape {tuple(tokens.shape)}, "
                                  f"got {segment_ids.dtype}{tuple(segment_ids.shape)}; make packed rows with "
                                  "tasks.packing.pack")
-            attn_mask = Mask(causal=True, kv_mask=mask, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+            attn_mask = Mask(causal=self.cfg.causal, kv_mask=mask, q_segment_ids=segment_ids,
+                             kv_segment_ids=segment_ids)
             within = segment_positions(segment_ids)
         x = _apply_conv(self.conv, x, mask, segment_ids)
         h = self.trunk.run(x, attn_mask, dropout_key, within)
@@ -183,6 +185,9 @@ class CausalLM(nnx.Module):
         """
         cfg = self.cfg
         spec = get_spec(cfg.attention)
+        check_config("CausalLM.generate", cfg.causal,
+                     "this model was built with LMConfig(causal=False): each position sees the tokens after it, "
+                     "so it cannot generate one token at a time; generate with a causal model")
         if not spec.capabilities.decode:
             raise CapabilityError(cfg.attention, "generation (the decoding state API)", "decode")
         prompt = jnp.asarray(prompt)

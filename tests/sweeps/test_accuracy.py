@@ -64,6 +64,9 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     ea.registry.load_plugin(plugin)
     out = tmp_path / "results" / "accuracy" / "tiny"
     logs = []
+    # the skip path: MQAR declared as a task whose input holds the answers (it is not: see
+    # test_a_bidirectional_core_runs_mqar_unmasked)
+    monkeypatch.setattr(run_module.ea_tasks, "bidirectional_safe", lambda name: False)
     rows = acc.run(_tiny_cfg(["full", "_acc_test_bidirectional"]), out, progress=False, log=logs.append)
 
     assert [(r["variant"], r["status"]) for r in rows] == [("full", "ok")]
@@ -80,9 +83,7 @@ def test_tiny_sweep_writes_tables_skips_and_resumes(isolated, monkeypatch):
     table = (out / "table.md").read_text()
     assert "| full |" in table and "n/a [" in table and "MQAR pairs=4 (acc %)" in table
     assert "## MQAR: test accuracy (%) per pairs count" in table
-    # MQAR's layout is leak-free bidirectionally, but the LM has no bidirectional mode to run it in
     assert "_acc_test_bidirectional on mqar: n/a: non-causal variant on a causal (next-token) task" in table
-    assert "no bidirectional mode" in table
     assert "cost results missing: run cost_scaling first" in table
     saved = json.loads((out / "rows.json").read_text())
     assert saved["environment"]["preset"] == "tiny" and saved["config"]["preset"] == "tiny"
@@ -157,6 +158,14 @@ def test_force_retrains_only_the_selected_rows(isolated, monkeypatch):
     reloaded = {r["variant"]: r for r in acc.run(_tiny_cfg(["full", "linear"]), out, report_only=True,
                                                   log=lambda *_: None)}
     assert reloaded["linear"]["wall_s"] == kept["linear"]["wall_s"]
+
+
+def test_a_bidirectional_core_runs_mqar_unmasked(isolated):
+    """MQAR's values never follow their query: a bidirectional-only core trains on it in the LM
+    without the causal mask, and its row says so."""
+    ea.registry.load_plugin(_write(isolated, "bi.py", NONCAUSAL_PLUGIN))
+    (row,) = acc.run(_tiny_cfg(["_acc_test_bidirectional"]), isolated / "out", progress=False, log=lambda *_: None)
+    assert row["status"] == "ok" and row["attention_causal"] is False and 0.0 <= row["test"] <= 1.0
 
 
 def test_a_narrowed_rerun_keeps_the_rest_of_the_table(isolated, monkeypatch):
@@ -307,9 +316,7 @@ def test_plan_reads_capabilities_and_task_declarations(isolated):
         # a bidirectional-only core: never where the input holds the answers
         ok, why = acc.plan(bi, True, False, bidirectional_safe=False)
         assert not ok and "would read" in why
-        ok, why = acc.plan(bi, True, False, bidirectional_safe=True)
-        assert ok == run_module.lm_has_bidirectional_mode()
-        assert ok or "no bidirectional mode" in why
+        assert acc.plan(bi, True, False, bidirectional_safe=True) == (True, "")  # LMConfig(causal=False)
         assert acc.plan(bi, False, True) == (True, "")
     finally:
         ea.registry.unregister("_acc_test_causal_only")

@@ -47,13 +47,6 @@ from efficient_attn.train import needs_kv_mask
 __all__ = ["plan", "run", "rows_of"]
 
 
-def lm_has_bidirectional_mode() -> bool:
-    """Whether ``nn.LMConfig`` can run its core without the causal mask (a ``causal`` field)."""
-    from efficient_attn.nn import LMConfig
-
-    return "causal" in {f.name for f in dataclasses.fields(LMConfig)}
-
-
 def plan(variant: str, data_causal: bool, data_needs_mask: bool, *, bidirectional_safe: bool = False
          ) -> tuple[bool, str]:
     """Whether ``variant`` can serve a task, from its capabilities and the task's declarations
@@ -64,9 +57,7 @@ def plan(variant: str, data_causal: bool, data_needs_mask: bool, *, bidirectiona
         if not bidirectional_safe:
             return False, ("non-causal variant on a causal (next-token) task: the input holds the answers "
                            "(the next tokens), which a bidirectional core would read")
-        if not lm_has_bidirectional_mode():
-            return False, ("non-causal variant on a causal (next-token) task whose layout cannot leak its answers "
-                           "bidirectionally, but the LM (nn.LMConfig) has no bidirectional mode to run it in yet")
+        # else: the LM runs it without the causal mask (nn.LMConfig(causal=False), _build_model)
     if not data_causal and not caps.bidirectional:
         return False, ("causal-only variant (capabilities.bidirectional=False) on a bidirectional encoder task: the "
                        "classifier reads the CLS token at position 0, which a causal core would leave blind to the "
