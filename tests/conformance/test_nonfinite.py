@@ -44,6 +44,13 @@ _USER_FUTURE = ("test plugin written as a naive user would: its own arithmetic m
                 "weight by a NaN future value (the base class can zero masked inputs, not future ones)")
 # (variant, test, case or None for every case): reason. Known failures; strict, so that a fix
 # shows up as XPASS and the entry is removed.
+# Variants whose summation order, not their arithmetic, depends on future tokens: reformer's
+# causal query sees the m most recent earlier keys of its own bucket (past only), but where that
+# band splits across the engine's chunks of the sorted order moves with the number of future
+# tokens hashed to lower buckets, so its float32 rounding does (measured: 1.2e-7 at most, 3% of
+# the entries, on an AMD EPYC whose XLA code vectorises differently from the machine where the
+# test was written). Their past outputs must stay finite and equal to rounding.
+ORDER_DEPENDS_ON_FUTURE = {"reformer"}
 KNOWN = {
     ("plugin_band", "test_future_never_matters", "nan_inf"): _USER_FUTURE,
     ("plugin_band", "test_nonfinite_key_or_value_reaches_its_rows", "v-True"): _USER_FUTURE,
@@ -169,8 +176,12 @@ def test_future_never_matters(request, variant, values):
         args[arg] = plant(args[arg], fut, values)
         got = run(variant, args["q"], args["k"], args["v"], causal=True)
         assert np.isfinite(got[:, :CUT]).all(), f"{variant}: future {arg} = {values} made past outputs non-finite"
-        np.testing.assert_array_equal(got[:, :CUT], clean[:, :CUT],
-                                      err_msg=f"{variant}: future {arg} = {values} changed past outputs")
+        if variant in ORDER_DEPENDS_ON_FUTURE:
+            np.testing.assert_allclose(got[:, :CUT], clean[:, :CUT], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{variant}: future {arg} = {values} changed past outputs")
+        else:
+            np.testing.assert_array_equal(got[:, :CUT], clean[:, :CUT],
+                                          err_msg=f"{variant}: future {arg} = {values} changed past outputs")
 
 
 def _exact_nan_pattern(variant, got, q, k, v, causal, rows_only=False):
