@@ -144,6 +144,24 @@ def test_a_point_trained_by_the_accuracy_experiment_is_not_trained_again(plugins
     assert sorted(trained) == [8, 16] and not any(r.get("reused_from") for r in forced)
 
 
+def test_a_run_of_some_variants_keeps_the_others_in_the_table(plugins, monkeypatch):
+    ref = reference_variant()
+    fake = lambda cfg, point, seed, *a, **k: {  # noqa: E731  (a finished row, without training)
+        "variant": point.variant, "family": "x", "axis": point.axis, "value": point.value, "width": point.width,
+        "variant_kwargs": dict(point.kwargs), "seed": seed, "status": "ok", "reason": "",
+        "fingerprint": point.fingerprint(cfg.data_seed), "state_floats": 1, "state_kind": "measured",
+        "test": 0.5, "groups": {"name": "pairs", "test": {"2": 0.5, "4": 0.5}}, "wall_s": 0.0}
+    monkeypatch.setattr(run_module, "_run_point", fake)
+    out = plugins / "results" / "recall" / "tiny"
+    both = recall.RecallConfig(preset="tiny", task=TINY, widths=(8,), budget_width=None,
+                               variants=(ref, "_recall_test_windowed"))
+    recall.run(both, out, progress=False, log=lambda *_: None)
+    recall.run(dataclasses.replace(both, variants=("_recall_test_windowed",)), out, progress=False,
+               log=lambda *_: None)
+    assert json.loads((out / "rows.json").read_text())["config"]["variants"] == [ref, "_recall_test_windowed"]
+    assert f"| {ref} |" in (out / "table.md").read_text()
+
+
 def test_presets_and_cli():
     for name, make in recall.PRESETS.items():
         cfg = make()

@@ -34,7 +34,7 @@ from efficient_attn.sweeps.recall.config import Point, RecallConfig, points
 from efficient_attn.sweeps.recall.report import write_outputs
 from efficient_attn.sweeps.recall.state import state_floats
 
-__all__ = ["run", "key_of", "accuracy_rows"]
+__all__ = ["run", "key_of", "accuracy_rows", "table_scope"]
 
 # the module (the package's attribute ``run`` is the accuracy sweep's function of that name)
 acc_run = importlib.import_module("efficient_attn.sweeps.accuracy.run")
@@ -73,6 +73,19 @@ def _from_accuracy(point: Point, seed: int, fp: str, acc_row: dict, data_len: in
     return row
 
 
+def table_scope(cfg: RecallConfig, out: Path) -> RecallConfig:
+    """The config the folder's table describes after ``cfg`` ran there: ``cfg``'s variants and
+    seeds together with those of the table already in ``out`` (so a run of some variants keeps
+    the others in the table); ``variants`` None (every registered one) on either side stays None."""
+    try:
+        stored = json.loads((out / "rows.json").read_text())["config"]
+        variants, seeds = stored["variants"], stored["seeds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg
+    wide = None if cfg.variants is None or variants is None else tuple(dict.fromkeys([*variants, *cfg.variants]))
+    return dataclasses.replace(cfg, variants=wide, seeds=tuple(sorted(set(cfg.seeds) | set(seeds))))
+
+
 def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bool | None = None,
         log=print, reuse: str | Path | None = "default") -> list[dict]:
     """Train every pending point of ``cfg``; write the outputs; return the stored rows.
@@ -84,6 +97,7 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
     if reuse == "default":
         reuse = out.parent.parent / "accuracy" / cfg.preset / "rows.jsonl"
     shared = {} if reuse is None or force else accuracy_rows(Path(reuse))
+    table = table_scope(cfg, out)  # read before the store: force=True wipes it
     store = ea_report.RowStore(out / "rows.jsonl", force=force)
     variants = cfg.variant_names()
     for v in variants:
@@ -134,13 +148,16 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
                 if not ok:
                     skipped[v] = reason
     finally:
-        rows = write_outputs(out, store.rows(), cfg, skipped)
+        rows = write_outputs(out, store.rows(), table, skipped)
     return rows
 
 
 def _plan(variant: str, info: dict, cfg: RecallConfig) -> tuple[bool, str]:
     """The accuracy experiment's plan for the task, then its mesh plan (a sequence-parallel form
     when the mesh's "seq" axis has more than one device)."""
+    if not get_spec(variant).capabilities.causal:  # the accuracy table runs it unmasked on MQAR; here it has no state
+        return False, ("non-causal variant: it reads the whole sequence at once, so it keeps no state to produce the "
+                       "next token from, which is this experiment's axis")
     ok, reason = acc_run.plan_for_task(variant, info)
     return acc_run.mesh_plan(variant, cfg.task) if ok else (ok, reason)
 
