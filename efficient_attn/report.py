@@ -11,6 +11,7 @@ Every experiment writes under ``results/<experiment>/<preset>/``:
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -101,6 +102,11 @@ class RowStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if force and self.path.exists():
             self.path.unlink()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the file again: rows other processes appended since are seen (several workers
+        of one sweep share a store; ``add`` appends under an exclusive lock)."""
         self._rows: dict[str, dict] = {}
         # (file size when loaded, byte offset where the unterminated last line starts, whether
         # that line is a whole record): what ``add`` repairs first; None when the file is clean
@@ -152,16 +158,23 @@ class RowStore:
 
     def add(self, key: str, row: dict) -> None:
         line = json.dumps({"key": key, "row": _jsonable(row)}) + "\n"
-        if self._tail is not None:
-            self._repair_tail()
-        with open(self.path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(self.path, "ab") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # one writer at a time: the workers of a sweep share the file
+            try:
+                if self._tail is not None:
+                    self._repair_tail()
+                os.write(f.fileno(), line.encode())  # one write of the whole line
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         self._rows[key] = json.loads(line)["row"]
 
     def rows(self) -> list[dict]:
         return list(self._rows.values())
+
+    def keys(self) -> list[str]:
+        """The keys of ``rows()``, in the same order."""
+        return list(self._rows)
 
     def __len__(self) -> int:
         return len(self._rows)

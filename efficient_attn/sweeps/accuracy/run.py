@@ -42,6 +42,7 @@ from efficient_attn.sweeps.accuracy.config import (AccuracyConfig, TaskSetting, 
                                                    stored_scope, widen_scope)
 from efficient_attn.sweeps.accuracy.groups import grouped_accuracy
 from efficient_attn.sweeps.accuracy.report import write_outputs
+from efficient_attn.sweeps.claims import Claims
 from efficient_attn.train import needs_kv_mask
 
 __all__ = ["plan", "run", "rows_of"]
@@ -166,12 +167,18 @@ def run(
     log=print,
     report_only: bool = False,
     table: AccuracyConfig | None = None,
+    worker: int | None = None,
 ) -> list[dict]:
     """Train every pending (variant, task, seed) of ``cfg``; write the outputs; return the stored rows.
 
     ``table``: the config the outputs describe (default: ``cfg`` widened by the scope of the
     table already in ``out``, ``config.widen_scope``), so that a run narrowed to some variants,
     tasks or seeds trains only those and leaves the rest of the table in place.
+    ``worker``: the index of one of several processes sharing this sweep (``--workers``): it
+    re-reads the store before each unit and trains only units it can claim (``sweeps.claims``),
+    so the workers split the units between them; a unit another worker stored as an error in
+    this sweep is not retried; only worker 0 rewrites the outputs (the parent writes the last);
+    ``force`` is refused (one worker would redo another's).
 
     ``force``: train the units ``cfg`` selects again even when their rows are done (their
     checkpoints are discarded first); rows of other variants, tasks or seeds stay in the store,
@@ -180,6 +187,9 @@ def run(
     n/a cells from the stored task information; cells not run stay counted as missing)."""
     if report_only and force:
         raise ValueError("accuracy: report_only=True re-renders the stored rows; it cannot be combined with force=True")
+    if worker is not None and force:
+        raise ValueError("accuracy: a worker of several processes (--workers) cannot be combined with "
+                         "force=True: retrain with one process")
     out = Path(out)
     store = ea_report.RowStore(out / "rows.jsonl")
     info_path = out / "task_info.json"
@@ -196,6 +206,9 @@ def run(
         get_spec(v)  # unknown names fail before any training
     skipped: dict[tuple[str, str], str] = {}
     runs_dir = _cache_root() / "runs" / "accuracy" / cfg.preset
+    claims = Claims(runs_dir / "claims") if worker is not None else None
+    writes = worker in (None, 0)  # one writer of the outputs
+    errored_before = {k for k, r in zip(store.keys(), store.rows()) if r.get("status") == "error"}
     # seed-major: every (task, variant) gets its first seed before any gets its second, so an
     # interrupted sweep leaves a whole table of one seed rather than some cells with three
     units = [(seed, setting, variant) for seed in cfg.seeds for setting in cfg.tasks for variant in variants]
@@ -232,23 +245,43 @@ def run(
         for count, (seed, setting, variant) in enumerate(units, 1):
             fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
             key = _key(variant, setting.task, seed, setting.train.mesh)
+            if claims is not None:
+                store.refresh()  # rows the other workers stored since
             prev = store.get(key)
             if not force and prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue
+            if claims is not None and prev is not None and prev.get("status") == "error" and key not in errored_before:
+                continue  # errored in this sweep on another worker: retried next invocation
             info = info_for(setting)
             ok, reason = _plan_unit(variant, info, setting)
             if not ok:
                 skipped[(variant, setting.task)] = reason
                 continue
-            row = _run_one(cfg, setting, variant, seed, data_for(setting), info, fp, runs_dir, progress, force)
-            store.add(key, row)
+            claim = f"{key}|{fp}"
+            if claims is not None and not claims.take(claim):
+                continue  # another worker is training it
+            try:
+                if claims is not None:  # stored while this worker claimed: nothing left to do
+                    store.refresh()
+                    prev = store.get(key)
+                    if prev is not None and (prev.get("status") == "ok" and prev.get("fingerprint") == fp
+                                             or prev.get("status") == "error" and key not in errored_before):
+                        continue
+                row = _run_one(cfg, setting, variant, seed, data_for(setting), info, fp, runs_dir, progress, force)
+                store.add(key, row)
+            finally:
+                if claims is not None:
+                    claims.release(claim)
             done = f"{row['metric']} {row['test']:.4g}" if row["status"] == "ok" else f"ERROR {row['reason']}"
             log(f"[{count}/{len(units)}] {variant} on {setting.task} seed {seed}: {done} "
                 f"({row['wall_s']:.1f} s, total {time.perf_counter() - t_start:.0f} s)")
-            write_outputs(out, store.rows(), table, skipped)  # the tables follow the store row by row
+            if writes:
+                write_outputs(out, store.rows(), table, skipped)  # the tables follow the store row by row
         plan_known()  # tasks first loaded in this call
     finally:
-        rows = write_outputs(out, store.rows(), table, skipped)
+        if claims is not None:
+            store.refresh()
+        rows = write_outputs(out, store.rows(), table, skipped) if writes else store.rows()
     return rows
 
 
@@ -304,6 +337,9 @@ def _run_one(cfg, setting, variant, seed, data, info, fp, runs_dir, progress, fo
     # inflated by other processes sharing the machine (it does not count a resumed run's past)
     row["cpu_s"] = time.process_time() - c0
     row["load_1min"], row["cores"] = os.getloadavg()[0], os.cpu_count()  # was the machine shared?
+    # the cores this process could run on: a --workers worker has one, and XLA sizes its thread
+    # pool (and so how some reductions split, i.e. float rounding) from it
+    row["cores_used"] = len(os.sched_getaffinity(0))
     row["wall_s"] = res.wall_s + res.compile_s
     row["train_wall_s"] = res.wall_s
     shutil.rmtree(workdir, ignore_errors=True)  # finished: the row is the record
