@@ -22,6 +22,13 @@ SECTIONS = (
     ("Accuracy on long-sequence tasks (the LRA Table 1 analog)", "accuracy/{preset}", ("pareto.png", "curves.png"), ()),
     ("Approximation error against full attention", "approximation/{preset}", ("error_vs_budget.png", "patterns.png"), ()),
 )
+# The long runs, embedded whatever the preset (where they exist): the quick preset's accuracy
+# table only checks the pipeline; these are the comparison to read. Resumed over sessions.
+LONG_RUNS = (
+    ("Accuracy at the cpu preset (every variant, 3 seeds; the comparison to read)", "accuracy/cpu",
+     ("pareto.png", "curves.png")),
+    ("Recall against state size (cpu preset)", "recall/cpu", ("recall.png",)),
+)
 
 
 def _demote(markdown: str) -> str:
@@ -71,6 +78,15 @@ def write_results_readme(results: Path, preset: str) -> Path:
             if (folder / plot).exists():
                 rel_path = (folder / plot).relative_to(results)
                 lines.append(f"\n![{plot}]({rel_path.as_posix()})\n")
+    for title, rel, plots in LONG_RUNS:
+        folder = results / rel
+        if any(rel == r.format(preset=preset) for _, r, _, _ in SECTIONS) or not (folder / "table.md").exists():
+            continue  # embedded above, or not started
+        lines.append(f"\n## {title}\n")
+        lines.append(_demote((folder / "table.md").read_text()))
+        for plot in plots:
+            if (folder / plot).exists():
+                lines.append(f"\n![{plot}]({(folder / plot).relative_to(results).as_posix()})\n")
     out = results / "README.md"
     report.write_atomic(out, "\n".join(lines) + "\n")
     return out

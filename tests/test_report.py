@@ -118,3 +118,10 @@ def test_results_readme_embeds_tables(tmp_path):
     assert "(cost/quick/time.png)" in text
     assert "blockwise" in text  # the registry table
     assert "Not run yet" in text  # the missing experiments are said to be missing
+    assert "Accuracy at the cpu preset" not in text  # a long run not started is not announced
+    (tmp_path / "accuracy" / "cpu").mkdir(parents=True)
+    (tmp_path / "accuracy" / "cpu" / "table.md").write_text("# Accuracy (cpu preset)\n\n| full | 100.0 |\n")
+    text = write_results_readme(tmp_path, "quick").read_text()
+    assert "## Accuracy at the cpu preset" in text and "| full | 100.0 |" in text
+    assert text.count("| full | 100.0 |") == 1 == write_results_readme(tmp_path, "cpu").read_text().count(
+        "| full | 100.0 |")  # at the cpu preset it is the section itself, not twice
