@@ -1,14 +1,16 @@
 """Claims: which worker trains which unit, when several processes share one sweep.
 
-A worker takes a unit by creating ``<dir>/<name>.claim`` exclusively (``O_EXCL``), holding its
-process id; another worker that finds the file skips the unit while that process lives. A
-claim whose process is gone (killed) is stale: the next worker removes it and takes the unit,
-so an interrupted sweep resumes whatever was running. Finished units are known from the
-RowStore, not from claims; a worker releases its claim when the unit's row is stored.
+A worker takes a unit by holding an exclusive ``flock`` on ``<dir>/<name>.claim`` for as long as
+it trains it; another worker that cannot get the lock skips the unit. The kernel drops the lock
+when its process dies, however it dies, so a killed worker's unit is free again at once (no
+process ids to trust: they are reused). The file holds the owner's pid for people reading the
+directory. Finished units are known from the RowStore, not from claims; a worker releases its
+claim (unlinks the file, then drops the lock) when the unit's row is stored.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -16,82 +18,55 @@ from pathlib import Path
 __all__ = ["Claims"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 class Claims:
     """Exclusive claims on named units under ``directory`` (created when needed)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
+        self._held: dict[str, int] = {}  # name -> fd holding the lock
 
     def _path(self, name: str) -> Path:
         return self.dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", name) + ".claim")
 
     def owner(self, name: str) -> int | None:
-        """The process id holding ``name``, or None when nobody does (or the file is unreadable)."""
+        """The pid written in ``name``'s claim file (informational; the lock decides), or None."""
         try:
             return int(self._path(name).read_text().strip() or "0") or None
         except (OSError, ValueError):
             return None
 
     def take(self, name: str) -> bool:
-        """Claim ``name`` for this process; False when a live process holds it."""
+        """Claim ``name`` for this process; False when another process holds it."""
+        if name in self._held:
+            return True
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(name)
-        for _ in range(2):  # a stale claim is removed once, then taken like a free one
-            # the claim appears with its pid already in it (a hard link of a written file fails
-            # if the name exists): no reader ever sees an empty claim
-            tmp = self.dir / f".{path.name}.{os.getpid()}"
-            tmp.write_text(str(os.getpid()))
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                pid = self.owner(name)
-                if pid == os.getpid():
-                    return True
-                if pid is not None and _alive(pid):
-                    return False
-                if not self._bury(path, pid):
-                    return False
-            finally:
-                tmp.unlink()
-        return False
-
-    def _bury(self, path: Path, stale: int | None) -> bool:
-        """Move the stale claim (of process ``stale``) out of the way; False if what was moved
-        turned out to be a fresh claim of another worker (put back) or it was gone already."""
-        grave = self.dir / f".{path.name}.stale.{os.getpid()}"
-        try:
-            os.rename(path, grave)
-        except FileNotFoundError:
-            return True  # another worker removed it: try to take the name
-        try:
-            moved = int(grave.read_text().strip() or "0") or None
-        except (OSError, ValueError):
-            moved = None
-        if moved != stale:  # a worker took the unit between our read and the move: give it back
-            try:
-                os.link(grave, path)
-            except FileExistsError:
-                pass
-            grave.unlink()
-            return False
-        grave.unlink()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:  # locked the file now at ``path``, not one a releasing owner just unlinked?
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._held[name] = fd
         return True
 
     def release(self, name: str) -> None:
-        """Drop this process's claim on ``name`` (another's is left alone)."""
-        if self.owner(name) == os.getpid():
-            try:
-                self._path(name).unlink()
-            except FileNotFoundError:
-                pass
+        """Drop this process's claim on ``name`` (unlinked while still locked; others' untouched)."""
+        fd = self._held.pop(name, None)
+        if fd is None:
+            return
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from typing import Sequence
 
-__all__ = ["run_workers", "pin_to_core"]
+__all__ = ["run_workers", "pin_to_core", "exit_status"]
 
 
 def pin_to_core(index: int) -> int:
@@ -33,11 +34,47 @@ def pin_to_core(index: int) -> int:
     return core
 
 
+def _die_with(parent: int) -> None:
+    """In a worker, before it runs: SIGKILL when the parent dies (Linux prctl), so a killed
+    command leaves no worker holding units behind it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(128 + signal.SIGKILL)
+
+
+def exit_status(codes: Sequence[int]) -> int | None:
+    """The command's status from its workers' when they say more than the rows can: 2 (a bad
+    flag), 130 (interrupted or killed by a signal), 1 (a worker crashed); None when each ended
+    with 0 or 1 (the rows decide)."""
+    if any(c == 2 for c in codes):
+        return 2
+    if any(c < 0 or c == 130 for c in codes):
+        return 130
+    if any(c not in (0, 1) for c in codes):
+        return 1
+    return None
+
+
 def run_workers(count: int, argv: Sequence[str]) -> list[int]:
     """Start ``count`` copies of ``argv`` with ``--worker 0`` .. ``--worker count-1``, wait for
     all; their exit codes. SIGINT or SIGTERM to this process is passed on to every worker (their
     finished rows are stored; a rerun resumes the rest)."""
-    procs = [subprocess.Popen([*argv, "--worker", str(i)]) for i in range(count)]
+    parent = os.getpid()
+    env = dict(os.environ, EA_SWEEP_ID=f"{parent}-{time.time_ns()}")  # rows of this sweep (errors not retried)
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(count):  # own session: only this process passes Ctrl-C on (once)
+            procs.append(subprocess.Popen([*argv, "--worker", str(i)], env=env, start_new_session=True,
+                                          preexec_fn=lambda: _die_with(parent)))
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
 
     def forward(signum, _frame):
         for p in procs:

@@ -4,8 +4,10 @@ process gives."""
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,20 +15,18 @@ from efficient_attn.report import RowStore
 from efficient_attn.sweeps.claims import Claims
 
 
-def test_a_claim_is_exclusive_while_its_process_lives_and_taken_over_when_it_died(tmp_path):
+def test_a_claim_is_exclusive_while_its_process_lives_and_free_when_it_died(tmp_path):
     claims = Claims(tmp_path / "claims")
+    other = [sys.executable, "-c", "import sys; from efficient_attn.sweeps.claims import Claims; "
+             f"sys.exit(0 if Claims({str(tmp_path / 'claims')!r}).take('full|mqar|0') else 3)"]
     assert claims.take("full|mqar|0") and claims.take("full|mqar|0")  # re-taking one's own claim
-    other = subprocess.run([sys.executable, "-c", "import sys; from efficient_attn.sweeps.claims import Claims; "
-                            f"sys.exit(0 if Claims({str(tmp_path / 'claims')!r}).take('full|mqar|0') else 3)"])
-    assert other.returncode == 3  # held by this live process
+    assert claims.owner("full|mqar|0") == os.getpid()
+    assert subprocess.run(other).returncode == 3  # held by this live process
     claims.release("full|mqar|0")
-    assert claims.owner("full|mqar|0") is None
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / "claims" / "full_mqar_1.claim").write_text(str(dead.pid))  # a killed worker's claim
-    assert claims.owner("full|mqar|1") == dead.pid
-    assert claims.take("full|mqar|1") and claims.owner("full|mqar|1") == os.getpid()
-    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["full_mqar_1.claim"]  # no temp files left
+    assert claims.owner("full|mqar|0") is None and not list((tmp_path / "claims").iterdir())
+    assert subprocess.run(other).returncode == 0  # free again; that process died holding it
+    assert claims.take("full|mqar|0")  # a dead process's claim file is no claim (the kernel dropped its lock)
+    claims.release("full|mqar|0")
 
 
 def _append(path, worker, n):
@@ -65,7 +65,7 @@ def test_two_workers_split_the_units_and_reproduce_their_rows(tmp_path):
         return done.stdout, {r["variant"]: r for r in got}
 
     log, two = sweep("two", "--workers", "2")
-    assert "[worker 0]" in log and "[worker 1]" in log  # each took a unit
+    assert re.search(r"\[worker 0\] \[\d+/", log) and re.search(r"\[worker 1\] \[\d+/", log)  # each trained one
     assert set(two) == {"full", "linear"} and {r["cores_used"] for r in two.values()} == {1}
     assert not list((tmp_path / "cache").rglob("*.claim"))  # every claim released
     _, again = sweep("again", "--workers", "2")
@@ -74,3 +74,15 @@ def test_two_workers_split_the_units_and_reproduce_their_rows(tmp_path):
         losses = [h["train_loss"] for h in two[v]["history"]]
         assert losses == [h["train_loss"] for h in again[v]["history"]]  # workers reproduce workers
         assert losses == pytest.approx([h["train_loss"] for h in one[v]["history"]], rel=1e-5)  # rounding apart
+
+
+def test_the_parent_says_when_a_worker_did_not_finish_and_builds_the_workers_command():
+    from efficient_attn.sweeps import workers
+    from efficient_attn.sweeps.accuracy.cli import _child_argv
+
+    assert workers.exit_status([0, 1]) is None  # the rows decide (1: a row errored)
+    assert workers.exit_status([0, -15]) == 130 and workers.exit_status([130, 0]) == 130  # interrupted or killed
+    assert workers.exit_status([0, 3]) == 1 and workers.exit_status([2, -9]) == 2  # crashed; a bad flag
+    cmd = _child_argv(["--preset", "cpu", "--workers=2", "--out", "a", "--seeds", "0"], Path("b"))
+    assert cmd[1:] == ["-m", "efficient_attn.sweeps.accuracy", "--preset", "cpu", "--seeds", "0", "--out", "b"]
+    assert "--workers" not in _child_argv(["--workers", "3", "--out=x"], Path("x"))

@@ -5,8 +5,8 @@ The flags are the shared ones of ``efficient_attn.sweeps.cli`` (``--preset``, ``
 ``--tasks`` must name tasks of the preset; ``--tasks``, ``--variants`` and ``--seeds`` narrow
 what is trained, never what the folder's table shows (``config.widen_scope``); ``--report-only``
 rebuilds the tables and plots from the stored rows and trains nothing (not with ``--force``).
-``--workers N`` trains in N processes pinned to a core each (``sweeps.workers``; the same rows,
-1.6x the throughput of one process on 2 cores at the cpu preset's sizes). ``--mesh
+``--workers N`` trains in N processes pinned to a core each (``sweeps.workers``; the same rows
+up to float rounding, 1.6x the throughput of one process on 2 cores at the cpu preset's sizes). ``--mesh
 data=2,seq=4`` trains every run on that device mesh (``TrainConfig.mesh``: the batch over "data", the attention sequence-parallel
 over "seq"; a variant without a sequence-parallel form is n/a there). Its rows are rows of
 their own (the mesh is in their fingerprint and key) and go by default to
@@ -159,16 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args, p)
     if args.report_only and args.force:
         p.error("--report-only: re-renders the stored rows, so it cannot be combined with --force")
-    if args.workers > 1 and (args.force or args.report_only):
-        p.error("--workers: trains in several processes; not with --force (retrain with one) or --report-only")
+    if args.workers > 1 and (args.force or args.report_only or args.mesh is not None):
+        p.error("--workers: trains in several processes pinned to a core each; not with --force (retrain with "
+                "one), --report-only or --mesh")
     out = Path(args.out or default_out(cfg))
     # --tasks/--variants/--seeds narrow what is trained, not what the folder's table shows
     table = widen_scope(cfg, stored_scope(out), settings_from_args(args, p).tasks)
     t0 = time.perf_counter()
+    worker_status = None
     if args.workers > 1:
         codes = workers.run_workers(args.workers, _child_argv(argv, out))
-        if any(c == 2 for c in codes):
+        worker_status = workers.exit_status(codes)
+        if worker_status == 2:
             return 2
+        if worker_status is not None:
+            print(f"accuracy: workers ended with {codes}: the table below is rebuilt from the rows they stored; "
+                  "rerun the same command to resume", file=sys.stderr)
     try:
         rows = run(cfg, out, table=table, force=args.force, worker=args.worker,
                    progress=False if args.no_progress or args.worker is not None else None,
@@ -182,4 +188,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = [r for r in mine if r.get("status") == "error"]
     print(f"accuracy ({cfg.preset}): {len(rows)} rows in {out} ({time.perf_counter() - t0:.0f} s)"
           + (f"; {len(errors)} errors" if errors else ""))
-    return cli.exit_status(mine, "accuracy")
+    status = cli.exit_status(mine, "accuracy")
+    return worker_status if worker_status is not None else status

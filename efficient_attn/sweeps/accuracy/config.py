@@ -170,6 +170,7 @@ def widen_scope(cfg: AccuracyConfig, stored: dict | None, tasks: Sequence[TaskSe
     seeds = tuple(sorted(set(cfg.seeds) | {s for s in stored["seeds"] if isinstance(s, int) and s >= 0}))
     if cfg.variants is None or stored["variants"] is None:
         variants = None
-    else:
-        variants = tuple(dict.fromkeys([*stored["variants"], *cfg.variants]))
+    else:  # a stored plugin variant not loaded now drops out (it cannot be planned or rendered)
+        known = set(list_variants())
+        variants = tuple(dict.fromkeys([*(v for v in stored["variants"] if v in known), *cfg.variants]))
     return dataclasses.replace(cfg, tasks=widened, seeds=seeds, variants=variants)

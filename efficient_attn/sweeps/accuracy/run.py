@@ -176,8 +176,8 @@ def run(
     tasks or seeds trains only those and leaves the rest of the table in place.
     ``worker``: the index of one of several processes sharing this sweep (``--workers``): it
     re-reads the store before each unit and trains only units it can claim (``sweeps.claims``),
-    so the workers split the units between them; a unit another worker stored as an error in
-    this sweep is not retried; only worker 0 rewrites the outputs (the parent writes the last);
+    so the workers split the units between them; a unit a worker stored as an error in this
+    sweep (rows carry the parent's ``EA_SWEEP_ID``) is not retried by the others; only worker 0 rewrites the outputs (the parent writes the last);
     ``force`` is refused (one worker would redo another's).
 
     ``force``: train the units ``cfg`` selects again even when their rows are done (their
@@ -208,7 +208,10 @@ def run(
     runs_dir = _cache_root() / "runs" / "accuracy" / cfg.preset
     claims = Claims(runs_dir / "claims") if worker is not None else None
     writes = worker in (None, 0)  # one writer of the outputs
-    errored_before = {k for k, r in zip(store.keys(), store.rows()) if r.get("status") == "error"}
+    sweep_id = os.environ.get("EA_SWEEP_ID") if worker is not None else None  # set by --workers' parent
+
+    def errored_in_this_sweep(row) -> bool:  # by another worker: not retried until the next invocation
+        return sweep_id is not None and row.get("status") == "error" and row.get("sweep_id") == sweep_id
     # seed-major: every (task, variant) gets its first seed before any gets its second, so an
     # interrupted sweep leaves a whole table of one seed rather than some cells with three
     units = [(seed, setting, variant) for seed in cfg.seeds for setting in cfg.tasks for variant in variants]
@@ -250,8 +253,8 @@ def run(
             prev = store.get(key)
             if not force and prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue
-            if claims is not None and prev is not None and prev.get("status") == "error" and key not in errored_before:
-                continue  # errored in this sweep on another worker: retried next invocation
+            if prev is not None and errored_in_this_sweep(prev):
+                continue
             info = info_for(setting)
             ok, reason = _plan_unit(variant, info, setting)
             if not ok:
@@ -265,9 +268,11 @@ def run(
                     store.refresh()
                     prev = store.get(key)
                     if prev is not None and (prev.get("status") == "ok" and prev.get("fingerprint") == fp
-                                             or prev.get("status") == "error" and key not in errored_before):
+                                             or errored_in_this_sweep(prev)):
                         continue
                 row = _run_one(cfg, setting, variant, seed, data_for(setting), info, fp, runs_dir, progress, force)
+                if sweep_id is not None:
+                    row["sweep_id"] = sweep_id
                 store.add(key, row)
             finally:
                 if claims is not None:

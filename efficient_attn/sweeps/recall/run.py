@@ -27,7 +27,7 @@ from pathlib import Path
 
 from efficient_attn import report as ea_report
 from efficient_attn import tasks as ea_tasks
-from efficient_attn.registry import get_spec
+from efficient_attn.registry import get_spec, list_variants
 from efficient_attn.sweeps.accuracy.config import data_fingerprint
 from efficient_attn.sweeps.accuracy.groups import grouped_accuracy
 from efficient_attn.sweeps.recall.config import Point, RecallConfig, points
@@ -82,7 +82,9 @@ def table_scope(cfg: RecallConfig, out: Path) -> RecallConfig:
         variants, seeds = stored["variants"], stored["seeds"]
     except (OSError, ValueError, KeyError, TypeError):
         return cfg
-    wide = None if cfg.variants is None or variants is None else tuple(dict.fromkeys([*variants, *cfg.variants]))
+    known = set(list_variants())  # a stored plugin variant not loaded now drops out
+    wide = None if cfg.variants is None or variants is None else tuple(
+        dict.fromkeys([*(v for v in variants if v in known), *cfg.variants]))
     return dataclasses.replace(cfg, variants=wide, seeds=tuple(sorted(set(cfg.seeds) | set(seeds))))
 
 
