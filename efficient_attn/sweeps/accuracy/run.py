@@ -24,6 +24,7 @@ outputs are rebuilt from the store before ``run`` returns (``report.write_output
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -177,7 +178,8 @@ def run(
     ``worker``: the index of one of several processes sharing this sweep (``--workers``): it
     re-reads the store before each unit and trains only units it can claim (``sweeps.claims``),
     so the workers split the units between them; a unit a worker stored as an error in this
-    sweep (rows carry the parent's ``EA_SWEEP_ID``) is not retried by the others; only worker 0 rewrites the outputs (the parent writes the last);
+    sweep (rows carry the parent's ``EA_SWEEP_ID``) is not retried by the others; each worker
+    rewrites the outputs after each row, from the re-read store, under the folder's lock;
     ``force`` is refused (one worker would redo another's).
 
     ``force``: train the units ``cfg`` selects again even when their rows are done (their
@@ -207,7 +209,17 @@ def run(
     skipped: dict[tuple[str, str], str] = {}
     runs_dir = _cache_root() / "runs" / "accuracy" / cfg.preset
     claims = Claims(runs_dir / "claims") if worker is not None else None
-    writes = worker in (None, 0)  # one writer of the outputs
+
+    def write_all() -> list[dict]:
+        """The outputs from the store; a worker re-reads it and writes under the folder's lock,
+        so the committed table always holds every row stored (the other workers' included)."""
+        if claims is None:
+            return write_outputs(out, store.rows(), table, skipped)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".outputs.lock", "w") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            store.refresh()
+            return write_outputs(out, store.rows(), table, skipped)
     sweep_id = os.environ.get("EA_SWEEP_ID") if worker is not None else None  # set by --workers' parent
 
     def errored_in_this_sweep(row) -> bool:  # by another worker: not retried until the next invocation
@@ -280,13 +292,10 @@ def run(
             done = f"{row['metric']} {row['test']:.4g}" if row["status"] == "ok" else f"ERROR {row['reason']}"
             log(f"[{count}/{len(units)}] {variant} on {setting.task} seed {seed}: {done} "
                 f"({row['wall_s']:.1f} s, total {time.perf_counter() - t_start:.0f} s)")
-            if writes:
-                write_outputs(out, store.rows(), table, skipped)  # the tables follow the store row by row
+            write_all()  # the tables follow the store row by row
         plan_known()  # tasks first loaded in this call
     finally:
-        if claims is not None:
-            store.refresh()
-        rows = write_outputs(out, store.rows(), table, skipped) if writes else store.rows()
+        rows = write_all()
     return rows
 
 
