@@ -60,6 +60,7 @@ from typing import Sequence
 from efficient_attn.report import (RowStore, markdown_table, measured_environment, row_environment, write_atomic,
                                    write_csv, write_json)
 from efficient_attn.sweeps import cli
+from efficient_attn.sweeps.workers import die_with_parent as _die_with_parent
 
 __all__ = ["ScalingConfig", "PRESETS", "ENGINES", "run", "render", "main"]
 
@@ -293,20 +294,6 @@ def _config_json(cfg: ScalingConfig) -> str:
 def _config_from_json(text: str) -> ScalingConfig:
     fields = json.loads(text)
     return ScalingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when ``parent`` dies (Linux ``prctl``), and leave
-    at once if it died before that was set. Without this a SIGKILLed command (which cannot
-    pass the signal on) leaves its child running, appending rows beside the rerun's."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: Ctrl-C still reaches both (one process group)
-        return
-    if os.getppid() != parent:
-        os._exit(128 + signal.SIGKILL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import subprocess
 import time
 from typing import Sequence
 
-__all__ = ["run_workers", "pin_to_core", "exit_status"]
+__all__ = ["run_workers", "pin_to_core", "exit_status", "die_with_parent"]
 
 
 def pin_to_core(index: int) -> int:
@@ -34,14 +34,15 @@ def pin_to_core(index: int) -> int:
     return core
 
 
-def _die_with(parent: int) -> None:
-    """In a worker, before it runs: SIGKILL when the parent dies (Linux prctl), so a killed
-    command leaves no worker holding units behind it."""
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies (Linux ``prctl``), and leave
+    at once if it died before that was set. Without this a SIGKILLed command (which cannot
+    pass the signal on) leaves its child running, appending rows beside the rerun's."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not Linux: Ctrl-C still reaches both (one process group)
         return
     if os.getppid() != parent:
         os._exit(128 + signal.SIGKILL)
@@ -70,7 +71,7 @@ def run_workers(count: int, argv: Sequence[str]) -> list[int]:
     try:
         for i in range(count):  # own session: only this process passes Ctrl-C on (once)
             procs.append(subprocess.Popen([*argv, "--worker", str(i)], env=env, start_new_session=True,
-                                          preexec_fn=lambda: _die_with(parent)))
+                                          preexec_fn=lambda: die_with_parent(parent)))
     except BaseException:
         for p in procs:
             p.kill()

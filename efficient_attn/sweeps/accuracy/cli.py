@@ -100,7 +100,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     """What this invocation trains: the preset with the flags' settings (``settings_from_args``),
     narrowed to the ``--tasks``, ``--variants`` and ``--seeds`` named; a bad value exits with one
     line naming its flag."""
-    cfg = settings_from_args(args, parser)
+    return narrowed(settings_from_args(args, parser), args, parser)
+
+
+def narrowed(cfg: AccuracyConfig, args: argparse.Namespace, parser: argparse.ArgumentParser | None = None
+             ) -> AccuracyConfig:
+    """``cfg`` narrowed to the ``--tasks``, ``--variants`` and ``--seeds`` named."""
     tasks = _names(getattr(args, "tasks", None))
     if tasks is not None:
         known = [t.task for t in cfg.tasks]
@@ -156,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse(p, argv)
     if args.worker is not None:  # before jax starts: XLA sizes its thread pool from the cores it may use
         workers.pin_to_core(args.worker)
-    cfg = config_from_args(args, p)
+    settings = settings_from_args(args, p)
+    cfg = narrowed(settings, args, p)
     if args.report_only and args.force:
         p.error("--report-only: re-renders the stored rows, so it cannot be combined with --force")
     if args.workers > 1 and (args.force or args.report_only or args.mesh is not None):
@@ -164,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "one), --report-only or --mesh")
     out = Path(args.out or default_out(cfg))
     # --tasks/--variants/--seeds narrow what is trained, not what the folder's table shows
-    table = widen_scope(cfg, stored_scope(out), settings_from_args(args, p).tasks)
+    table = widen_scope(cfg, stored_scope(out), settings.tasks)
     t0 = time.perf_counter()
     worker_status = None
     if args.workers > 1:

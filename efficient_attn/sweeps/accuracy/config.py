@@ -20,7 +20,7 @@ from efficient_attn.registry import list_variants
 from efficient_attn.train import TrainConfig
 
 __all__ = ["ModelSize", "TaskSetting", "AccuracyConfig", "TASK_TITLES", "current_rows", "data_fingerprint",
-           "stored_scope", "widen_scope"]
+           "stored_scope", "widen_scope", "union_seeds", "union_variants"]
 
 TASK_TITLES = {"listops": "ListOps", "pathfinder": "Pathfinder", "mqar": "MQAR", "bytes_lm": "bytes_lm",
                "selective_copy": "Selective copy"}
@@ -149,7 +149,7 @@ def stored_scope(out: str | Path) -> dict | None:
     """The scope (task names, seeds, variants) of the table last written in ``out``, or None."""
     try:
         stored = json.loads((Path(out) / "rows.json").read_text())["config"]
-        return {"tasks": [t["task"] for t in stored["tasks"]], "seeds": list(stored["seeds"]),
+        return {"tasks": [t["task"] for t in stored.get("tasks", ())], "seeds": list(stored["seeds"]),
                 "variants": stored["variants"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -167,10 +167,20 @@ def widen_scope(cfg: AccuracyConfig, stored: dict | None, tasks: Sequence[TaskSe
     mine = {t.task: t for t in cfg.tasks}
     widened = tuple(mine.get(t.task, t) for t in tasks if t.task in names)
     widened += tuple(t for t in cfg.tasks if t.task not in {w.task for w in widened})
-    seeds = tuple(sorted(set(cfg.seeds) | {s for s in stored["seeds"] if isinstance(s, int) and s >= 0}))
-    if cfg.variants is None or stored["variants"] is None:
-        variants = None
-    else:  # a stored plugin variant not loaded now drops out (it cannot be planned or rendered)
-        known = set(list_variants())
-        variants = tuple(dict.fromkeys([*(v for v in stored["variants"] if v in known), *cfg.variants]))
-    return dataclasses.replace(cfg, tasks=widened, seeds=seeds, variants=variants)
+    return dataclasses.replace(cfg, tasks=widened, seeds=union_seeds(cfg.seeds, stored["seeds"]),
+                               variants=union_variants(cfg.variants, stored["variants"]))
+
+
+def union_seeds(mine: Sequence[int], stored: Sequence) -> tuple[int, ...]:
+    """This run's seeds and a stored table's, sorted."""
+    return tuple(sorted(set(mine) | {s for s in stored if isinstance(s, int) and s >= 0}))
+
+
+def union_variants(mine: Sequence[str] | None, stored: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A stored table's variants, then this run's; None (every registered one) on either side
+    stays None. A stored plugin variant not loaded now drops out (it can be neither planned nor
+    rendered)."""
+    if mine is None or stored is None:
+        return None
+    known = set(list_variants())
+    return tuple(dict.fromkeys([*(v for v in stored if v in known), *mine]))

@@ -176,7 +176,7 @@ def run(
     table already in ``out``, ``config.widen_scope``), so that a run narrowed to some variants,
     tasks or seeds trains only those and leaves the rest of the table in place.
     ``worker``: the index of one of several processes sharing this sweep (``--workers``): it
-    re-reads the store before each unit and trains only units it can claim (``sweeps.claims``),
+    trains only units it can claim (``sweeps.claims``), re-reading the store under the claim,
     so the workers split the units between them; a unit a worker stored as an error in this
     sweep (rows carry the parent's ``EA_SWEEP_ID``) is not retried by the others; each worker
     rewrites the outputs after each row, from the re-read store, under the folder's lock;
@@ -260,9 +260,7 @@ def run(
         for count, (seed, setting, variant) in enumerate(units, 1):
             fp = setting.fingerprint(cfg.kwargs_for(variant), cfg.data_seed)
             key = _key(variant, setting.task, seed, setting.train.mesh)
-            if claims is not None:
-                store.refresh()  # rows the other workers stored since
-            prev = store.get(key)
+            prev = store.get(key)  # a worker's view may be stale: it re-reads under the claim below
             if not force and prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue
             if prev is not None and errored_in_this_sweep(prev):
@@ -276,7 +274,7 @@ def run(
             if claims is not None and not claims.take(claim):
                 continue  # another worker is training it
             try:
-                if claims is not None:  # stored while this worker claimed: nothing left to do
+                if claims is not None:  # rows the other workers stored since: nothing left to do?
                     store.refresh()
                     prev = store.get(key)
                     if prev is not None and (prev.get("status") == "ok" and prev.get("fingerprint") == fp

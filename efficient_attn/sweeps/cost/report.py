@@ -129,8 +129,14 @@ def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Itera
     ]
 
 
+def _last_timed(points: dict, ns: Sequence[int]) -> dict | None:
+    """The row of the longest length that has a time (its FLOP source and matmul fraction)."""
+    return next((points[n] for n in reversed(ns) if ok(points.get(n), "time_median_s")), None)
+
+
 def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str]) -> list[str]:
-    """The four tables of one (pass, masking): time, memory, ratios, crossovers."""
+    """The tables of one (pass, masking): time, memory, then ratios and crossovers (with a
+    baseline) or the matmul fractions alone (without one)."""
     ns = sorted({n for v in by_variant.values() for n in v})
     names = sorted(by_variant, key=order_key(bases))
     lines = [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
@@ -144,7 +150,7 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
                   "the longest measured N, over this run's matmul rate.", ""]
         body = []
         for v in names:
-            last = next((by_variant[v][n] for n in reversed(ns) if ok(by_variant[v].get(n), "time_median_s")), None)
+            last = _last_timed(by_variant[v], ns)
             body.append([v, last.get("flops_source") if last else None, last.get("matmul_fraction") if last else None])
         return lines + [report.markdown_table(["variant", "FLOPs source", "matmul fraction"], body)]
     lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
@@ -165,7 +171,7 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
     body = []
     for v in names:
         i = info[v]
-        last = next((by_variant[v][n] for n in reversed(ns) if ok(by_variant[v].get(n), "time_median_s")), None)
+        last = _last_timed(by_variant[v], ns)
         body.append([v] + [_fmt_cross(i.get(f"cross_{what}_{b}")) for b in bases for what in ("time", "memory", "both")]
                     + [last.get("flops_source") if last else None, last.get("matmul_fraction") if last else None])
     lines += [report.markdown_table(head, body)]

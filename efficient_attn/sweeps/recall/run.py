@@ -27,8 +27,8 @@ from pathlib import Path
 
 from efficient_attn import report as ea_report
 from efficient_attn import tasks as ea_tasks
-from efficient_attn.registry import get_spec, list_variants
-from efficient_attn.sweeps.accuracy.config import data_fingerprint
+from efficient_attn.registry import get_spec
+from efficient_attn.sweeps.accuracy.config import data_fingerprint, stored_scope, union_seeds, union_variants
 from efficient_attn.sweeps.accuracy.groups import grouped_accuracy
 from efficient_attn.sweeps.recall.config import Point, RecallConfig, points
 from efficient_attn.sweeps.recall.report import write_outputs
@@ -56,16 +56,20 @@ def accuracy_rows(path: Path) -> dict[tuple[str, int, str], dict]:
             if r.get("task") == "mqar" and r.get("status") == "ok" and r.get("groups") and "mesh" not in r}
 
 
-def _from_accuracy(point: Point, seed: int, fp: str, acc_row: dict, data_len: int, source: str) -> dict:
-    """The recall row of ``point`` from the accuracy row of the same training."""
+def _point_row(point: Point, seed: int, fp: str, seq_len: int, metric: str) -> dict:
+    """What a point's row holds before its results: the point, its state, the model."""
     m = point.setting.model
     floats, kind = state_floats(point.variant, point.kwargs, num_heads=m.num_heads, head_dim=m.emb_dim // m.num_heads,
-                                max_len=data_len)
-    row = {"variant": point.variant, "family": get_spec(point.variant).family, "axis": point.axis,
-           "value": point.value, "width": point.width, "variant_kwargs": dict(point.kwargs), "seed": seed,
-           "status": "ok", "reason": "", "fingerprint": fp, "state_floats": floats, "state_kind": kind,
-           "num_layers": m.num_layers, "seq_len": data_len, "metric": acc_row["metric"],
-           "model": dataclasses.asdict(m), "reused_from": source}
+                                max_len=seq_len)
+    return {"variant": point.variant, "family": get_spec(point.variant).family, "axis": point.axis,
+            "value": point.value, "width": point.width, "variant_kwargs": dict(point.kwargs), "seed": seed,
+            "status": "ok", "reason": "", "fingerprint": fp, "state_floats": floats, "state_kind": kind,
+            "num_layers": m.num_layers, "seq_len": seq_len, "metric": metric, "model": dataclasses.asdict(m)}
+
+
+def _from_accuracy(point: Point, seed: int, fp: str, acc_row: dict, seq_len: int, source: str) -> dict:
+    """The recall row of ``point`` from the accuracy row of the same training."""
+    row = dict(_point_row(point, seed, fp, seq_len, acc_row["metric"]), reused_from=source)
     for k in ("train", "test", "best_val", "best_step", "steps", "num_params", "tokens_per_s", "history", "groups",
               "wall_s", "cpu_s", "load_1min", "cores"):
         if k in acc_row:
@@ -76,16 +80,12 @@ def _from_accuracy(point: Point, seed: int, fp: str, acc_row: dict, data_len: in
 def table_scope(cfg: RecallConfig, out: Path) -> RecallConfig:
     """The config the folder's table describes after ``cfg`` ran there: ``cfg``'s variants and
     seeds together with those of the table already in ``out`` (so a run of some variants keeps
-    the others in the table); ``variants`` None (every registered one) on either side stays None."""
-    try:
-        stored = json.loads((out / "rows.json").read_text())["config"]
-        variants, seeds = stored["variants"], stored["seeds"]
-    except (OSError, ValueError, KeyError, TypeError):
+    the others in the table; the accuracy sweep's ``stored_scope`` and unions)."""
+    stored = stored_scope(out)
+    if stored is None:
         return cfg
-    known = set(list_variants())  # a stored plugin variant not loaded now drops out
-    wide = None if cfg.variants is None or variants is None else tuple(
-        dict.fromkeys([*(v for v in variants if v in known), *cfg.variants]))
-    return dataclasses.replace(cfg, variants=wide, seeds=tuple(sorted(set(cfg.seeds) | set(seeds))))
+    return dataclasses.replace(cfg, variants=union_variants(cfg.variants, stored["variants"]),
+                               seeds=union_seeds(cfg.seeds, stored["seeds"]))
 
 
 def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bool | None = None,
@@ -167,17 +167,9 @@ def _plan(variant: str, info: dict, cfg: RecallConfig) -> tuple[bool, str]:
 def _run_point(cfg: RecallConfig, point: Point, seed: int, data, info, fp, runs_dir, progress, force) -> dict:
     from efficient_attn.train import train
 
-    spec = get_spec(point.variant)
     setting = point.setting
     tcfg = dataclasses.replace(setting.train, seed=seed)
-    m = setting.model
-    floats, kind = state_floats(point.variant, point.kwargs, num_heads=m.num_heads, head_dim=m.emb_dim // m.num_heads,
-                                max_len=data.seq_len)
-    row = {"variant": point.variant, "family": spec.family, "axis": point.axis, "value": point.value,
-           "width": point.width, "variant_kwargs": dict(point.kwargs), "seed": seed, "status": "ok", "reason": "",
-           "fingerprint": fp, "state_floats": floats, "state_kind": kind, "num_layers": m.num_layers,
-           "seq_len": data.seq_len, "metric": data.metric, "model": dataclasses.asdict(m),
-           "train": tcfg.record()}
+    row = dict(_point_row(point, seed, fp, data.seq_len, data.metric), train=tcfg.record())
     workdir = runs_dir / f"{point.variant}__{point.axis}{point.value}__s{seed}__{fp}"
     if force and workdir.exists():
         shutil.rmtree(workdir)
