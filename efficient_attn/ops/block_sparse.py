@@ -261,7 +261,10 @@ _Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg", "q_row")  # per-query-block ent
 def _blocks_per_run(qb, aux, cfg: _Static) -> int:
     B, H, nq, bq = qb.shape[:4]
     per_block = B * H * bq * aux["table"].shape[-1] * cfg.block_k
-    return max(1, min(nq, run_budget() // max(per_block, 1)))
+    widest = max(1, min(nq, run_budget() // max(per_block, 1)))
+    # the same number of runs, each as short as it can be: the last run is padded to the
+    # others' length and the padding is computed, up to a run of waste at the widest length
+    return -(-nq // num_blocks(nq, widest))
 
 
 def _split_runs(qb, aux, run: int):
@@ -348,8 +351,12 @@ def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse):
     ds = ds * cfg.scale
     kg, k_transpose = jax.vjp(gather, kb)
     dq = jnp.einsum("bhqij,bhqjd->bhqid", ds, kg)
-    (dk,) = k_transpose(jnp.einsum("bhqij,bhqid->bhqjd", ds, qb))
-    (dv,) = v_transpose(jnp.einsum("bhqij,bhqie->bhqje", p, d_out))
+    # dk = ds^T q and dv = p^T dO from ds^T and p^T made explicit: XLA folds a plain transpose
+    # into the matmul, whose CPU kernel is 2-3x slower with the contraction on the rows of a
+    # small block than with a transposed copy (the barrier keeps the copy)
+    ds_t, p_t = jax.lax.optimization_barrier((jnp.swapaxes(ds, -1, -2), jnp.swapaxes(p, -1, -2)))
+    (dk,) = k_transpose(jnp.einsum("bhqji,bhqid->bhqjd", ds_t, qb))
+    (dv,) = v_transpose(jnp.einsum("bhqji,bhqie->bhqje", p_t, d_out))
     return dq, dk, dv
 
 

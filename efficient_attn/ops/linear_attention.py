@@ -7,8 +7,8 @@ Given feature maps phi(Q) [B, T, H, F] and phi(K) [B, S, Hkv, F] (computed by th
 over the keys j visible to query i, never forming the T x S matrix:
 
 non-causal (reassociation, Katharopoulos et al. 2020):
-    KV = phi(K)^T [V | 1]                        [F, Dv + 1]
-    [num | den]_i = phi(q_i) KV                  time O(N F Dv), memory O(N (F + Dv) + F Dv)
+    KV = phi(K)^T V  [F, Dv],  z = sum_j phi(k_j)  [F]
+    num_i = phi(q_i) KV,  den_i = phi(q_i) . z   time O(N F Dv), memory O(N (F + Dv) + F Dv)
 
 causal (chunk-parallel; the form of fla / GLA, Yang et al. 2024): the sequence is cut into
 chunks of C positions (padded to a multiple of C with zero features, which contribute
@@ -35,21 +35,21 @@ rows that see it NaN, never zeros (see ``normalise``).
 
 Numerics (safe in bfloat16): features and values are cast to float32 before any product
 and every sum (states, scores, num, den) is accumulated in float32. The denominator is the
-same contraction as the numerator, computed in the same matmul as an extra all-ones column of
-V, so num and den see identical rounding. The output is
+same contraction as the numerator: causal and packed, the same matmul with an extra all-ones
+column of V, so num and den see identical rounding; bidirectional, the key sum z apart (the
+65th column made the two matmuls up to 2x slower on CPU). The output is
 
     out = num / (den + eps)  where den > 1e-30,   0 where den <= 1e-30,   NaN where den is NaN,
 
 i.e. ``eps`` (0 allowed) only stabilises tiny positive denominators; a zero, negative or
 underflowing one (nothing visible, pure cancellation noise when features can be negative as
 in cosformer, or FAVOR+ products that underflow at huge logits) gives 0 instead of an inf
-or a sign flip, unless num is not finite (then NaN). Gradients: num and den are both
-multiplied by c = 1 / den held constant (``stop_gradient``; the ratio does not change), so
-the backward pass never forms 1 / den^2, which underflows den^2 to 0 (and dq to inf) for a
-den below 1e-19, as FAVOR+ gives at logits near 1000; the 1e-30 floor keeps c finite. A NaN
-denominator (a NaN input reached the row) stays NaN: it is never read as "nothing
-visible". The ``where`` is double (``num / where(den > 0, den + eps, 1)``) so its gradient
-is finite too.
+or a sign flip, unless num is not finite (then NaN). Gradients (a custom VJP, so reverse mode
+only): d num = g / (den + eps), d den = -(g . out) / (den + eps); the backward never forms
+1 / den^2, which underflows den^2 to 0 (and dq to inf) for a den below 1e-19, as FAVOR+ gives
+at logits near 1000; the 1e-30 floor keeps 1 / den finite. A NaN denominator (a NaN input
+reached the row) stays NaN: it is never read as "nothing visible"; rows that are not divided
+get zero gradients.
 
 Optional per-key log scales (``k_log_scale``, used by FAVOR+). The true key feature is
 phi(k_j) * exp(l_j); phi(k_j) is O(1) and l_j may be large (exp(l_j) would overflow or
@@ -95,6 +95,8 @@ constant never comes from another sequence), so a packed row equals the sequence
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -108,15 +110,33 @@ NEG = -1e30  # "no key yet" log scale: finite, so differences of two of them are
 _TINY_DEN = 1e-30  # denominators at or below this are underflow: 1 / den must stay finite in float32
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def normalise(num: Float[Array, "... Dv"], den: Float[Array, "... 1"], eps: float) -> Float[Array, "... Dv"]:
     """``num / (den + eps)`` where ``den > 1e-30``; 0 where ``den <= 1e-30`` (NaN if ``num`` is
-    not finite there); NaN where ``den`` is NaN. Finite forward and backward for finite inputs."""
+    not finite there); NaN where ``den`` is NaN. Finite forward and backward for finite inputs.
+
+    The backward is written out: d num = g / (den + eps) and d den = -(g . out) / (den + eps),
+    both O(1 / den) (never 1 / den^2, which underflows den^2 to 0 for den below 1e-19, as FAVOR+
+    gives at huge logits), and zero on the rows that are not divided (den <= 1e-30 or NaN)."""
+    return _normalise_fwd(num, den, eps)[0]
+
+
+def _normalise_fwd(num, den, eps: float):
     pos = den > _TINY_DEN
-    safe = jnp.where(pos, den + eps, 1.0)
-    c = lax.stop_gradient(1.0 / safe)  # a common factor: keeps the backward O(1 / den), not O(1 / den^2)
-    # 0 * num: 0 for a finite num, NaN for a non-finite one; NaN den: NaN
-    rest = jnp.where(jnp.isnan(den), jnp.nan, 0.0 * num)
-    return jnp.where(pos, (num * c) / (safe * c), rest)
+    inv = 1.0 / jnp.where(pos, den + eps, 1.0)
+    rest = jnp.where(jnp.isnan(den), jnp.nan, 0.0 * num)  # 0 * num: 0, or NaN for a non-finite num
+    out = jnp.where(pos, num * inv, rest)
+    return out, (pos, inv, out)
+
+
+def _normalise_bwd(eps: float, res, g):
+    pos, inv, out = res
+    d_num = jnp.where(pos, g * inv, 0.0)
+    d_den = jnp.where(pos, -inv * jnp.sum(g * out, axis=-1, keepdims=True), 0.0)
+    return d_num, jnp.broadcast_to(d_den, pos.shape)
+
+
+normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
 def _pad_len(x, axis: int, size: int, value=0.0):
@@ -152,12 +172,52 @@ def _unchunk(out, N: int):
 # v1 [B, S, K, E] (values with the all-ones column), l [B, S, K] or None.
 
 
-def _noncausal(q, k, v1, log_scale):
+@jax.custom_vjp
+def _reassociated(qh: Float[Array, "B K G T F"], kh: Float[Array, "B K S F"], vh: Float[Array, "B K S Dv"]):
+    """num = phi(Q) (phi(K)^T V) and den = phi(Q) sum_j phi(k_j), head-major. The backward is
+    written out so that every gradient comes out of its matmul in the layout of its input
+    ([.., S, F], not [.., F, S]): autodiff's operand order made XLA transpose dk and dv back
+    element by element, a third of the forward+backward time at N = 16K."""
+    return _reassociated_fwd(qh, kh, vh)[0]
+
+
+def _reassociated_fwd(qh, kh, vh):
+    kv = jnp.einsum("bksf,bkse->bkfe", kh, vh)  # one state per kv head
+    k_sum = jnp.sum(kh, axis=2)  # [B, K, F]
+    num = jnp.einsum("bkgtf,bkfe->bkgte", qh, kv)
+    den = jnp.einsum("bkgtf,bkf->bkgt", qh, k_sum)
+    return (num, den), (qh, kh, vh, kv, k_sum)
+
+
+def _reassociated_bwd(res, cotangents):
+    qh, kh, vh, kv, k_sum = res
+    d_num, d_den = cotangents
+    d_q = jnp.einsum("bkgte,bkfe->bkgtf", d_num, kv) + d_den[..., None] * k_sum[:, :, None, None, :]
+    d_kv = jnp.einsum("bkgtf,bkgte->bkfe", qh, d_num)
+    d_sum = jnp.einsum("bkgtf,bkgt->bkf", qh, d_den)
+    d_k = jnp.einsum("bkse,bkfe->bksf", vh, d_kv) + d_sum[:, :, None, :]
+    d_v = jnp.einsum("bksf,bkfe->bkse", kh, d_kv)
+    return d_q, d_k, d_v
+
+
+_reassociated.defvjp(_reassociated_fwd, _reassociated_bwd)
+
+
+def _noncausal(q, k, v, log_scale, eps: float):
+    """Bidirectional: one state phi(K)^T V and one key sum per kv head, read by every query.
+
+    Head-major inside ([B, K, S, F], [B, K, G, T, F]) and the denominator apart from the
+    numerator (q . sum_j phi(k_j), not an all-ones column of V): the two products are then
+    plain matmuls of the shapes the CPU kernels are fast at (a 65th column made them up to 2x
+    slower), and the output is transposed back once, after the division. Returns the
+    normalised output [B, T, K, G, Dv] and the denominator [B, T, K, G]."""
     if log_scale is not None:
         top = lax.stop_gradient(jnp.max(log_scale, axis=1, keepdims=True))  # [B, 1, K]
         k = k * jnp.exp(log_scale - top)[..., None]
-    kv = jnp.einsum("bskf,bske->bkfe", k, v1)  # one state per kv head
-    return jnp.einsum("btkgf,bkfe->btkge", q, kv)
+    kh, vh = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [B, K, S, F], [B, K, S, Dv]
+    num, den = _reassociated(jnp.transpose(q, (0, 2, 3, 1, 4)), kh, vh)  # q: [B, K, G, T, F]
+    out = normalise(num, den[..., None], eps)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)), jnp.transpose(den, (0, 3, 1, 2))
 
 
 def causal_chunked(q: Float[Array, "B N K G F"], k: Float[Array, "B N K F"], v1: Float[Array, "B N K E"],
@@ -385,14 +445,16 @@ def linear_attention(
         v = jnp.where(keep[..., None], v, 0.0)
         if k_log_scale is not None:
             k_log_scale = jnp.where(keep, k_log_scale, NEG)
-    v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
     q = phi_q.reshape(B, T, Hkv, H // Hkv, F)  # query head h = kv head h // G, member h % G
+    if q_segment_ids is None and not causal:
+        out, den = _noncausal(q, phi_k, v, k_log_scale, eps)
+        out, den = out.reshape(B, T, H, -1), den.reshape(B, T, H)
+        return (out, den) if return_denominator else out
+    v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
     if q_segment_ids is not None:
         nd = _packed(q, phi_k, v1, k_log_scale, q_segment_ids, kv_segment_ids, bool(causal), chunk_size)
-    elif causal:
-        nd = causal_chunked(q, phi_k, v1, k_log_scale, chunk_size)
     else:
-        nd = _noncausal(q, phi_k, v1, k_log_scale)
+        nd = causal_chunked(q, phi_k, v1, k_log_scale, chunk_size)
     nd = nd.reshape(B, T, H, -1)
     out = normalise(nd[..., :-1], nd[..., -1:], eps)
     return (out, nd[..., -1]) if return_denominator else out

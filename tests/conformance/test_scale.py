@@ -52,13 +52,7 @@ SLOW_LENGTHS = (4096, 16384, 65536)
 
 # (variant, check, program, tier) -> the measured failure; None matches any program or tier.
 # check: "memory" or "flops"; program: "fwd" or "fwd_bwd"; tier: "to32K" or "to64K".
-KNOWN: dict[tuple[str, str, str | None, str | None], str] = {
-    ("local", "flops", None, "to32K"): (
-        "the block-sparse engine pads the query blocks to a whole number of runs, and the padded run "
-        "is computed: forward FLOPs per token 13.5K at 16K, 11.3K at 32K and 64K, so the 16K->32K "
-        "slope is 0.74 fwd and 0.74 fwd+bwd (16K->64K 0.87, 32K->64K 1.00) against O(N w)'s 1.00"
-    ),
-}
+KNOWN: dict[tuple[str, str, str | None, str | None], str] = {}
 
 
 # ----------------------------------------------------------------------------- measuring
