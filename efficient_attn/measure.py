@@ -248,7 +248,11 @@ def _sub_jaxprs(value: Any):
 
 
 def _count(jaxpr: Any) -> tuple[float, bool]:
-    """(FLOPs, exact) of a jaxpr; ``exact`` is False when a while loop's trip count is unknown."""
+    """(FLOPs, exact) of a jaxpr.
+
+    ``exact`` is False when a ``while`` loop's trip count is unknown (its body is counted once:
+    too low for a loop of many trips, too high for one that often runs none) or a ``cond``'s
+    branches differ in cost (the costliest is counted)."""
     total, exact = 0.0, True
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -271,7 +275,7 @@ def _count(jaxpr: Any) -> tuple[float, bool]:
         if name == "cond":
             counts = [_count(b.jaxpr) for b in eqn.params["branches"]]
             total += max(c for c, _ in counts)
-            exact &= all(ok for _, ok in counts)
+            exact &= all(ok for _, ok in counts) and len({c for c, _ in counts}) == 1
             continue
         # pjit, closed_call, remat, custom_jvp_call, custom_vjp_call...: the called jaxpr once
         # (a custom rule's other jaxprs are alternatives to it, not extra work).
@@ -295,7 +299,8 @@ def jaxpr_flops(fn: Callable, *args: Any) -> tuple[float, bool]:
 
     ``dot_general`` counts 2 * (contracted size) * (output size); arithmetic element-wise
     primitives and reductions count one per element. Returns ``(flops, exact)``; ``exact`` is
-    False when a ``while`` loop (unknown trip count) was counted once.
+    False when a ``while`` loop (unknown trip count) was counted once or a ``cond``'s costliest
+    branch stood for all of them.
     """
     closed = jax.make_jaxpr(fn)(*args)
     return _count(closed.jaxpr)
@@ -306,7 +311,8 @@ def count_flops(fn: Callable, args: Sequence[Any], compiled: Any, *, jaxpr: Any 
 
     Returns ``flops``, ``flops_source`` ("xla": cost_analysis of a loop-free program;
     "jaxpr": the jaxpr count, used when XLA's is missing or the program loops, where XLA
-    counts a loop body once; "jaxpr_lower_bound" when even the jaxpr had a while loop),
+    counts a loop body once; "jaxpr_inexact" when even the jaxpr had a while loop of unknown
+    trip count or a cond whose branches differ in cost: neither an upper nor a lower bound),
     and both raw counts ``flops_xla`` and ``flops_jaxpr`` (the jaxpr is traced only when
     XLA's count cannot be used, so ``flops_jaxpr`` is None for loop-free programs). Pass the
     ``jaxpr`` from ``trace_and_compile`` to avoid tracing ``fn`` a second time.
@@ -319,7 +325,7 @@ def count_flops(fn: Callable, args: Sequence[Any], compiled: Any, *, jaxpr: Any 
     except Exception:  # noqa: BLE001 - an exotic primitive must not stop a measurement
         fj, exact = None, False
     if fj is not None:
-        flops, source = fj, "jaxpr" if exact else "jaxpr_lower_bound"
+        flops, source = fj, "jaxpr" if exact else "jaxpr_inexact"
     else:
         flops, source = fx, "xla_loop_body_once" if fx is not None else "none"
     return {"flops": flops, "flops_source": source, "flops_xla": fx, "flops_jaxpr": fj}

@@ -221,6 +221,31 @@ def test_jaxpr_flops_counts_matmuls_and_multiplies_scan_bodies():
     assert exact and flops == 10 * 2 * 32**3
 
 
+def test_jaxpr_flops_is_inexact_for_unknown_trip_counts_and_unequal_branches():
+    m = jnp.ones((32, 32))
+
+    def dynamic_loop(x, n):  # a trip count known only at run time becomes a while loop
+        return jax.lax.fori_loop(0, n, lambda _, c: c @ m, x)
+
+    flops, exact = measure.jaxpr_flops(dynamic_loop, m, jnp.int32(0))
+    assert not exact and flops == pytest.approx(2 * 32**3, abs=8)  # counted once (+ the counter), though it runs no trip
+
+    def unequal(x, p):
+        return jax.lax.cond(p, lambda y: y @ m, lambda y: y, x)
+
+    flops, exact = measure.jaxpr_flops(unequal, m, True)
+    assert not exact and flops == 2 * 32**3  # the costliest branch stands for both
+
+    def equal(x, p):
+        return jax.lax.cond(p, lambda y: y @ m, lambda y: m @ y, x)
+
+    flops, exact = measure.jaxpr_flops(equal, m, True)
+    assert exact and flops == 2 * 32**3
+
+    compiled, _ = measure.compile_function(dynamic_loop, m, jnp.int32(3))
+    assert measure.count_flops(dynamic_loop, (m, jnp.int32(3)), compiled)["flops_source"] == "jaxpr_inexact"
+
+
 def test_count_flops_uses_xla_without_loops_and_the_jaxpr_with_them():
     m = jnp.ones((64, 64))
     plain = lambda x: x @ x  # noqa: E731

@@ -3,20 +3,21 @@
 The shared flags come from ``efficient_attn.sweeps.cli``; this experiment adds the shape
 (``--lengths``, ``--batch``, ``--heads``, ``--head-dim``, ``--passes``), ``--no-interface``,
 ``--no-table2``, ``--sweep-budget`` and ``--report-only`` (rebuild the tables from the stored
-rows, measure nothing). The exit status is 1 when a row of the run errored, 2 for a bad flag.
+rows, measure nothing; with the config the run stored, so a narrowed run stays narrowed). The exit status is 1 when a row of the run errored, 2 for a bad flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from efficient_attn.sweeps import cli
-from efficient_attn.sweeps.cost.config import PASSES, CostConfig
+from efficient_attn.sweeps.cost.config import PASSES, CostConfig, config_from_dict
 from efficient_attn.sweeps.cost.presets import PRESETS
 from efficient_attn.sweeps.cost.run import rows_of, run
 
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", type=cli.positive_float, metavar="SECONDS",
                    help="seconds after which remaining points are skipped")
     p.add_argument("--report-only", action="store_true",
-                   help="rebuild the tables and plots from the stored rows; measure nothing")
+                   help="rebuild the tables and plots from the stored rows, with the config the run "
+                        "stored in rows.json unless a flag above overrides it; measure nothing")
     return p
 
 
@@ -79,6 +81,21 @@ def config_from_args(args: argparse.Namespace) -> CostConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+_CONFIG_FLAGS = ("variants", "lengths", "passes", "batch", "heads", "head_dim", "sweep_budget", "no_interface",
+                 "no_table2")
+
+
+def stored_config(out: Path, preset: str) -> CostConfig | None:
+    """The config the measuring run wrote into ``out/rows.json``, when it is this preset's."""
+    try:
+        stored = json.loads((out / "rows.json").read_text()).get("config")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("preset") != preset:
+        return None
+    return config_from_dict(stored)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a preset (or re-render it), write results/cost/<preset>/; 1 when a row errored."""
     p = _parser()
@@ -88,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         p.error(str(err.args[0] if err.args else err))
     out = Path(args.out) if args.out else Path("results") / "cost" / cfg.preset
+    if args.report_only and not any(getattr(args, f) not in (None, False) for f in _CONFIG_FLAGS):
+        # a narrowed run (--variants, --lengths, ...) is re-rendered as it was run, not as the preset
+        try:
+            cfg = stored_config(out, cfg.preset) or cfg
+        except (TypeError, ValueError) as err:
+            p.error(f"--report-only: {out / 'rows.json'} holds a config this code cannot read ({err}); "
+                    "pass the run's flags (--variants, --lengths, ...) to re-render it")
     t0 = time.perf_counter()
     try:
         store = run(cfg, out, force=args.force, progress=not args.no_progress, report_only=args.report_only)

@@ -8,7 +8,7 @@ import dataclasses
 from efficient_attn.core import check_config, check_positive_int
 
 __all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "INTERFACE_KINDS", "PACKING_KINDS", "MiB", "GiB", "InterfaceConfig",
-           "Table2Config", "CostConfig"]
+           "Table2Config", "CostConfig", "config_from_dict"]
 
 PASSES = ("fwd", "fwd_bwd")
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
@@ -158,3 +158,24 @@ class CostConfig:
                      f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         check_config("cost", self.max_call_s > 0 and self.repeat_budget_s >= 0,
                      f"max_call_s must be > 0 and repeat_budget_s >= 0, got {self.max_call_s}, {self.repeat_budget_s}")
+
+
+def config_from_dict(stored: dict) -> CostConfig:
+    """The ``CostConfig`` that ``dataclasses.asdict`` wrote into a rows.json (lists back to
+    tuples, the nested configs rebuilt); a field the current code does not know raises
+    ValueError, one it added since takes its default."""
+    def rebuild(cls, values: dict):
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"cost: the stored config has fields {unknown} that {cls.__name__} does not know")
+        kwargs = {}
+        for name, value in values.items():
+            default = known[name].default
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                value = rebuild(type(default), value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+    return rebuild(CostConfig, stored)

@@ -117,8 +117,8 @@ def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Itera
            f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
            if rate and rate.get("matmul_gflops") else "")
         + (f"Load average (1, 5, 15 min) at the start of this run: {rate['load_avg_start']}, at the end: "
-           f"{rate.get('load_avg_end')}; above the core count, other processes shared the CPU and times are "
-           "inflated. " if rate and rate.get("load_avg_start") else ""),
+           f"{rate.get('load_avg_end')} (a load above the core count means other processes shared the CPU "
+           "and times are inflated). " if rate and rate.get("load_avg_start") else ""),
         "",
         "Time: median of timed calls after a warm-up, each inside `jax.block_until_ready`; compile "
         "time is apart (`compile_s` in rows.csv). Memory: `compiled.memory_analysis()` argument + "
@@ -127,6 +127,20 @@ def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Itera
         "budget (reason in rows.csv); `(M, not run)`: compiled memory M MiB over the memory budget.",
         "",
     ]
+
+
+# "jaxpr_lower_bound" is what older rows call "jaxpr_inexact" (it was never a bound: a loop that
+# runs no trip is counted once too).
+_INEXACT_FLOPS = ("jaxpr_inexact", "jaxpr_lower_bound", "xla_loop_body_once")
+
+
+def _fraction_cell(row: dict | None) -> Any:
+    """The matmul fraction; in parentheses where the FLOP count is not exact (see the notes)."""
+    if not row or row.get("matmul_fraction") is None:
+        return None
+    if row.get("flops_source") in _INEXACT_FLOPS:
+        return f"({row['matmul_fraction']:.3g})"
+    return row["matmul_fraction"]
 
 
 def _last_timed(points: dict, ns: Sequence[int]) -> dict | None:
@@ -151,7 +165,7 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
         body = []
         for v in names:
             last = _last_timed(by_variant[v], ns)
-            body.append([v, last.get("flops_source") if last else None, last.get("matmul_fraction") if last else None])
+            body.append([v, last.get("flops_source") if last else None, _fraction_cell(last)])
         return lines + [report.markdown_table(["variant", "FLOPs source", "matmul fraction"], body)]
     lines += ["Speed-up (baseline time / variant time) and memory ratio (variant memory / baseline "
               f"memory), each as `{' / '.join(f'vs {b}' for b in bases)}`.", ""]
@@ -173,7 +187,7 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
         i = info[v]
         last = _last_timed(by_variant[v], ns)
         body.append([v] + [_fmt_cross(i.get(f"cross_{what}_{b}")) for b in bases for what in ("time", "memory", "both")]
-                    + [last.get("flops_source") if last else None, last.get("matmul_fraction") if last else None])
+                    + [last.get("flops_source") if last else None, _fraction_cell(last)])
     lines += [report.markdown_table(head, body)]
     return lines
 
@@ -211,7 +225,9 @@ def cost_markdown(rows: Sequence[dict], cfg: CostConfig, rate: dict[str, float] 
     if deadline:
         notes.append(f"{len(deadline)} of {len(rows)} points were not reached within the sweep's time budget "
                      "(`sweep_budget_s`); the same command resumes them.")
-    if rate and rate.get("matmul_gflops") and any((r.get("gflops_per_s") or 0) > rate["matmul_gflops"] for r in rows):
+    if rate and rate.get("matmul_gflops") and any(
+            (r.get("gflops_per_s") or 0) > rate["matmul_gflops"] for r in rows
+            if r.get("flops_source") not in _INEXACT_FLOPS):
         notes.append("Some matmul fractions exceed 1: the matmul ceiling was measured while other processes "
                      "shared the CPU (see the load average), so it understates this machine's rate.")
     lines += ["## Notes", ""]
@@ -270,10 +286,11 @@ def _notes(title: str, by_variant: dict, info: dict, ns: list[int], bases: Seque
             beyond = i.get(f"beyond_{base}")
             if beyond:
                 past_base.setdefault((base, tuple(beyond)), []).append(v)
-        loops = [n for n, r in sorted(by_variant[v].items()) if r.get("flops_source") == "jaxpr_lower_bound"]
+        loops = [n for n, r in sorted(by_variant[v].items()) if r.get("flops_source") in _INEXACT_FLOPS]
         if loops:
-            out.append(f"{title}, `{v}`: FLOPs are a lower bound (a while loop with a data-dependent trip count "
-                       "was counted once), so its matmul fraction is understated.")
+            out.append(f"{title}, `{v}`: FLOPs are not exact (a loop with a data-dependent trip count was counted "
+                       "once, or a branch's costliest arm stood for all): neither an upper nor a lower bound, so "
+                       "its matmul fraction is in parentheses and not comparable.")
         bad = [(n, r["status"], r.get("reason", "")) for n, r in sorted(by_variant[v].items())
                if r.get("status") == "error"]
         for n, _, reason in bad[:2]:
