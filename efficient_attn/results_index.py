@@ -84,6 +84,8 @@ def write_results_readme(results: Path, preset: str) -> Path:
             continue  # embedded above, or not started
         lines.append(f"\n## {title}\n")
         lines.append(_demote((folder / "table.md").read_text()))
+        if (folder / "NOTES.md").exists():  # the run's own account: what ran where, what it shows
+            lines += ["", _demote((folder / "NOTES.md").read_text())]
         for plot in plots:
             if (folder / plot).exists():
                 lines.append(f"\n![{plot}]({(folder / plot).relative_to(results).as_posix()})\n")

@@ -125,3 +125,14 @@ def test_results_readme_embeds_tables(tmp_path):
     assert "## Accuracy at the cpu preset" in text and "| full | 100.0 |" in text
     assert text.count("| full | 100.0 |") == 1 == write_results_readme(tmp_path, "cpu").read_text().count(
         "| full | 100.0 |")  # at the cpu preset it is the section itself, not twice
+
+
+def test_results_readme_embeds_a_long_runs_notes(tmp_path):
+    folder = tmp_path / "recall" / "cpu"
+    folder.mkdir(parents=True)
+    (folder / "table.md").write_text("# Recall\n\n| full | 99.9 |\n")
+    text = write_results_readme(tmp_path, "quick").read_text()
+    assert "| full | 99.9 |" in text and "finding holds" not in text
+    (folder / "NOTES.md").write_text("# Recall: notes\n\nThe finding holds.\n")
+    text = write_results_readme(tmp_path, "quick").read_text()
+    assert "## Recall: notes" in text and "The finding holds." in text
