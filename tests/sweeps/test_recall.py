@@ -160,6 +160,14 @@ def test_a_run_of_some_variants_keeps_the_others_in_the_table(plugins, monkeypat
                log=lambda *_: None)
     assert json.loads((out / "rows.json").read_text())["config"]["variants"] == [ref, "_recall_test_windowed"]
     assert f"| {ref} |" in (out / "table.md").read_text()
+    # a forced run of one variant retrains its points only; the other's rows stay in the store
+    trained = []
+    monkeypatch.setattr(run_module, "_run_point", lambda cfg, point, *a, **k: trained.append(point.variant)
+                        or dict(fake(cfg, point, *a, **k), test=0.75))
+    recall.run(dataclasses.replace(both, variants=(ref,)), out, force=True, progress=False, log=lambda *_: None)
+    assert trained == [ref]
+    rows = {r["variant"]: r for r in json.loads((out / "rows.json").read_text())["rows"]}
+    assert rows[ref]["test"] == 0.75 and rows["_recall_test_windowed"]["test"] == 0.5
 
 
 def test_presets_and_cli():

@@ -94,20 +94,22 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
 
     ``reuse``: an accuracy RowStore whose matching rows stand for points instead of training
     them (default: ``results/accuracy/<preset>/rows.jsonl`` beside ``out``'s results folder;
-    None: train every point)."""
+    None: train every point).
+    ``force``: train the points ``cfg`` selects again (no reuse, checkpoints discarded); the
+    stored rows of other variants and seeds stay, so one variant can be re-run after a fix."""
     out = Path(out)
     if reuse == "default":
         reuse = out.parent.parent / "accuracy" / cfg.preset / "rows.jsonl"
     shared = {} if reuse is None or force else accuracy_rows(Path(reuse))
-    table = table_scope(cfg, out)  # read before the store: force=True wipes it
-    store = ea_report.RowStore(out / "rows.jsonl", force=force)
+    table = table_scope(cfg, out)
+    store = ea_report.RowStore(out / "rows.jsonl")  # a forced point's new row is appended over its old one
     variants = cfg.variant_names()
     for v in variants:
         get_spec(v)
     dfp = data_fingerprint(cfg.task, cfg.data_seed)
     info_path = out / "task_info.json"
     info = None
-    if info_path.exists() and not force:
+    if info_path.exists():  # keyed by the data's fingerprint: a stale entry is recomputed below
         try:
             info = json.loads(info_path.read_text())
         except json.JSONDecodeError:
@@ -121,7 +123,7 @@ def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bo
         for count, (point, seed) in enumerate(todo, 1):
             fp = point.fingerprint(cfg.data_seed)
             prev = store.get(key_of(point, seed))
-            if prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
+            if not force and prev is not None and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue
             if info is None or info.get("fingerprint") != dfp:
                 data = acc_run.load_task(cfg.task, cfg.data_seed)
