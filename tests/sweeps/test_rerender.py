@@ -147,7 +147,15 @@ def _exact(rel: Path, folder: Path, monkeypatch) -> None:
         run(ExactConfig(**stored), rel, report_only=True, log=lambda *a: None)
 
 
-RENDER = {"cost": _cost, "decode_cost": _decode_cost, "approximation": _approximation, "accuracy": _accuracy,
+def _recall(rel: Path, folder: Path, monkeypatch) -> None:
+    from efficient_attn.sweeps import recall
+
+    run = importlib.import_module("efficient_attn.sweeps.recall.run")
+    monkeypatch.setattr(run, "_run_point", _forbid)
+    assert recall.main(["--preset", rel.name, "--report-only", "--no-progress", "--out", str(rel)]) in (0, 1)
+
+
+RENDER = {"cost": _cost, "recall": _recall, "decode_cost": _decode_cost, "approximation": _approximation, "accuracy": _accuracy,
           "scaling": _scaling, "exact": _exact}
 
 def _without_skip_notes(text: str) -> str:
@@ -165,7 +173,8 @@ KNOWN = {
 }
 
 # What a report declares environment-dependent, as (pattern, replacement).
-DECLARED = {"accuracy": [(re.compile(r"^(Environment: .*, commit )\S+\.$", re.M), r"\1<commit>.")]}
+DECLARED = {name: [(re.compile(r"^(Environment: .*, commit )\S+\.$", re.M), r"\1<commit>.")]
+            for name in ("accuracy", "recall")}
 
 
 @pytest.mark.parametrize("folder", _folders(), ids=lambda d: d.relative_to(RESULTS).as_posix())

@@ -26,8 +26,11 @@ _PROG = "experiments/recall.py"
 
 
 def _parser():
-    return cli.experiment_parser(_PROG, "MQAR recall against the state each variant keeps.",
-                                 presets=PRESETS, seeds=True, steps=True, mesh=True)
+    p = cli.experiment_parser(_PROG, "MQAR recall against the state each variant keeps.",
+                              presets=PRESETS, seeds=True, steps=True, mesh=True)
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the table and plot from the stored rows; train nothing")
+    return p
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -71,9 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as err:  # one line naming what the configs refused, exit 2, before any training
         p.error(str(err.args[0] if err.args else err))
+    if args.report_only and args.force:
+        p.error("--report-only: re-renders the stored rows, so it cannot be combined with --force")
     out = args.out or default_out(cfg)
     try:
-        rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None)
+        rows = run(cfg, out, force=args.force, progress=False if args.no_progress else None,
+                   report_only=args.report_only)
     except KeyboardInterrupt:
         print(f"\nrecall: interrupted; finished rows are kept in {out / 'rows.jsonl'}; rerun to resume", file=sys.stderr)
         raise SystemExit(130) from None

@@ -88,16 +88,38 @@ def table_scope(cfg: RecallConfig, out: Path) -> RecallConfig:
                                seeds=union_seeds(cfg.seeds, stored["seeds"]))
 
 
+def _stored_skips(out: Path) -> dict[str, str]:
+    """The n/a reasons the measuring run wrote into ``out/rows.json`` ({} when absent)."""
+    try:
+        stored = json.loads((out / "rows.json").read_text()).get("skipped") or []
+        return {s["variant"]: s["reason"] for s in stored}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def run(cfg: RecallConfig, out: str | Path, *, force: bool = False, progress: bool | None = None,
-        log=print, reuse: str | Path | None = "default") -> list[dict]:
+        log=print, reuse: str | Path | None = "default", report_only: bool = False) -> list[dict]:
     """Train every pending point of ``cfg``; write the outputs; return the stored rows.
 
     ``reuse``: an accuracy RowStore whose matching rows stand for points instead of training
     them (default: ``results/accuracy/<preset>/rows.jsonl`` beside ``out``'s results folder;
     None: train every point).
     ``force``: train the points ``cfg`` selects again (no reuse, checkpoints discarded); the
-    stored rows of other variants and seeds stay, so one variant can be re-run after a fix."""
+    stored rows of other variants and seeds stay, so one variant can be re-run after a fix.
+    ``report_only``: train nothing, rebuild the outputs from the stored rows, for the variants and
+    seeds the stored table had (unless ``cfg`` names its own) and with its n/a reasons."""
+    if report_only and force:
+        raise ValueError("recall: report_only=True re-renders the stored rows; it cannot be combined with force=True")
     out = Path(out)
+    if report_only:
+        stored = stored_scope(out)
+        table = cfg
+        if stored is not None:
+            table = dataclasses.replace(
+                cfg, variants=cfg.variants if cfg.variants is not None else (
+                    None if stored["variants"] is None else tuple(stored["variants"])),
+                seeds=tuple(stored["seeds"]))
+        return write_outputs(out, ea_report.RowStore(out / "rows.jsonl").rows(), table, _stored_skips(out))
     if reuse == "default":
         reuse = out.parent.parent / "accuracy" / cfg.preset / "rows.jsonl"
     shared = {} if reuse is None or force else accuracy_rows(Path(reuse))
