@@ -24,8 +24,8 @@ from typing import Any, Iterable, Sequence
 
 from efficient_attn import allocator
 
-__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "markdown_table", "fixed", "environment",
-           "row_environment", "measured_environment"]
+__all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "read_stored_json", "markdown_table", "fixed",
+           "environment", "row_environment", "measured_environment"]
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> None:
@@ -60,6 +60,17 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_atomic(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_stored_json(out: str | Path) -> dict[str, Any]:
+    """What the last run wrote into ``out/rows.json`` (its ``environment``, ``config``, ``rows``
+    and the experiment's extras), or {} when there is none or it cannot be read: a re-render
+    takes its scope from here, and a missing or torn file means "no stored scope", not an error."""
+    try:
+        stored = json.loads((Path(out) / "rows.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:

@@ -100,6 +100,16 @@ def test_markdown_table_and_csv(tmp_path):
     assert (tmp_path / "r.csv").read_text().splitlines() == ["a,b,c", "1,2,", "3,,4"]
 
 
+def test_read_stored_json_round_trips_and_treats_missing_or_torn_files_as_empty(tmp_path):
+    assert report.read_stored_json(tmp_path) == {}  # no rows.json yet
+    report.write_json(tmp_path / "rows.json", {"config": {"preset": "cpu", "seeds": (0, 1)}, "skipped": []})
+    assert report.read_stored_json(tmp_path) == {"config": {"preset": "cpu", "seeds": [0, 1]}, "skipped": []}
+    (tmp_path / "rows.json").write_text('{"config": {"pre')  # torn by a kill mid-write
+    assert report.read_stored_json(tmp_path) == {}
+    (tmp_path / "rows.json").write_text("[1, 2]")  # valid JSON, not an outputs object
+    assert report.read_stored_json(tmp_path) == {}
+
+
 def test_environment_fields():
     env = report.environment("quick")
     for key in ("jax", "flax", "backend", "device", "cpu", "cpu_cores", "commit", "preset"):

@@ -12,7 +12,7 @@ from efficient_attn.sweeps.cost import interface
 from efficient_attn.sweeps.cost import point as cost_point
 from efficient_attn.sweeps.cost import table2 as cost_table2
 from efficient_attn.sweeps.cost.config import InterfaceConfig
-from efficient_attn.sweeps.cost.report import interface_summary
+from efficient_attn.sweeps.cost.report_interface import interface_summary
 from conftest import forbid
 
 HEADS, KV, N = 4, (4, 1), (64, 128)

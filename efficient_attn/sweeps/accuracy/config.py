@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from efficient_attn import report
 from efficient_attn.core import check_config, check_positive_int
 from efficient_attn.registry import list_variants
 from efficient_attn.train import TrainConfig
@@ -148,10 +149,10 @@ def current_rows(rows: Sequence[dict], cfg: AccuracyConfig) -> dict[tuple[str, s
 def stored_scope(out: str | Path) -> dict | None:
     """The scope (task names, seeds, variants) of the table last written in ``out``, or None."""
     try:
-        stored = json.loads((Path(out) / "rows.json").read_text())["config"]
+        stored = report.read_stored_json(out)["config"]
         return {"tasks": [t["task"] for t in stored.get("tasks", ())], "seeds": list(stored["seeds"]),
                 "variants": stored["variants"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         return None
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from efficient_attn import report
 from efficient_attn.sweeps import cli
 from efficient_attn.sweeps.cost.config import PASSES, CostConfig, config_from_dict
 from efficient_attn.sweeps.cost.presets import PRESETS
@@ -87,10 +87,7 @@ _CONFIG_FLAGS = ("variants", "lengths", "passes", "batch", "heads", "head_dim", 
 
 def stored_config(out: Path, preset: str) -> CostConfig | None:
     """The config the measuring run wrote into ``out/rows.json``, when it is this preset's."""
-    try:
-        stored = json.loads((out / "rows.json").read_text()).get("config")
-    except (OSError, ValueError):
-        return None
+    stored = report.read_stored_json(out).get("config")
     if not isinstance(stored, dict) or stored.get("preset") != preset:
         return None
     return config_from_dict(stored)

@@ -4,11 +4,8 @@
 fitted log-log slopes beside the claimed ones, speed-up and memory ratios against every
 baseline (``analysis.baselines``: ``full``, ``blockwise``), the crossover lengths, the
 fraction of the measured matmul rate, and notes that explain each slope that disagrees with
-its claim. ``table2_markdown`` writes the LRA Table 2 analog beside the published table
-(``published.PUBLISHED_TABLE2``). ``interface_markdown`` writes table_interface.md: the
-grouped-query rows (time and temporary memory against Hkv = H) and packed against padded
-batches of the same tokens beside the ideal ratios of their lengths (``interface_summary``).
-``write_outputs`` does all of it, with rows.csv, rows.json and the plots; a table can be
+its claim. ``write_outputs`` writes it with the LRA Table 2 analog (``report_table2``) and the
+interface part's table_interface.md (``report_interface``), with rows.csv, rows.json and the plots; a table can be
 rebuilt from rows.jsonl at any time, byte for byte.
 """
 
@@ -20,25 +17,18 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from efficient_attn import measure, report
-from efficient_attn.sweeps.cost.analysis import analyse, baselines, current, ok, order_key, quadratic_reference, series
+from efficient_attn.sweeps.cost.analysis import analyse, baselines, current, ok, order_key, series
 from efficient_attn.sweeps.cost.config import INTERFACE_KINDS as KINDS
-from efficient_attn.sweeps.cost.config import LAYOUTS, PACKING_KINDS, PASS_TITLES, PASSES, MiB
+from efficient_attn.sweeps.cost.config import PASS_TITLES, PASSES, MiB, to_mib, to_ms
 from efficient_attn.sweeps.cost.plots import plot
-from efficient_attn.sweeps.cost.published import PUBLISHED_LENGTHS, PUBLISHED_TABLE2, published_baseline
+from efficient_attn.sweeps.cost.report_interface import interface_current, interface_markdown, interface_summary
+from efficient_attn.sweeps.cost.report_table2 import table2_current, table2_markdown, table2_rows
 
 if TYPE_CHECKING:
     from efficient_attn.sweeps.cost.config import CostConfig
 
 __all__ = ["CSV_COLUMNS", "cost_markdown", "table2_rows", "table2_markdown", "interface_summary",
            "interface_markdown", "write_outputs"]
-
-
-def _ms(x):
-    return None if x is None else 1e3 * x
-
-
-def _mib(x):
-    return None if x is None else x / MiB
 
 
 def _cell(r: dict | None, field: str, scale) -> Any:
@@ -155,9 +145,9 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
     names = sorted(by_variant, key=order_key(bases))
     lines = [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
              "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
-    lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", _ms)]
+    lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", to_ms)]
     lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
-    lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", _mib)]
+    lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", to_mib)]
     if not bases:  # a run of some variants only: no ratio or crossover has a baseline to be taken against
         lines += ["No speed-ups or crossovers: these rows hold no baseline (exact attention) to take them "
                   "against; a run whose --variants include `full` gives them.", "", "Matmul fraction: FLOPs / time at "
@@ -301,273 +291,6 @@ def _notes(title: str, by_variant: dict, info: dict, ns: list[int], bases: Seque
     return out
 
 
-# ----------------------------------------------------------------------------- LRA Table 2 analog
-
-
-def _table2_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
-    t = cfg.table2
-    dims = (t.batch, t.num_layers, t.emb_dim, t.num_heads, t.mlp_dim)
-    return [r for r in rows if r.get("kind") == "table2"
-            and (r.get("batch"), r.get("num_layers"), r.get("emb_dim"), r.get("heads"), r.get("mlp_dim")) == dims]
-
-
-def table2_rows(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
-    """The Table 2 rows of ``cfg``'s model with ``speedup_vs_full`` and ``memory_vs_full`` (against
-    the quadratic reference, ``analysis.quadratic_reference``) filled in."""
-    rows = [dict(r) for r in _table2_current(rows, cfg)]
-    reference = quadratic_reference()
-    full = {r["n"]: r for r in rows if r["variant"] == reference}
-    for r in rows:
-        f = full.get(r["n"])
-        v, fv = ok(r, "steps_per_s"), ok(f, "steps_per_s")
-        r["speedup_vs_full"] = v / fv if v and fv else None
-        m, fm = ok(r, "memory_bytes"), ok(f, "memory_bytes")
-        r["memory_vs_full"] = m / fm if m and fm else None
-    return rows
-
-
-def _size(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else f"{n}"
-
-
-def table2_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
-    """table2.md: steps/s and memory per variant and length, with LRA's published numbers beside."""
-    t = cfg.table2
-    rows = table2_rows(rows, cfg)
-    reference = quadratic_reference()
-    by = {(r["variant"], r["n"]): r for r in rows}
-    names = sorted({r["variant"] for r in rows}, key=order_key(baselines()))
-    ns = sorted({r["n"] for r in rows})
-    lines = [
-        f"# LRA Table 2 analog: training speed and memory, byte-level text (preset `{cfg.preset}`)", "",
-        f"One optimiser step (forward, backward, AdamW update) of the LRA text classifier scaled down to "
-        f"{t.num_layers} layer(s), width {t.emb_dim}, {t.num_heads} heads, MLP {t.mlp_dim}, batch {t.batch}, "
-        f"mean pooling, float32, on {env.get('device')} ({env.get('cpu')}). Steps/s = 1 / median step time "
-        f"(compile excluded), with the speed-up against `{reference}` in parentheses; memory = compiled "
-        f"(`memory_analysis`) arguments + outputs + temporaries of the step in MiB, with the ratio to `{reference}`.",
-        "",
-        "The LRA columns are the published Table 2 (Tay et al. 2020, 4x4 TPU v3, batch 32, width 256, "
-        "4 layers; steps/s with speed-up, peak memory in GB). Compare the ratios, not the absolute "
-        "numbers: the hardware, model size and batch differ.", "",
-    ]
-
-    def cell(value, ratio, fmt):
-        if value is None:
-            return None
-        return f"{fmt(value)} ({ratio:.2f}x)" if ratio is not None else fmt(value)
-
-    def ours(v, n, field, ratio_field, fmt):
-        r = by.get((v, n))
-        if r is None:
-            return None
-        if r.get("status") != "ok":
-            return r.get("status")
-        return cell(r.get(field), r.get(ratio_field), fmt)
-
-    pub_ns = list(PUBLISHED_LENGTHS)
-    head = (["variant"] + [f"steps/s {_size(n)}" for n in ns] + [f"MiB {_size(n)}" for n in ns]
-            + ["LRA model"] + [f"LRA steps/s {n // 1024}K" for n in pub_ns] + [f"LRA GB {n // 1024}K" for n in pub_ns])
-    body = []
-    base = published_baseline()
-    for v in names:
-        pub = PUBLISHED_TABLE2.get(v)
-        row = [v]
-        row += [ours(v, n, "steps_per_s", "speedup_vs_full", lambda x: f"{x:.3g}") for n in ns]
-        row += [ours(v, n, "memory_bytes", "memory_vs_full", lambda x: f"{x / MiB:.0f}") for n in ns]
-        if pub:
-            row += [pub[0]]
-            row += [f"{s:g} ({s / b:.1f}x)" for s, b in zip(pub[1], base[1])]
-            row += [f"{m:g} ({m / b:.2f}x)" for m, b in zip(pub[2], base[2])]
-        else:
-            row += ["-"] + [None] * (2 * len(pub_ns))
-        body.append(row)
-    lines.append(report.markdown_table(head, body))
-    bad = [r for r in rows if r.get("status") != "ok"]
-    late = [r for r in bad if str(r.get("reason", "")).startswith("sweep budget")]
-    if bad:
-        lines += ["Not measured:", ""]
-        lines += [f"- `{r['variant']}` at N={r['n']}: {r['status']}: {r.get('reason', '')[:200]}"
-                  for r in bad if r not in late]
-        if late:
-            lines.append(f"- {len(late)} points not reached within the Table 2 time budget (`budget_s`): "
-                         + ", ".join(f"`{r['variant']}` {r['n']}" for r in late[:40])
-                         + (", ..." if len(late) > 40 else "") + "; the same command resumes them.")
-        lines.append("")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- interface part
-
-
-def _interface_current(rows: Sequence[dict], cfg: CostConfig, kind: str) -> list[dict]:
-    """The rows of ``kind`` ("gqa", "packing", "packing_equal") measured at ``cfg``'s interface shape."""
-    i = cfg.interface
-    dims = (i.heads, cfg.head_dim, cfg.dtype)
-    out = [r for r in rows if r.get("kind") == kind and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == dims]
-    if kind == "gqa":
-        return [r for r in out if r.get("batch") == cfg.batch]
-    if kind == "packing_equal":
-        return [r for r in out if r.get("equal_segments") == i.equal_segments]
-    return [r for r in out if r.get("seed") == cfg.seed and r.get("segment_range") == list(i.segment_range)]
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b is not None else None
-
-
-def interface_summary(rows: Sequence[dict], cfg: CostConfig) -> dict[str, list[dict]]:
-    """What table_interface.md shows, from the stored rows only, per (variant, pass, N):
-
-    "gqa": ``time`` / ``temp`` per kv head count, and ``time_ratio`` / ``temp_ratio`` against
-    Hkv = H (None where either side was not measured);
-    "packing": the lengths (``k``, ``longest``), ``time`` / ``temp`` per layout, the measured
-    ``padded_over_packed_*`` ratios, ``packed_over_unsegmented`` (the packed row's time over one
-    unsegmented row of N: the gqa row with Hkv = H at batch 1, where there is one) and the
-    ideals of the lengths: ``ideal_packed`` = sum(l^2) / N^2, ``ideal_padded_over_packed`` =
-    k * max(l)^2 / sum(l^2);
-    "packing_equal": the same for the k equal sequences of N / k.
-    """
-    heads = cfg.interface.heads
-    key = lambda r: (r["variant"], r["pass"], int(r["n"]))  # noqa: E731
-    order = lambda g: (order_key(baselines())(g[0]), PASSES.index(g[1]) if g[1] in PASSES else 9, g[2])  # noqa: E731
-
-    gqa: dict[tuple, dict[int, dict]] = {}
-    for r in _interface_current(rows, cfg, "gqa"):
-        gqa.setdefault(key(r), {})[int(r["num_kv_heads"])] = r
-    gqa_out = []
-    for g in sorted(gqa, key=order):
-        by = gqa[g]
-        times = {h: ok(r, "time_median_s") for h, r in by.items()}
-        temps = {h: ok(r, "temp_bytes") for h, r in by.items()}
-        gqa_out.append({"variant": g[0], "pass": g[1], "n": g[2], "rows": by, "time": times, "temp": temps,
-                        "time_ratio": {h: _ratio(t, times.get(heads)) for h, t in times.items()},
-                        "temp_ratio": {h: _ratio(m, temps.get(heads)) for h, m in temps.items()}})
-
-    unsegmented = {key(r): r for r in rows if r.get("kind") == "gqa" and r.get("batch") == 1
-                   and r.get("num_kv_heads") == heads
-                   and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (heads, cfg.head_dim, cfg.dtype)}
-    out = {"gqa": gqa_out}
-    for kind in PACKING_KINDS:
-        out[kind] = _packing_summary(_interface_current(rows, cfg, kind), unsegmented, key, order)
-    return out
-
-
-def _packing_summary(rows: Sequence[dict], unsegmented: dict, key, order) -> list[dict]:
-    """``interface_summary``'s entries of one packing kind (its docstring)."""
-    packing: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        packing.setdefault(key(r), {})[r["layout"]] = r
-    packing_out = []
-    for g in sorted(packing, key=order):
-        by = packing[g]
-        lens = next((r["segment_lengths"] for r in by.values() if r.get("segment_lengths")), None)
-        times = {layout: ok(by.get(layout), "time_median_s") for layout in LAYOUTS}
-        temps = {layout: ok(by.get(layout), "temp_bytes") for layout in LAYOUTS}
-        entry = {"variant": g[0], "pass": g[1], "n": g[2], "rows": by, "time": times, "temp": temps,
-                 "k": len(lens) if lens else None, "longest": max(lens) if lens else None,
-                 "padded_over_packed_time": _ratio(times["padded"], times["packed"]),
-                 "padded_over_packed_temp": _ratio(temps["padded"], temps["packed"]),
-                 "packed_over_unsegmented": _ratio(times["packed"], ok(unsegmented.get(g), "time_median_s")),
-                 "ideal_packed": None, "ideal_padded_over_packed": None}
-        if lens:
-            squares = sum(x * x for x in lens)
-            entry["ideal_packed"] = squares / g[2] ** 2
-            entry["ideal_padded_over_packed"] = len(lens) * max(lens) ** 2 / squares
-        packing_out.append(entry)
-    return packing_out
-
-
-def _status_or(r: dict | None, value: float | None, scale) -> Any:
-    """``value`` scaled where measured; else the row's status (skipped / error), or None."""
-    if value is not None:
-        return scale(value)
-    return None if r is None else ("skip" if r.get("status") == "skipped" else r.get("status"))
-
-
-def interface_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
-    """table_interface.md: grouped-query heads, then packed against padded batches."""
-    i = cfg.interface
-    summary = interface_summary(rows, cfg)
-    lo, hi = i.segment_range
-    lines = [
-        f"# Interface of current models: grouped-query heads and packed batches (preset `{cfg.preset}`)", "",
-        f"The exact baselines with each capability, bidirectional, {cfg.dtype}, head width D={cfg.head_dim}, on "
-        f"{env.get('device')} ({env.get('cpu')}). Time: median per call after a warm-up, compile apart, as in "
-        "table.md. Memory: compiled temporary bytes of one call (`temp_bytes`, what it allocates beyond its "
-        "arguments and outputs; arguments + outputs + temporaries are `memory_bytes` in rows.csv). "
-        "`skip`: over a budget or not reached (reason in rows.csv).", "",
-    ]
-    if summary["gqa"]:
-        kv = sorted({h for e in summary["gqa"] for h in e["rows"]}, reverse=True)
-        others = [h for h in kv if h != i.heads]
-        lines += [f"## Grouped-query attention (H = {i.heads} query heads, B = {cfg.batch})", "",
-                  f"Hkv key/value heads; query head h reads kv head h // (H / Hkv). Ratios are against "
-                  f"Hkv = {i.heads} (each query head its own kv head).", ""]
-        head = (["variant", "pass", "N"] + [f"ms Hkv={h}" for h in kv] + [f"time {h}/{i.heads}" for h in others]
-                + [f"temp MiB Hkv={h}" for h in kv] + [f"temp {h}/{i.heads}" for h in others])
-        body = []
-        for e in summary["gqa"]:
-            body.append([e["variant"], e["pass"], e["n"]]
-                        + [_status_or(e["rows"].get(h), e["time"].get(h), _ms) for h in kv]
-                        + [e["time_ratio"].get(h) for h in others]
-                        + [_status_or(e["rows"].get(h), e["temp"].get(h), _mib) for h in kv]
-                        + [e["temp_ratio"].get(h) for h in others])
-        lines += [report.markdown_table(head, body)]
-    if summary["packing"]:
-        lines += [f"## Packed against padded (H = {i.heads})", "",
-                  f"The same N tokens: k sequences of seeded lengths in [{lo:g} N, {hi:g} N] summing to N. "
-                  "Packed: one row of N tokens with sorted segment ids (a query sees its own sequence only). "
-                  "Padded: k rows as long as the longest sequence, with kv_mask and q_mask. "
-                  "`packed/unsegmented`: the packed row's time over one row of N tokens without ids (the "
-                  f"Hkv = {i.heads} grouped-query row at B = 1). Ideal packed/unsegmented = sum(l^2) / N^2, "
-                  "the share of query-key pairs a packed row needs; ideal padded/packed = k max(l)^2 / sum(l^2). "
-                  "An engine that skips the tiles whose segments cannot meet approaches the ideals from above "
-                  "as its tiles shrink against the sequences; a dense engine computes all N^2 pairs of the "
-                  "packed row whatever the ids, so for it padding is the cheaper layout.", ""]
-        lines += [_packing_table(summary["packing"])]
-    if summary["packing_equal"]:
-        k = i.equal_segments
-        lines += [f"## Packed against padded, {k} equal sequences (H = {i.heads})", "",
-                  f"As above for k = {k} sequences of N / {k} tokens each (at N = {k}K: {k} x 1K^2 query-key pairs "
-                  f"against {k * k} x 1K^2 unsegmented): ideal packed/unsegmented = 1/{k}, "
-                  "ideal padded/packed = 1. Where N / k is a multiple of the engine's tile, no visited tile holds "
-                  "two sequences, so the gap to the ideal is the cost of the tile skipping and the in-tile "
-                  "segment mask themselves.", ""]
-        lines += [_packing_table(summary["packing_equal"])]
-    bad = [r for kind in KINDS for r in _interface_current(rows, cfg, kind) if r.get("status") != "ok"]
-    late = [r for r in bad if str(r.get("reason", "")).startswith("sweep budget")]
-    if bad:
-        lines += ["Not measured:", ""]
-        lines += [f"- {_interface_label(r)}: {r['status']}: {r.get('reason', '')[:200]}" for r in bad if r not in late]
-        if late:
-            lines.append(f"- {len(late)} points not reached within the interface part's time budget (`budget_s`): "
-                         + ", ".join(_interface_label(r) for r in late[:40])
-                         + (", ..." if len(late) > 40 else "") + "; the same command resumes them.")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _packing_table(entries: Sequence[dict]) -> str:
-    head = ["variant", "pass", "N", "k", "longest", "ms packed", "ms padded", "padded/packed time",
-            "temp MiB packed", "temp MiB padded", "padded/packed temp", "packed/unsegmented",
-            "ideal packed/unsegmented", "ideal padded/packed"]
-    body = []
-    for e in entries:
-        rs = e["rows"]
-        body.append([e["variant"], e["pass"], e["n"], e["k"], e["longest"],
-                     _status_or(rs.get("packed"), e["time"]["packed"], _ms),
-                     _status_or(rs.get("padded"), e["time"]["padded"], _ms), e["padded_over_packed_time"],
-                     _status_or(rs.get("packed"), e["temp"]["packed"], _mib),
-                     _status_or(rs.get("padded"), e["temp"]["padded"], _mib), e["padded_over_packed_temp"],
-                     e["packed_over_unsegmented"], e["ideal_packed"], e["ideal_padded_over_packed"]])
-    return report.markdown_table(head, body)
-
-
-def _interface_label(r: dict) -> str:
-    setting = f"Hkv={r.get('num_kv_heads')}" if r.get("kind") == "gqa" else r.get("layout")
-    return f"{r.get('kind')} `{r.get('variant')}` {r.get('pass')} N={r.get('n')} {setting}"
-
-
 # ----------------------------------------------------------------------------- outputs
 
 CSV_COLUMNS = [
@@ -589,7 +312,7 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
     """
     out = Path(out)
     rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
-    enriched = {id(r): e for r, e in zip(_table2_current(rows, cfg), table2_rows(rows, cfg))}
+    enriched = {id(r): e for r, e in zip(table2_current(rows, cfg), table2_rows(rows, cfg))}
     rows = [enriched.get(id(r), r) for r in rows]
     start, ceiling = (info or {}).get("matmul_best_gflops_start"), (info or {}).get("matmul_gflops")
     if start and ceiling and ceiling != start:  # rows of this run: against the run's final ceiling
@@ -604,7 +327,7 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
     bases = measured_baselines(rows)
     plot(rows, cfg, "time_median_s", out / "time.png", "time per call (s)", 1.0, bases)
     plot(rows, cfg, "memory_bytes", out / "memory.png", "compiled memory (MiB)", MiB, bases)
-    if _table2_current(rows, cfg):
+    if table2_current(rows, cfg):
         report.write_atomic(out / "table2.md", table2_markdown(rows, cfg, env))
-    if any(_interface_current(rows, cfg, kind) for kind in KINDS):
+    if any(interface_current(rows, cfg, kind) for kind in KINDS):
         report.write_atomic(out / "table_interface.md", interface_markdown(rows, cfg, env))

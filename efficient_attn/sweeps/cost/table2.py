@@ -1,6 +1,6 @@
 """The LRA Table 2 analog, measured: training steps per second and compiled memory of LRA's
 byte-level text classifier (``nn.Classifier``, scaled down by the preset) at 1K-4K tokens, for
-every variant. ``sweeps/cost/report.py`` sets them beside the published table (Tay et al.
+every variant. ``sweeps/cost/report_table2.py`` sets them beside the published table (Tay et al.
 2020, "Long Range Arena", arXiv 2011.04006).
 """
 

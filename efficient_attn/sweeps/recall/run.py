@@ -91,9 +91,8 @@ def table_scope(cfg: RecallConfig, out: Path) -> RecallConfig:
 def _stored_skips(out: Path) -> dict[str, str]:
     """The n/a reasons the measuring run wrote into ``out/rows.json`` ({} when absent)."""
     try:
-        stored = json.loads((out / "rows.json").read_text()).get("skipped") or []
-        return {s["variant"]: s["reason"] for s in stored}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {s["variant"]: s["reason"] for s in ea_report.read_stored_json(out).get("skipped") or []}
+    except (KeyError, TypeError):
         return {}
 
 
