@@ -16,8 +16,11 @@ def quick() -> CostConfig:
 
     Lengths a factor 4 apart are enough for the slopes and the crossovers, and on a small CPU
     compiling is most of the run, so every extra length is costly; 16K is where a quadratic
-    term hidden below 8K shows (the tail slope, 1K-16K). One warm-up and 1-5 timed calls
-    within 0.25 s; no call predicted over 8 s (the quadratic variants stop there at 16K,
+    term hidden below 8K shows (the tail slope, 1K-16K). One warm-up and 3-5 timed calls
+    within 0.25 s, never fewer than 3: the first calls after a compile at 16K can take a
+    transient stall of 2-6x (seen on performer's and local's forward+backward), which a
+    one-call "median" reported as the point's time and a median of three does not; no call
+    predicted over 8 s (the quadratic variants stop there at 16K,
     with the reason stored; at 3 s a dozen subquadratic forward+backward points at 16K
     stopped too). The interface part (grouped-query
     heads, packed against padded, 8 equal sequences packed against padded) runs at 1K and 4K,
@@ -29,7 +32,7 @@ def quick() -> CostConfig:
     return CostConfig(
         preset="quick",
         lengths=(256, 1024, 4096, 16384),
-        min_repeats=1,
+        min_repeats=3,
         max_repeats=5,
         repeat_budget_s=0.25,
         max_call_s=8.0,
