@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 from efficient_attn import allocator
 
 __all__ = ["RowStore", "write_atomic", "write_json", "write_csv", "read_stored_json", "markdown_table", "fixed",
-           "environment", "row_environment", "measured_environment"]
+           "to_ms", "to_mib", "environment", "row_environment", "measured_environment"]
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> None:
@@ -208,6 +208,16 @@ def fixed(x: float, digits: int = 2) -> str:
     fit's slope comes out as +-1e-6 depending on the BLAS, and a table must not flip on it)."""
     text = f"{x:.{digits}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def to_ms(seconds: float | None) -> float | None:
+    """Seconds in milliseconds, for the tables (None stays None: not measured)."""
+    return None if seconds is None else 1e3 * seconds
+
+
+def to_mib(n_bytes: float | None) -> float | None:
+    """Bytes in MiB (2**20), for the tables (None stays None)."""
+    return None if n_bytes is None else n_bytes / 2**20
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from efficient_attn.report import (RowStore, markdown_table, measured_environment, row_environment, write_atomic,
+from efficient_attn.report import (RowStore, markdown_table, measured_environment, row_environment, to_mib, write_atomic,
                                    write_csv, write_json)
 from efficient_attn.sweeps import cli
 from efficient_attn.sweeps.workers import die_with_parent as _die_with_parent
@@ -235,10 +235,6 @@ def run(cfg: ScalingConfig, out: Path, *, force: bool = False, progress: bool = 
     return rows
 
 
-def _mib(x):
-    return None if x is None else x / 2**20
-
-
 def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
     """rows.json, rows.csv and table.md from the stored rows (atomic writes)."""
     # where the rows were measured (rows stored before they kept it: the rows.json of their run)
@@ -273,9 +269,9 @@ def render(cfg: ScalingConfig, rows: Sequence[dict], out: Path) -> None:
             temp_ratio = (r["temp_per_device"] / base["temp_per_device"]
                           if measured and base.get("temp_per_device") and r.get("temp_per_device") else None)
             body.append([r.get("engine"), r.get("devices"), r.get("length"), r.get("per_device_length"),
-                         _mib(r.get("memory_per_device")), ratio, _mib(r.get("temp_per_device")),
-                         temp_ratio, _mib(r.get("comm_per_device")),
-                         _mib(r.get("comm_formula")), r.get("time_median_s"),
+                         to_mib(r.get("memory_per_device")), ratio, to_mib(r.get("temp_per_device")),
+                         temp_ratio, to_mib(r.get("comm_per_device")),
+                         to_mib(r.get("comm_formula")), r.get("time_median_s"),
                          r.get("status") if r.get("status") != "error" else f"error: {r.get('reason')}"])
         parts.append(markdown_table(["engine", "P", "T", "T / P", "memory / device (MiB)", "vs P=min",
                                      "temp / device (MiB)", "temp vs P=min",

@@ -7,7 +7,7 @@ import dataclasses
 
 from efficient_attn.core import check_config, check_positive_int
 
-__all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "INTERFACE_KINDS", "PACKING_KINDS", "MiB", "GiB", "to_ms", "to_mib", "InterfaceConfig",
+__all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "INTERFACE_KINDS", "PACKING_KINDS", "MiB", "GiB", "InterfaceConfig",
            "Table2Config", "CostConfig", "config_from_dict"]
 
 PASSES = ("fwd", "fwd_bwd")
@@ -17,16 +17,6 @@ INTERFACE_KINDS = ("gqa", "packing", "packing_equal")  # the interface part's ki
 PACKING_KINDS = ("packing", "packing_equal")  # those measured in both LAYOUTS
 MiB = 1024**2
 GiB = 1024**3
-
-
-def to_ms(seconds: float | None) -> float | None:
-    """Seconds in milliseconds, for the tables (None stays None: not measured)."""
-    return None if seconds is None else 1e3 * seconds
-
-
-def to_mib(n_bytes: float | None) -> float | None:
-    """Bytes in MiB, for the tables (None stays None)."""
-    return None if n_bytes is None else n_bytes / MiB
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from efficient_attn import measure, report
 from efficient_attn.sweeps.cost.analysis import analyse, baselines, current, ok, order_key, series
 from efficient_attn.sweeps.cost.config import INTERFACE_KINDS as KINDS
-from efficient_attn.sweeps.cost.config import PASS_TITLES, PASSES, MiB, to_mib, to_ms
+from efficient_attn.sweeps.cost.config import PASS_TITLES, PASSES, MiB
 from efficient_attn.sweeps.cost.plots import plot
 from efficient_attn.sweeps.cost.report_interface import interface_current, interface_markdown, interface_summary
 from efficient_attn.sweeps.cost.report_table2 import table2_current, table2_markdown, table2_rows
@@ -145,9 +145,9 @@ def _group_section(title: str, by_variant: dict, info: dict, bases: Sequence[str
     names = sorted(by_variant, key=order_key(bases))
     lines = [f"## {title}", "", "Time per call (ms); slope = least-squares log-log fit over the measured "
              "lengths (tail: the 3 longest), claimed = the capabilities' exponent.", ""]
-    lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", to_ms)]
+    lines += [_scaling_table(names, info, by_variant, ns, "time", "time_median_s", report.to_ms)]
     lines += ["Memory per call (MiB, compiled arguments + outputs + temporaries).", ""]
-    lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", to_mib)]
+    lines += [_scaling_table(names, info, by_variant, ns, "memory", "memory_bytes", report.to_mib)]
     if not bases:  # a run of some variants only: no ratio or crossover has a baseline to be taken against
         lines += ["No speed-ups or crossovers: these rows hold no baseline (exact attention) to take them "
                   "against; a run whose --variants include `full` gives them.", "", "Matmul fraction: FLOPs / time at "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from efficient_attn import report
 from efficient_attn.sweeps.cost.analysis import baselines, ok, order_key
 from efficient_attn.sweeps.cost.config import INTERFACE_KINDS as KINDS
-from efficient_attn.sweeps.cost.config import LAYOUTS, PACKING_KINDS, PASSES, to_mib, to_ms
+from efficient_attn.sweeps.cost.config import LAYOUTS, PACKING_KINDS, PASSES
 
 if TYPE_CHECKING:
     from efficient_attn.sweeps.cost.config import CostConfig
@@ -128,9 +128,9 @@ def interface_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict) -> str:
         body = []
         for e in summary["gqa"]:
             body.append([e["variant"], e["pass"], e["n"]]
-                        + [_status_or(e["rows"].get(h), e["time"].get(h), to_ms) for h in kv]
+                        + [_status_or(e["rows"].get(h), e["time"].get(h), report.to_ms) for h in kv]
                         + [e["time_ratio"].get(h) for h in others]
-                        + [_status_or(e["rows"].get(h), e["temp"].get(h), to_mib) for h in kv]
+                        + [_status_or(e["rows"].get(h), e["temp"].get(h), report.to_mib) for h in kv]
                         + [e["temp_ratio"].get(h) for h in others])
         lines += [report.markdown_table(head, body)]
     if summary["packing"]:
@@ -175,10 +175,10 @@ def _packing_table(entries: Sequence[dict]) -> str:
     for e in entries:
         rs = e["rows"]
         body.append([e["variant"], e["pass"], e["n"], e["k"], e["longest"],
-                     _status_or(rs.get("packed"), e["time"]["packed"], to_ms),
-                     _status_or(rs.get("padded"), e["time"]["padded"], to_ms), e["padded_over_packed_time"],
-                     _status_or(rs.get("packed"), e["temp"]["packed"], to_mib),
-                     _status_or(rs.get("padded"), e["temp"]["padded"], to_mib), e["padded_over_packed_temp"],
+                     _status_or(rs.get("packed"), e["time"]["packed"], report.to_ms),
+                     _status_or(rs.get("padded"), e["time"]["padded"], report.to_ms), e["padded_over_packed_time"],
+                     _status_or(rs.get("packed"), e["temp"]["packed"], report.to_mib),
+                     _status_or(rs.get("padded"), e["temp"]["padded"], report.to_mib), e["padded_over_packed_temp"],
                      e["packed_over_unsegmented"], e["ideal_packed"], e["ideal_padded_over_packed"]])
     return report.markdown_table(head, body)
 

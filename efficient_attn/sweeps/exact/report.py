@@ -23,7 +23,7 @@ __all__ = ["markdown", "write_outputs", "write_table_and_rows", "summary_line", 
 
 DPA, FULL, BW = IMPLS
 _PASS_TITLE = {"fwd": "forward", "fwd_bwd": "forward + backward"}
-MiB, GiB = 2**20, 2**30
+GiB = 2**30
 measured_environment = report.measured_environment
 
 
@@ -56,10 +56,6 @@ def _time_table(rows: list[dict]) -> str:
          "blockwise fraction of matmul rate", "matmul GFLOP/s (same rounds)"], body)
 
 
-def _mib(x: int | None) -> float | None:
-    return None if x is None else x / MiB
-
-
 def markdown(rows: Sequence[dict], cfg: ExactConfig) -> str:
     if cfg.peers:
         return peer_report.markdown(rows, cfg)
@@ -70,9 +66,9 @@ def markdown(rows: Sequence[dict], cfg: ExactConfig) -> str:
         part = [r for r in times if r["pass"] == pass_name]
         if part:
             lines += [f"\n## {_PASS_TITLE[pass_name]}\n\n", _time_table(part)]
-    mem = [[r["n"], name, _mib(m["temp_bytes"]), _mib(m["total_bytes"])]
+    mem = [[r["n"], name, report.to_mib(m["temp_bytes"]), report.to_mib(m["total_bytes"])]
            for r in _ok(rows, "memory") for name, m in r["impls"].items()]
-    mem += [[r["n"], r["impl"], _mib(r["temp_bytes"]), _mib(r["total_bytes"])] for r in _ok(rows, "huge")]
+    mem += [[r["n"], r["impl"], report.to_mib(r["temp_bytes"]), report.to_mib(r["total_bytes"])] for r in _ok(rows, "huge")]
     if mem:
         lines += ["\n## Compiled memory, forward + backward (compile only)\n\n",
                   report.markdown_table(["N", "impl", "temp MiB", "total MiB"], mem)]
@@ -122,9 +118,9 @@ def summary_line(row: dict) -> str:
                 + f"; blockwise {t[DPA] / t[BW]:.2f}x dpa, {t[FULL] / t[BW]:.2f}x full, "
                 f"{row['impls'][BW]['matmul_fraction']:.1%} of matmul ({row[MATMUL]['gflops']:.0f} GFLOP/s)")
     if row["kind"] == "memory":
-        return f"{head} " + ", ".join(f"{name} temp {_mib(m['temp_bytes']) or 0:.1f} MiB"
+        return f"{head} " + ", ".join(f"{name} temp {report.to_mib(m['temp_bytes']) or 0:.1f} MiB"
                                       for name, m in row["impls"].items())
     if row["kind"] == "causal":
         c, nc = row["timings"]["causal"]["median_s"], row["timings"]["non_causal"]["median_s"]
         return f"{head} blockwise causal {c * 1e3:.3g} ms, non-causal {nc * 1e3:.3g} ms ({nc / c:.2f}x)"
-    return f"{head} blockwise one call {row['time_s']:.1f} s, total {_mib(row['total_bytes']) or 0:.0f} MiB"
+    return f"{head} blockwise one call {row['time_s']:.1f} s, total {report.to_mib(row['total_bytes']) or 0:.0f} MiB"
