@@ -169,6 +169,21 @@ def _gather_blocks(x, table, per_head: bool, num_heads: int, group: int):
     return x[:, kv_head[:, None, None], rows]
 
 
+def _scatter_add_blocks(acc, blocks, table, per_head: bool, num_heads: int, group: int):
+    """The transpose of ``_gather_blocks``, added in place: acc [b, Hkv, nk, bk, ...] +=
+    blocks [b, H, nq, r, bk, ...] at the key blocks ``table`` lists (a block listed twice, or
+    read by several query heads of its group, gets the sum).
+
+    Adding into the running accumulator, instead of transposing the gather into a fresh
+    zero array and adding that, keeps each run of the backward pass at the cost of the
+    blocks it touched: a full-size array per run made the backward O(N * runs), quadratic."""
+    if not per_head and (group == 1 or acc.shape[1] == 1):
+        return acc.at[:, :, table].add(blocks)
+    kv_head = jnp.arange(num_heads) // group if acc.shape[1] > 1 else jnp.zeros((num_heads,), jnp.int32)
+    rows = table if per_head else table[None]
+    return acc.at[:, kv_head[:, None, None], rows].add(blocks)
+
+
 def _fold_group(x, group: int):
     """[b, H, nq, bq, ...] -> [b, H / group, nq, group * bq, ...]: the query heads that read one
     kv head become more rows of each of its query blocks (head-major within a block), so that
@@ -332,8 +347,9 @@ def _attend_fwd(qb, kb, vb, aux, cfg):
     return (out, lse), (qb, kb, vb, aux, out, lse)
 
 
-def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse):
-    """Gradients of one run of query blocks: (dq, dk, dv), dk/dv over all key blocks.
+def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse, dk_acc, dv_acc):
+    """Gradients of one run of query blocks: dq of the run, and dk/dv over all key blocks
+    (the run's contributions added into ``dk_acc``/``dv_acc``, where only its blocks change).
 
     dS_ij = p_ij (dP_ij - delta_i + dlse_i),  dP = dO V^T,  delta_i = sum_e dO_ie out_ie,
     with p recomputed from the logits and the saved lse (times 1 - tanh^2 under a soft cap).
@@ -341,23 +357,25 @@ def _backward_run(qb, kb, vb, aux, cfg: _Static, out, lse, d_out, d_lse):
     logits, vis, d_cap = _logits_and_visibility(qb, kb, aux, cfg)
     lse_safe = jnp.where(lse == -jnp.inf, 0.0, lse)[..., None]  # unseen rows: p = 0; NaN rows stay NaN
     p = jnp.where(vis, jnp.exp(jnp.where(vis, logits, 0.0) - lse_safe), 0.0)
-    gather = lambda x: _flat_keys(x, aux["table"], cfg)
-    vg, v_transpose = jax.vjp(gather, vb)
+    vg = _flat_keys(vb, aux["table"], cfg)
     dp = jnp.einsum("bhqie,bhqje->bhqij", d_out, vg)
     delta = jnp.sum(d_out * out, axis=-1, keepdims=True)
     ds = p * (dp - delta + d_lse[..., None])
     if d_cap is not None:  # where, not a product: an invisible NaN key has a NaN derivative
         ds = jnp.where(vis, ds * d_cap, 0.0)
     ds = ds * cfg.scale
-    kg, k_transpose = jax.vjp(gather, kb)
+    kg = _flat_keys(kb, aux["table"], cfg)
     dq = jnp.einsum("bhqij,bhqjd->bhqid", ds, kg)
     # dk = ds^T q and dv = p^T dO from ds^T and p^T made explicit: XLA folds a plain transpose
     # into the matmul, whose CPU kernel is 2-3x slower with the contraction on the rows of a
     # small block than with a transposed copy (the barrier keeps the copy)
     ds_t, p_t = jax.lax.optimization_barrier((jnp.swapaxes(ds, -1, -2), jnp.swapaxes(p, -1, -2)))
-    (dk,) = k_transpose(jnp.einsum("bhqji,bhqid->bhqjd", ds_t, qb))
-    (dv,) = v_transpose(jnp.einsum("bhqji,bhqie->bhqje", p_t, d_out))
-    return dq, dk, dv
+    dkg = jnp.einsum("bhqji,bhqid->bhqjd", ds_t, qb)
+    dvg = jnp.einsum("bhqji,bhqie->bhqje", p_t, d_out)
+    blocks = lambda x: x.reshape(x.shape[:3] + (-1, cfg.block_k) + x.shape[4:])  # noqa: E731  [.., r, bk, ..]
+    scatter = functools.partial(_scatter_add_blocks, table=aux["table"], per_head=cfg.per_head,
+                                num_heads=cfg.num_heads, group=cfg.group)
+    return dq, scatter(dk_acc, blocks(dkg)), scatter(dv_acc, blocks(dvg))
 
 
 def _attend_bwd(cfg, res, cotangents):
@@ -366,8 +384,9 @@ def _attend_bwd(cfg, res, cotangents):
     d_out, d_lse = cotangents
     run = _blocks_per_run(qb, aux, cfg)
     nq = qb.shape[2]
+    zeros = (jnp.zeros_like(kb), jnp.zeros_like(vb))
     if run >= nq:
-        dq, dk, dv = _backward_run(qb, kb, vb, aux, cfg, out, lse, d_out, d_lse)
+        dq, dk, dv = _backward_run(qb, kb, vb, aux, cfg, out, lse, d_out, d_lse, *zeros)
         return dq, dk, dv, None
     q_runs, q_aux, n = _split_runs(qb, aux, run)
     cut = lambda x: jnp.moveaxis(  # noqa: E731
@@ -376,13 +395,12 @@ def _attend_bwd(cfg, res, cotangents):
     shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
 
     def body(carry, xs):
-        dk_acc, dv_acc = carry
         q_i, aux_i, out_i, lse_i, dout_i, dlse_i = xs
-        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i)
-        return (dk_acc + dk, dv_acc + dv), dq
+        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i, *carry)
+        return (dk, dv), dq
 
     xs = (q_runs, q_aux, cut(out), cut(lse), cut(d_out), cut(d_lse))
-    (dk, dv), dq = jax.lax.scan(body, (jnp.zeros_like(kb), jnp.zeros_like(vb)), xs)
+    (dk, dv), dq = jax.lax.scan(body, zeros, xs)
     return _join_runs(dq, nq), dk, dv, None
 
 

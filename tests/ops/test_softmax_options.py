@@ -81,8 +81,15 @@ def _head_major(x):
     return x.transpose(0, 2, 1, 3)
 
 
+@pytest.mark.parametrize("run_elements", [None, 1], ids=["one_run", "run_per_block"])
 @pytest.mark.parametrize("pattern", ["shared_band", "per_head_random"])
-def test_engine_matches_reference_with_every_option(pattern):
+def test_engine_matches_reference_with_every_option(pattern, run_elements, monkeypatch):
+    """Every option at once; ``run_per_block`` also cuts the query blocks into runs of one
+    block, so the backward adds each run's dk, dv into the shared accumulators (both the
+    folded-group and the per-head gather paths)."""
+    from efficient_attn.ops import block_sparse
+
+    monkeypatch.setattr(block_sparse, "CHUNK_ELEMENTS", run_elements)
     q, k, v, w = (_head_major(x) for x in _inputs(1))
     seg, kv = _segments(), _mask(True).kv_mask
     b = 8 if pattern == "shared_band" else 4
