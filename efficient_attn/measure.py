@@ -59,6 +59,7 @@ __all__ = [
     "has_loops",
     "count_flops",
     "matmul_rate",
+    "block_matmul_rate",
     "fit_loglog",
     "parse_big_o",
     "crossover",
@@ -343,6 +344,24 @@ def matmul_rate(n: int = 2048, *, dtype=jnp.float32, budget_s: float = 1.0, min_
         "matmul_median_s": timing.median_s,
         "matmul_gflops": flops / timing.median_s / 1e9,
         "matmul_best_gflops": flops / timing.min_s / 1e9,
+    }
+
+
+def block_matmul_rate(block: int = 64, count: int = 2048, *, dtype=jnp.float32, budget_s: float = 1.0,
+                      min_repeats: int = 3) -> dict[str, float]:
+    """The rate of ``count`` independent ``block x block @ block x block`` products in one batched
+    call: the shape of the inner products of the chunked (linear, delta rule) and block-sparse
+    engines. On CPU it sits far below ``matmul_rate``'s large square product, so it bounds the
+    fraction of the matmul rate such an engine can reach with XLA's dot; the cost report gives both."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (count, block, block), dtype)
+    b = jax.random.normal(kb, (count, block, block), dtype)
+    timing = time_function(jnp.matmul, a, b, warmup=1, min_repeats=min_repeats, max_repeats=20, budget_s=budget_s)
+    flops = 2.0 * count * block**3
+    return {
+        "block_matmul_shape": [count, block, block, block],
+        "block_matmul_gflops": flops / timing.median_s / 1e9,
+        "block_matmul_best_gflops": flops / timing.min_s / 1e9,
     }
 
 

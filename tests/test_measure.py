@@ -163,6 +163,12 @@ def test_slower_work_takes_longer():
     assert t_big.median_s > t_small.median_s
 
 
+def test_block_matmul_rate_counts_every_block():
+    r = measure.block_matmul_rate(8, 16, budget_s=0.05)
+    assert r["block_matmul_shape"] == [16, 8, 8, 8]
+    assert r["block_matmul_best_gflops"] >= r["block_matmul_gflops"] > 0
+
+
 def test_matmul_rate_is_positive():
     r = measure.matmul_rate(128, budget_s=0.05)
     assert r["matmul_gflops"] > 0 and r["matmul_n"] == 128

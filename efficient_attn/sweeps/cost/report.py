@@ -106,6 +106,12 @@ def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Itera
         + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
            f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
            if rate and rate.get("matmul_gflops") else "")
+        + (f"Batched {rate['block_matmul_shape'][1]}^3 products ({rate['block_matmul_shape'][0]} in one call, "
+           "the shape of the inner products of the chunked linear / delta-rule and block-sparse engines) "
+           f"reached {rate['block_matmul_best_gflops']:.0f} GFLOP/s, "
+           f"{rate['block_matmul_best_gflops'] / rate['matmul_gflops']:.2f} of that ceiling: about the most "
+           "such an engine can reach with XLA's CPU dot. "
+           if rate and rate.get("block_matmul_best_gflops") and rate.get("matmul_gflops") else "")
         + (f"Load average (1, 5, 15 min) at the start of this run: {rate['load_avg_start']}, at the end: "
            f"{rate.get('load_avg_end')} (a load above the core count means other processes shared the CPU "
            "and times are inflated). " if rate and rate.get("load_avg_start") else ""),

@@ -36,7 +36,7 @@ MODES = (("fwd", False), ("fwd_bwd", False), ("fwd", True), ("fwd_bwd", True))
 
 # The environment fields that describe one run's machine state rather than the software:
 # kept from the measuring run when a later run only re-renders.
-_RUN_INFO_PREFIXES = ("matmul_", "load_avg_")
+_RUN_INFO_PREFIXES = ("matmul_", "block_matmul_", "load_avg_")
 
 
 def row_key(kind: str, variant: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> str:
@@ -121,6 +121,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         # the ceiling is the best call: on a shared CPU the median is pulled down by other processes
         info["matmul_gflops"] = info["matmul_best_gflops"]
         info["matmul_best_gflops_start"] = info["matmul_best_gflops"]
+        info.update(measure.block_matmul_rate(budget_s=_ceiling_budget_s(cfg)))
         _sweep(cfg, todo, store, budget, info["matmul_gflops"], force=force, progress=progress)
         if cfg.interface.enabled:
             interface.run_interface(cfg, variants, store, force=force, progress=progress)
@@ -130,6 +131,8 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         end = measure.matmul_rate(cfg.matmul_n, budget_s=_ceiling_budget_s(cfg))
         info["matmul_best_gflops_end"] = end["matmul_best_gflops"]
         info["matmul_gflops"] = max(info["matmul_gflops"], end["matmul_best_gflops"])
+        end_block = measure.block_matmul_rate(budget_s=_ceiling_budget_s(cfg))
+        info["block_matmul_best_gflops"] = max(info["block_matmul_best_gflops"], end_block["block_matmul_best_gflops"])
     finally:
         point.module_state.cache_clear()
         info["load_avg_end"] = _load_avg()
