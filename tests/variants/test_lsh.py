@@ -20,7 +20,7 @@ import efficient_attn as ea
 from conftest import build, make_qkv
 from efficient_attn.ops.reference.lsh import angular_buckets, lsh_attention_reference
 from efficient_attn.ops.reference.softmax import softmax_attention
-from efficient_attn.variants.lsh import LSHRotations, lsh_buckets, num_buckets, sort_by_bucket
+from efficient_attn.variants.lsh import LSHRotations, inverse_permutation, lsh_buckets, num_buckets, sort_by_bucket
 
 H, D = 2, 8
 
@@ -83,6 +83,14 @@ def test_sort_is_by_bucket_then_position():
     bk = np.asarray(buckets)
     for idx in np.ndindex(3, 2):
         np.testing.assert_array_equal(perm[idx], np.lexsort((np.arange(50), bk[idx])))
+
+
+def test_inverse_permutation_undoes_the_sort():
+    perm = jnp.asarray(np.stack([np.random.default_rng(s).permutation(37) for s in range(6)]).reshape(2, 3, 37))
+    inv = inverse_permutation(perm)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(perm), np.asarray(inv), -1),
+                                  np.broadcast_to(np.arange(37), perm.shape))
+    np.testing.assert_array_equal(inv, jnp.argsort(perm, axis=-1))
 
 
 def test_number_of_buckets():
