@@ -35,9 +35,10 @@ rows that see it NaN, never zeros (see ``normalise``).
 
 Numerics (safe in bfloat16): features and values are cast to float32 before any product
 and every sum (states, scores, num, den) is accumulated in float32. The denominator is the
-same contraction as the numerator: causal and packed, the same matmul with an extra all-ones
-column of V, so num and den see identical rounding; bidirectional, the key sum z apart (the
-65th column made the two matmuls up to 2x slower on CPU). The output is
+numerator's contraction with an all-ones column in place of V: packed, the same matmul with
+that extra column; causal, the same masked scores and carried state times the ones column
+(matrix-vector products beside the numerator's matmuls); bidirectional, the key sum z (a
+65th column made the matmuls up to 2x slower on CPU). The output is
 
     out = num / (den + eps)  where den > 1e-30,   0 where den <= 1e-30,   NaN where den is NaN,
 
@@ -226,43 +227,55 @@ def causal_chunked(q: Float[Array, "B N K G F"], k: Float[Array, "B N K F"], v1:
     from a zero state (intra-chunk products under a triangular mask, the running state
     between chunks); ``log_scale`` (per key, optional) weights each key by exp(log_scale),
     carried at a running maximum so that no exponent overflows. The context-parallel form
-    (``parallel.context_linear``) calls it for each device's shard before adding the carries."""
+    (``parallel.context_linear``) calls it for each device's shard before adding the carries.
+
+    The last column of ``v1`` (the denominator's, all ones for normalised attention) is
+    contracted by matrix-vector products beside the matmuls of the others: a 65th column made
+    every matmul of the step up to 2x slower on CPU, for 1/65 of the work."""
     B, N, K, G, F = q.shape
     E = v1.shape[-1]
     C, _, chunks = _chunker(N, chunk)
     qc, kc, vc = chunks(q), chunks(k), chunks(v1)  # [n, B, K, C, G, F], [n, B, K, C, F], [n, B, K, C, E]
+    vc, wc = vc[..., :-1], vc[..., -1]  # [n, B, K, C, E - 1], [n, B, K, C]
     tri = jnp.tril(jnp.ones((C, C), bool))
     if log_scale is None:
 
-        def step(state, xs):
-            q, k, v = xs
+        def step(carry, xs):
+            state, z = carry  # [B, K, F, E - 1], [B, K, F]
+            q, k, v, w = xs
             s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k), 0.0)  # future NaN: where, after the product
             out = jnp.einsum("bkgij,bkje->bkige", s, v) + jnp.einsum("bkigf,bkfe->bkige", q, state)
-            return state + jnp.einsum("bkjf,bkje->bkfe", k, v), out
+            den = jnp.einsum("bkgij,bkj->bkig", s, w) + jnp.einsum("bkigf,bkf->bkig", q, z)
+            carry = (state + jnp.einsum("bkjf,bkje->bkfe", k, v), z + jnp.einsum("bkjf,bkj->bkf", k, w))
+            return carry, (out, den)
 
-        init = jnp.zeros((B, K, F, E), jnp.float32)
-        _, out = lax.scan(step, init, (qc, kc, vc))
+        init = (jnp.zeros((B, K, F, E - 1), jnp.float32), jnp.zeros((B, K, F), jnp.float32))
+        _, (out, den) = lax.scan(step, init, (qc, kc, vc, wc))
     else:
         lc = chunks(log_scale, NEG)  # [n, B, K, C]
 
         def step(carry, xs):
-            state, top = carry  # state at scale exp(-top); top [B, K]
-            q, k, v, l = xs
+            state, z, top = carry  # state and z at scale exp(-top); top [B, K]
+            q, k, v, w, l = xs
             ls = lax.stop_gradient(l)
             row_top = jnp.maximum(top[..., None], lax.cummax(ls, axis=2))  # [B, K, C]
             # exponent l_j - row_top_i <= 0 for j <= i; masked before exp (no inf, no NaN grad)
-            w = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], NEG))
-            s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k) * w[:, :, None], 0.0)  # where after the product
-            inter = jnp.einsum("bkigf,bkfe->bkige", q, state) * jnp.exp(top[..., None] - row_top)[..., None, None]
-            out = jnp.einsum("bkgij,bkje->bkige", s, v) + inter
+            decay = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], NEG))
+            s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k) * decay[:, :, None], 0.0)  # where after the product
+            old = jnp.exp(top[..., None] - row_top)  # [B, K, C]: the carried state's scale for row i
+            out = jnp.einsum("bkgij,bkje->bkige", s, v) + jnp.einsum("bkigf,bkfe->bkige", q, state) * old[..., None, None]
+            den = jnp.einsum("bkgij,bkj->bkig", s, w) + jnp.einsum("bkigf,bkf->bkig", q, z) * old[..., None]
             new_top = jnp.maximum(top, jnp.max(ls, axis=2))
             kw = k * jnp.exp(l - new_top[..., None])[..., None]
-            state = state * jnp.exp(top - new_top)[..., None, None] + jnp.einsum("bkjf,bkje->bkfe", kw, v)
-            return (state, new_top), out
+            rescale = jnp.exp(top - new_top)
+            state = state * rescale[..., None, None] + jnp.einsum("bkjf,bkje->bkfe", kw, v)
+            z = z * rescale[..., None] + jnp.einsum("bkjf,bkj->bkf", kw, w)
+            return (state, z, new_top), (out, den)
 
-        init = (jnp.zeros((B, K, F, E), jnp.float32), jnp.full((B, K), NEG, jnp.float32))
-        _, out = lax.scan(step, init, (qc, kc, vc, lc))
-    return _unchunk(out, N)
+        init = (jnp.zeros((B, K, F, E - 1), jnp.float32), jnp.zeros((B, K, F), jnp.float32),
+                jnp.full((B, K), NEG, jnp.float32))
+        _, (out, den) = lax.scan(step, init, (qc, kc, vc, wc, lc))
+    return _unchunk(jnp.concatenate([out, den[..., None]], axis=-1), N)
 
 
 # ------------------------------------------------------------------------- packed segments
