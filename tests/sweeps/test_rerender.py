@@ -200,10 +200,11 @@ def test_committed_tables_rerender_identically_from_their_rows(folder, tmp_path,
     from efficient_attn import measure
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _touch)
-    for name in ("compile_function", "trace_and_compile", "time_compiled", "time_function", "matmul_rate"):
+    for name in ("compile_function", "trace_and_compile", "time_compiled", "time_function", "matmul_rate",
+                 "block_matmul_rate"):
         monkeypatch.setattr(measure, name, _forbid)
     RENDER[experiment](rel, folder, monkeypatch)
-    for name in ("table.md", "table2.md", "table_interface.md"):
+    for name in ("table.md", "table2.md", "table_interface.md", "table_tokens.md"):
         if not (folder / name).exists():
             continue
         want, got = (folder / name).read_text(), (tmp_path / rel / name).read_text()

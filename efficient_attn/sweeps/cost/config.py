@@ -8,7 +8,7 @@ import dataclasses
 from efficient_attn.core import check_config, check_positive_int
 
 __all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "INTERFACE_KINDS", "PACKING_KINDS", "MiB", "GiB", "InterfaceConfig",
-           "Table2Config", "CostConfig", "config_from_dict"]
+           "TokensConfig", "Table2Config", "CostConfig", "config_from_dict"]
 
 PASSES = ("fwd", "fwd_bwd")
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
@@ -67,6 +67,28 @@ class InterfaceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokensConfig:
+    """The fixed-token control (``tokens.py``): every subquadratic variant at B x N = ``tokens``,
+    for each N of ``lengths`` (B = tokens / N), in the sweep's masking modes and these
+    ``passes``, beside the sweep's own (B = 1, N = tokens) point; skipped when ``tokens`` is
+    not one of the sweep's lengths. ``budget_s``: after this many seconds the rest is skipped."""
+
+    enabled: bool = True
+    tokens: int = 16384
+    lengths: tuple[int, ...] = (1024, 4096)
+    passes: tuple[str, ...] = ("fwd",)
+    budget_s: float | None = None
+
+    def __post_init__(self):
+        check_positive_int("cost/tokens", "tokens", self.tokens)
+        check_config("cost/tokens", all(isinstance(n, int) and 0 < n < self.tokens and self.tokens % n == 0
+                                        for n in self.lengths),
+                     f"lengths must divide tokens={self.tokens} (B = tokens / N) and be shorter, got {self.lengths!r}")
+        check_config("cost/tokens", set(self.passes) <= set(PASSES) and bool(self.passes),
+                     f"passes must be a non-empty subset of {PASSES}, got {self.passes!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Table2Config:
     """The LRA Table 2 analog: the byte-level text classifier, trained, at lengths 1K-4K.
 
@@ -117,6 +139,7 @@ class CostConfig:
     memory_budget_bytes: skip a point whose compiled memory exceeds this
     sweep_budget_s:      after this many seconds, the remaining points are skipped (None = no limit)
     interface:           the grouped-query and packed-batch rows (``InterfaceConfig``)
+    tokens:              the fixed-token control of the slopes (``TokensConfig``)
     table2:              the LRA Table 2 analog (``Table2Config``)
     """
 
@@ -140,6 +163,7 @@ class CostConfig:
     seed: int = 0
     matmul_n: int = 2048
     interface: InterfaceConfig = InterfaceConfig()
+    tokens: TokensConfig = TokensConfig()
     table2: Table2Config = Table2Config()
 
     def __post_init__(self):

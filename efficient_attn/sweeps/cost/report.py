@@ -22,6 +22,7 @@ from efficient_attn.sweeps.cost.config import INTERFACE_KINDS as KINDS
 from efficient_attn.sweeps.cost.config import PASS_TITLES, PASSES, MiB
 from efficient_attn.sweeps.cost.plots import plot
 from efficient_attn.sweeps.cost.report_interface import interface_current, interface_markdown, interface_summary
+from efficient_attn.sweeps.cost.report_tokens import tokens_current, tokens_markdown
 from efficient_attn.sweeps.cost.report_table2 import table2_current, table2_markdown, table2_rows
 
 if TYPE_CHECKING:
@@ -311,7 +312,8 @@ CSV_COLUMNS = [
 
 
 def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: dict[str, Any] | None) -> None:
-    """rows.csv, rows.json, table.md, time.png, memory.png (table2.md, table_interface.md) from the
+    """rows.csv, rows.json, table.md, time.png, memory.png (table2.md, table_interface.md,
+    table_tokens.md) from the
     stored rows.
 
     ``info``: the measuring run's matmul rate and load averages, added to the environment stamp.
@@ -337,3 +339,5 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
         report.write_atomic(out / "table2.md", table2_markdown(rows, cfg, env))
     if any(interface_current(rows, cfg, kind) for kind in KINDS):
         report.write_atomic(out / "table_interface.md", interface_markdown(rows, cfg, env))
+    if tokens_current(rows, cfg):
+        report.write_atomic(out / "table_tokens.md", tokens_markdown(rows, cfg, env))

@@ -22,7 +22,7 @@ import jax
 
 import efficient_attn as ea
 from efficient_attn import measure, report
-from efficient_attn.sweeps.cost import interface, point, table2
+from efficient_attn.sweeps.cost import interface, point, table2, tokens
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.progress import progress_bar
@@ -111,6 +111,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     # (with force the store starts empty: everything is left)
     left = sum(not is_done(store.get(row_key("cost", *p, cfg)), budget) for p in todo)
     left += interface.pending(cfg, variants, store)
+    left += tokens.pending(cfg, variants, store)
     left += table2.pending(cfg, variants, store)
     if report_only or not left:
         write_outputs(out, store.rows(), cfg, previous_run_info(out))
@@ -125,6 +126,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         _sweep(cfg, todo, store, budget, info["matmul_gflops"], force=force, progress=progress)
         if cfg.interface.enabled:
             interface.run_interface(cfg, variants, store, force=force, progress=progress)
+        tokens.run_tokens(cfg, variants, store, info["matmul_gflops"], force=force, progress=progress)
         if cfg.table2.enabled:
             table2.run_table2(cfg, variants, store, force=force, progress=progress)
         # measure the ceiling again at the end and keep the better: other processes may have left
@@ -180,6 +182,7 @@ def rows_of(cfg: CostConfig, store: report.RowStore) -> list[dict]:
     variants = select_variants(cfg)
     rows = [store.get(row_key("cost", *p, cfg)) for p in points(cfg, variants)]
     rows += [store.get(interface.row_key(p, cfg)) for p in interface.points(cfg, variants)]
+    rows += [store.get(tokens.row_key(p, cfg)) for p in tokens.points(cfg, variants)]
     if cfg.table2.enabled:
         rows += [store.get(table2.row_key(name, n, cfg)) for name, n in table2.points(cfg, variants)]
     return [r for r in rows if r is not None]

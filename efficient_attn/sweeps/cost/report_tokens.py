@@ -1,0 +1,90 @@
+"""table_tokens.md: the fixed-token control (``tokens.py``) beside the length slopes it explains."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from efficient_attn import measure, report
+from efficient_attn.sweeps.cost.config import PASS_TITLES, CostConfig
+
+__all__ = ["tokens_current", "tokens_markdown", "fixed_token_slope"]
+
+
+def tokens_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
+    """The control's rows at ``cfg``'s heads, head_dim, dtype and number of tokens."""
+    t = cfg.tokens
+    return [r for r in rows if r.get("kind") == "tokens" and r.get("batch") and r["batch"] * r["n"] == t.tokens
+            and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (cfg.heads, cfg.head_dim, cfg.dtype)]
+
+
+def _kernel(rows: Sequence[dict], cfg: CostConfig) -> dict[tuple, dict]:
+    """(variant, pass, causal, N) -> the kernel sweep's batch-1 row."""
+    return {(r["variant"], r["pass"], bool(r["causal"]), int(r["n"])): r for r in rows
+            if r.get("kind", "cost") == "cost" and r.get("batch") == cfg.batch
+            and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (cfg.heads, cfg.head_dim, cfg.dtype)}
+
+
+def _time(row: dict | None) -> float | None:
+    return row.get("time_median_s") if row and row.get("status") == "ok" else None
+
+
+def fixed_token_slope(points: Sequence[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log time against log N at fixed B x N (None under two points)."""
+    fit = measure.fit_loglog([n for n, _ in points], [t for _, t in points]) if len(points) >= 2 else None
+    return None if fit is None else fit.slope
+
+
+def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) -> str:
+    t = cfg.tokens
+    mine = tokens_current(rows, cfg)
+    kernel = _kernel(rows, cfg)
+    lengths = sorted(set(t.lengths))
+    lines = [
+        f"# Cost at a fixed number of tokens: preset `{cfg.preset}`", "",
+        f"Every subquadratic variant at B x N = {t.tokens} tokens (B = {t.tokens} / N), [B, N, H={cfg.heads}, "
+        f"D={cfg.head_dim}], {cfg.dtype}, on {env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores); "
+        f"the N = {t.tokens} column is the kernel sweep's batch-1 point (table.md). Every point holds buffers "
+        "of the same size, so the slope of time against N here is what the sequence length alone costs: "
+        "claim - 1, i.e. 0 for O(N), about 0.1 for O(N log N), 0.5 for O(N sqrt N). `length slope` is the "
+        f"batch-1 fit over N = {lengths[0]}-{t.tokens} of table.md; where it is above its claim and the "
+        "fixed-token slope is near claim - 1, the excess comes from the size of the work on this machine "
+        "(cache-resident small buffers against memory-bound large ones), not from the algorithm.", "",
+        "Time per call (ms); same timing protocol as table.md.", "",
+    ]
+    by = {(r["variant"], r["pass"], bool(r["causal"]), int(r["n"])): r for r in mine}
+    for pass_ in t.passes:
+        for causal in cfg.causal_modes:
+            names = sorted({v for (v, p, c, _n) in by if p == pass_ and c == causal})
+            if not names:
+                continue
+            head = (["variant", "claims"] + [f"B={t.tokens // n} N={n}" for n in lengths] + [f"B=1 N={t.tokens}"]
+                    + ["fixed-token slope", "length slope", "claimed - 1"])
+            body = []
+            for v in names:
+                tok = [(n, _time(by.get((v, pass_, causal, n)))) for n in lengths]
+                last = kernel.get((v, pass_, causal, t.tokens))
+                tok.append((t.tokens, _time(last)))
+                length_pts = [(n, _time(kernel.get((v, pass_, causal, n)))) for n in lengths + [t.tokens]]
+                fixed = fixed_token_slope([(n, x) for n, x in tok if x])
+                length = fixed_token_slope([(n, x) for n, x in length_pts if x])
+                claim = (last or by.get((v, pass_, causal, lengths[0])) or {}).get("claimed_time")
+                try:
+                    c_exp = measure.parse_big_o(claim).slope_at(t.tokens) - 1 if claim else None
+                except ValueError:
+                    c_exp = None
+                body.append([v, claim] + [None if x is None else report.to_ms(x) for _, x in tok]
+                            + [_round(fixed), _round(length), _round(c_exp)])
+            lines += [f"## {PASS_TITLES[pass_]}, {'causal' if causal else 'bidirectional'}", "",
+                      report.markdown_table(head, body), ""]
+    skipped = [r for r in mine if r.get("status") != "ok"]
+    if skipped:
+        lines += ["## Points not measured", "",
+                  report.markdown_table(["variant", "pass", "causal", "N", "status", "reason"],
+                                        [[r["variant"], r["pass"], r["causal"], r["n"], r["status"], r.get("reason")]
+                                         for r in skipped]), ""]
+    return "\n".join(lines)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 2)
