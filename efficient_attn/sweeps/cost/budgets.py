@@ -9,7 +9,7 @@ from typing import Any
 
 from efficient_attn import measure
 
-__all__ = ["claimed", "predict", "is_done", "Budgets"]
+__all__ = ["claimed", "predict", "is_done", "point_budget", "Budgets"]
 
 
 def claimed(spec, which: str) -> measure.Complexity | None:
@@ -38,6 +38,12 @@ def predict(history: list[tuple[int, float]], n: int, claim: measure.Complexity 
         e = claim.slope_at(n) if claim else 2.0
     e = min(max(e, 1.0), 3.0)
     return y1 * (n / n1) ** e, e
+
+
+def point_budget(cfg) -> dict[str, Any]:
+    """The budgets a kernel-shaped point is measured under (``CostConfig``'s), as stored in its row."""
+    return {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
+            "memory_budget_bytes": cfg.memory_budget_bytes}
 
 
 def is_done(row: dict | None, budget: dict[str, Any]) -> bool:

@@ -33,7 +33,7 @@ import efficient_attn as ea
 from efficient_attn import measure, report
 from efficient_attn.core import Mask
 from efficient_attn.sweeps.cost.analysis import baselines
-from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
+from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import INTERFACE_KINDS, LAYOUTS, PACKING_KINDS, CostConfig
 from efficient_attn.sweeps.cost.point import record_error, record_memory, record_timing, skip_over_time_budget
 from efficient_attn.sweeps.cost.progress import progress_bar
@@ -124,14 +124,10 @@ def row_key(p: Point, cfg: CostConfig) -> str:
                                     cfg.dtype, cfg.seed, f"{lo:g}-{hi:g}")
 
 
-def _budget(cfg: CostConfig) -> dict[str, Any]:
-    return {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
-            "memory_budget_bytes": cfg.memory_budget_bytes}
-
 
 def pending(cfg: CostConfig, variants: Sequence[str], store: report.RowStore) -> int:
     """How many interface points a run would measure."""
-    budget = _budget(cfg)
+    budget = point_budget(cfg)
     return sum(not is_done(store.get(row_key(p, cfg)), budget) for p in points(cfg, variants))
 
 
@@ -172,7 +168,7 @@ def base_row(p: Point, cfg: CostConfig) -> dict[str, Any]:
         row.update(status="error", reason=str(err))
     row.update(time_median_s=None, time_spread=None, time_spread_kind=None, time_min_s=None, time_max_s=None,
                repeats=0, compile_s=None, memory_bytes=None, temp_bytes=None, argument_bytes=None,
-               output_bytes=None, xla_peak_bytes=None, **_budget(cfg))
+               output_bytes=None, xla_peak_bytes=None, **point_budget(cfg))
     return row
 
 
@@ -257,7 +253,7 @@ def run_interface(cfg: CostConfig, variants: Sequence[str], store: report.RowSto
                   progress: bool = True) -> None:
     """Measure every interface point of ``cfg`` not already in ``store``."""
     todo = points(cfg, variants)
-    budget = _budget(cfg)
+    budget = point_budget(cfg)
     budgets = Budgets(cfg.max_compile_s)
     bar = progress_bar(len(todo), progress, "interface")
     t_start = time.perf_counter()

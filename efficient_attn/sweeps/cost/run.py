@@ -23,7 +23,7 @@ import jax
 import efficient_attn as ea
 from efficient_attn import measure, report
 from efficient_attn.sweeps.cost import interface, point, table2, tokens
-from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
+from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.progress import progress_bar
 from efficient_attn.sweeps.cost.report import write_outputs
@@ -68,10 +68,6 @@ def points(cfg: CostConfig, variants: Sequence[str]):
                 yield name, pass_, causal, n
 
 
-def _budget(cfg: CostConfig) -> dict[str, Any]:
-    return {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
-            "memory_budget_bytes": cfg.memory_budget_bytes}
-
 
 def previous_run_info(out: str | Path) -> dict[str, Any]:
     """The matmul ceiling and load averages recorded in ``out/rows.json`` ({} when absent)."""
@@ -107,7 +103,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     store = report.RowStore(out / "rows.jsonl", force=force)
     variants = select_variants(cfg)
     todo = list(points(cfg, variants))
-    budget = _budget(cfg)
+    budget = point_budget(cfg)
     # (with force the store starts empty: everything is left)
     left = sum(not is_done(store.get(row_key("cost", *p, cfg)), budget) for p in todo)
     left += interface.pending(cfg, variants, store)

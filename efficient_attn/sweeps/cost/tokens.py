@@ -29,7 +29,7 @@ import jax
 import efficient_attn as ea
 from efficient_attn import report
 from efficient_attn.sweeps.cost import point
-from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done
+from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.progress import progress_bar
 
@@ -78,20 +78,16 @@ def kernel_key(name: str, pass_: str, causal: bool, cfg: CostConfig) -> str:
 
 
 def pending(cfg: CostConfig, variants: Sequence[str], store: report.RowStore) -> int:
-    budget = _budget(cfg)
+    budget = point_budget(cfg)
     return sum(not is_done(store.get(row_key(p, cfg)), budget) for p in points(cfg, variants))
 
-
-def _budget(cfg: CostConfig) -> dict:
-    return {"max_call_s": cfg.max_call_s, "max_compile_s": cfg.max_compile_s,
-            "memory_budget_bytes": cfg.memory_budget_bytes}
 
 
 def run_tokens(cfg: CostConfig, variants: Sequence[str], store: report.RowStore, matmul_gflops: float | None, *,
                force: bool = False, progress: bool = True) -> None:
     """Measure the control's points not already in ``store`` (the kernel points it reads are the sweep's)."""
     todo = points(cfg, variants)
-    budget = _budget(cfg)
+    budget = point_budget(cfg)
     budgets = Budgets(cfg.max_compile_s)
     bar = progress_bar(len(todo), progress, "tokens")
     t_start = time.perf_counter()
