@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from efficient_attn import report
 from efficient_attn.sweeps import cost
 from efficient_attn.sweeps.cost import point as cost_point
 from efficient_attn.sweeps.cost import tokens
@@ -78,3 +79,15 @@ def test_bad_settings_are_refused():
         TokensConfig(tokens=1000, lengths=(300,))
     with pytest.raises(ValueError, match="passes"):
         TokensConfig(passes=("train",))
+
+
+def test_a_point_whose_batch_one_twin_was_skipped_is_skipped(tmp_path, monkeypatch):
+    cfg = tiny(variants=("linear",))
+    store = report.RowStore(tmp_path / "rows.jsonl")
+    twin = dict(cost_point.base_row("linear", "fwd", False, TOKENS, cfg), status="skipped",
+                reason="memory budget: compiled program needs 9 MiB")
+    store.add(tokens.kernel_key("linear", "fwd", False, cfg), twin)
+    forbid(monkeypatch, (cost_point, "measure_point"))
+    tokens.run_tokens(cfg, cfg.variants, store, None, progress=False)
+    (row,) = [r for r in store.rows() if r.get("kind") == "tokens"]
+    assert row["status"] == "skipped" and "memory budget" in row["reason"] and row["batch"] == TOKENS // SHORT

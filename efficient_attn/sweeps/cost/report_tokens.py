@@ -14,7 +14,7 @@ __all__ = ["tokens_current", "tokens_markdown", "fixed_token_slope"]
 def tokens_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
     """The control's rows at ``cfg``'s heads, head_dim, dtype and number of tokens."""
     t = cfg.tokens
-    return [r for r in rows if r.get("kind") == "tokens" and r.get("batch") and r["batch"] * r["n"] == t.tokens
+    return [r for r in rows if r.get("kind") == "tokens" and r.get("batch") and r["batch"] * r["n"] == t.tokens * cfg.batch
             and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (cfg.heads, cfg.head_dim, cfg.dtype)]
 
 
@@ -42,14 +42,16 @@ def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) 
     lengths = sorted(set(t.lengths))
     lines = [
         f"# Cost at a fixed number of tokens: preset `{cfg.preset}`", "",
-        f"Every subquadratic variant at B x N = {t.tokens} tokens (B = {t.tokens} / N), [B, N, H={cfg.heads}, "
-        f"D={cfg.head_dim}], {cfg.dtype}, on {env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores); "
-        f"the N = {t.tokens} column is the kernel sweep's batch-1 point (table.md). Every point holds buffers "
-        "of the same size, so the slope of time against N here is what the sequence length alone costs: "
-        "claim - 1, i.e. 0 for O(N), about 0.1 for O(N log N), 0.5 for O(N sqrt N). `length slope` is the "
-        f"batch-1 fit over N = {lengths[0]}-{t.tokens} of table.md; where it is above its claim and the "
-        "fixed-token slope is near claim - 1, the excess comes from the size of the work on this machine "
-        "(cache-resident small buffers against memory-bound large ones), not from the algorithm.", "",
+        f"Every subquadratic variant at B x N = {cfg.batch * t.tokens} tokens (B = {cfg.batch * t.tokens} / N), "
+        f"[B, N, H={cfg.heads}, D={cfg.head_dim}], {cfg.dtype}, on {env.get('device')} ({env.get('cpu')}, "
+        f"{env.get('cpu_cores')} cores); the N = {t.tokens} column is the kernel sweep's own point (table.md). "
+        "Every point holds buffers of the same size, so the slope of time against N here is what the sequence "
+        "length alone costs: claim - 1, i.e. 0 for O(N), about 0.1 for O(N log N), 0.5 for O(N sqrt N). "
+        f"`length slope` is the batch-{cfg.batch} fit over N = {lengths[0]}-{t.tokens} of table.md; where it is "
+        "above its claim and the fixed-token slope is near claim - 1, the excess comes from the total size of "
+        "the work on this machine (buffers that fit its caches or not), not from the algorithm's growth in N. "
+        "The last column may come from another invocation of the sweep than the others (a resumed run "
+        "measures only what is missing).", "",
         "Time per call (ms); same timing protocol as table.md.", "",
     ]
     by = {(r["variant"], r["pass"], bool(r["causal"]), int(r["n"])): r for r in mine}
@@ -58,7 +60,8 @@ def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) 
             names = sorted({v for (v, p, c, _n) in by if p == pass_ and c == causal})
             if not names:
                 continue
-            head = (["variant", "claims"] + [f"B={t.tokens // n} N={n}" for n in lengths] + [f"B=1 N={t.tokens}"]
+            head = (["variant", "claims"] + [f"B={cfg.batch * t.tokens // n} N={n}" for n in lengths]
+                    + [f"B={cfg.batch} N={t.tokens}"]
                     + ["fixed-token slope", "length slope", "claimed - 1"])
             body = []
             for v in names:

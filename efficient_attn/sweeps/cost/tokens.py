@@ -3,8 +3,9 @@
 A time slope fitted against N, at batch 1, mixes two things: how the algorithm's work grows
 with the sequence length, and how the machine's speed changes with the size of the working
 set (caches, memory bandwidth). The control separates them. It measures each subquadratic
-variant at a fixed number of tokens B x N = ``TokensConfig.tokens``: (B = tokens / N, N) for
-each of its lengths, with the kernel sweep's own (B = 1, N = tokens) point as the last one.
+variant at a fixed number of tokens B x N = ``TokensConfig.tokens`` (times the sweep's batch):
+(B = batch x tokens / N, N) for each of its lengths, with the kernel sweep's own (batch, N =
+tokens) point as the last one.
 The buffers have the same size at every point, so the slope of time against N at fixed
 tokens is what the sequence length alone costs:
 
@@ -56,7 +57,7 @@ def points(cfg: CostConfig, variants: Sequence[str]) -> list[tuple[str, str, boo
                     caps = ea.get_spec(name).capabilities
                     if not _subquadratic(name, t.tokens) or not (caps.causal if causal else caps.bidirectional):
                         continue
-                    out.append((name, pass_, causal, n, t.tokens // n))
+                    out.append((name, pass_, causal, n, cfg.batch * (t.tokens // n)))  # the work of (batch, tokens)
     return out
 
 
@@ -83,9 +84,15 @@ def pending(cfg: CostConfig, variants: Sequence[str], store: report.RowStore) ->
 
 
 
+def _ok_time(row: dict | None) -> float | None:
+    return row.get("time_median_s") if row and row.get("status") == "ok" else None
+
+
 def run_tokens(cfg: CostConfig, variants: Sequence[str], store: report.RowStore, matmul_gflops: float | None, *,
                force: bool = False, progress: bool = True) -> None:
-    """Measure the control's points not already in ``store`` (the kernel points it reads are the sweep's)."""
+    """Measure the control's points not already in ``store`` (the kernel points it reads are the
+    sweep's). A point is skipped where its batch-1 twin was skipped, or predicted (from that
+    twin's time: the same work) over ``max_call_s``."""
     todo = points(cfg, variants)
     budget = point_budget(cfg)
     budgets = Budgets(cfg.max_compile_s)
@@ -106,11 +113,18 @@ def run_tokens(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
                 last = (pass_, causal)
             c = _batched(cfg, batch)
             reason = budgets.skip_reason((name, pass_, causal), n, t_start, cfg.tokens.budget_s)
+            same_work = store.get(kernel_key(name, pass_, causal, cfg))  # the same tokens at batch 1
+            if reason is None and same_work and same_work.get("status") == "skipped":
+                reason = f"the kernel sweep's B=1 N={cfg.tokens.tokens} point was skipped: {same_work.get('reason')}"
             if reason is not None:
                 row = point.base_row(name, pass_, causal, n, c)
                 row.update(status="skipped", reason=reason)
             else:
-                row = point.measure_point(name, pass_, causal, n, c, matmul_gflops=matmul_gflops)
+                # the same work as the batch-1 point: its time predicts this one's (growth 0 at fixed tokens)
+                known = _ok_time(same_work)
+                row = point.measure_point(name, pass_, causal, n, c, matmul_gflops=matmul_gflops,
+                                          predicted_s=None if known is None else (known, 0.0),
+                                          from_n=cfg.tokens.tokens)
             row["kind"] = "tokens"
             store.add(key, row)
             bar.update(1)
