@@ -26,8 +26,8 @@ def quick() -> CostConfig:
     heads, packed against padded, 8 equal sequences packed against padded) runs at 1K and 4K,
     56 points, about two minutes on 2 cores (most of it the quadratic reference at 4K), with a
     150 s deadline. Table 2 is scaled down to one layer of width 64 at batch 1, at 1K and 4K
-    (the ends of LRA's range). The fixed-token control (forward, B x N = 16K at N = 1K and 4K)
-    adds ~70 points, about two minutes, with a 240 s deadline. The deadlines are a safety net
+    (the ends of LRA's range). The fixed-token control (forward and forward+backward, B x N =
+    16K at N = 1K and 4K) adds ~140 points, about six minutes, with a 600 s deadline. The deadlines are a safety net
     for a slower machine: what they do not reach is stored as skipped, and a rerun resumes it.
     """
     return CostConfig(
@@ -41,7 +41,7 @@ def quick() -> CostConfig:
         memory_budget_bytes=3 * GiB,
         sweep_budget_s=1500.0,
         interface=InterfaceConfig(min_length=1024, max_length=4096, budget_s=150.0),
-        tokens=TokensConfig(tokens=16384, lengths=(1024, 4096), passes=("fwd",), budget_s=240.0),
+        tokens=TokensConfig(tokens=16384, lengths=(1024, 4096), passes=("fwd", "fwd_bwd"), budget_s=600.0),
         table2=Table2Config(lengths=(1024, 4096), batch=1, num_layers=1, emb_dim=64, num_heads=2,
                             mlp_dim=128, min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=5.0,
                             memory_budget_bytes=3 * GiB, budget_s=120.0),
