@@ -37,14 +37,17 @@ reproduce: $(STAMP)
 	$(PY) experiments/reproduce.py --preset $(PRESET)
 
 ## make bench-peers: the exact benchmark against the JAX peers (tokamax, memory-efficient-attention,
-## ringattention): installs the optional extra `peers`, runs the peers preset into results/exact/peers/
-## (<= 15 minutes on 2 cores; run it alone, it times kernels).
-bench-peers: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[peers]"
-	$(PY) experiments/bench_exact.py --preset peers
+## ringattention): installs the optional extra `peers` into its own venv (.venv-peers: the peers pull
+## in packages the test environment does not have), runs the peers preset into results/exact/peers/
+## (about 10 minutes on 2 cores; run it alone, it times kernels).
+PEERS_VENV ?= .venv-peers
+bench-peers:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e ".[peers]"
+	$(PEERS_VENV)/bin/python experiments/bench_exact.py --preset peers
 
 list: $(STAMP)
 	$(VENV)/bin/efficient-attn list
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache build *.egg-info
