@@ -124,7 +124,6 @@ def row_key(p: Point, cfg: CostConfig) -> str:
                                     cfg.dtype, cfg.seed, f"{lo:g}-{hi:g}")
 
 
-
 def pending(cfg: CostConfig, variants: Sequence[str], store: report.RowStore) -> int:
     """How many interface points a run would measure."""
     budget = point_budget(cfg)

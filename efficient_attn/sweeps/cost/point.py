@@ -19,11 +19,19 @@ import numpy as np
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn import allocator, measure
+from efficient_attn import allocator, measure, report
 from efficient_attn.core import Mask
 from efficient_attn.sweeps.cost.config import MiB, CostConfig
 
-__all__ = ["base_row", "record_memory", "record_timing", "record_error", "skip_over_time_budget", "measure_point"]
+__all__ = ["row_key", "base_row", "record_memory", "record_timing", "record_error", "skip_over_time_budget",
+           "measure_point"]
+
+
+def row_key(kind: str, variant: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> str:
+    """The RowStore key of a kernel-shaped point of ``kind`` (the sweep's "cost", the control's
+    "tokens") at ``cfg``'s batch, heads, head_dim and dtype."""
+    masking = "causal" if causal else "bidir"
+    return report.RowStore.make_key(kind, variant, pass_, masking, n, cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
 
 
 @functools.lru_cache(maxsize=128)

@@ -6,6 +6,7 @@ import math
 from typing import Any, Sequence
 
 from efficient_attn import measure, report
+from efficient_attn.sweeps.cost.analysis import current, ok, series
 from efficient_attn.sweeps.cost.config import PASS_TITLES, CostConfig
 
 __all__ = ["tokens_current", "tokens_markdown", "fixed_token_slope"]
@@ -14,19 +15,9 @@ __all__ = ["tokens_current", "tokens_markdown", "fixed_token_slope"]
 def tokens_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
     """The control's rows at ``cfg``'s heads, head_dim, dtype and number of tokens."""
     t = cfg.tokens
-    return [r for r in rows if r.get("kind") == "tokens" and r.get("batch") and r["batch"] * r["n"] == t.tokens * cfg.batch
+    return [r for r in rows if r.get("kind") == "tokens" and r.get("batch")
+            and r["batch"] * r["n"] == t.tokens * cfg.batch
             and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (cfg.heads, cfg.head_dim, cfg.dtype)]
-
-
-def _kernel(rows: Sequence[dict], cfg: CostConfig) -> dict[tuple, dict]:
-    """(variant, pass, causal, N) -> the kernel sweep's batch-1 row."""
-    return {(r["variant"], r["pass"], bool(r["causal"]), int(r["n"])): r for r in rows
-            if r.get("kind", "cost") == "cost" and r.get("batch") == cfg.batch
-            and (r.get("heads"), r.get("head_dim"), r.get("dtype")) == (cfg.heads, cfg.head_dim, cfg.dtype)}
-
-
-def _time(row: dict | None) -> float | None:
-    return row.get("time_median_s") if row and row.get("status") == "ok" else None
 
 
 def fixed_token_slope(points: Sequence[tuple[int, float]]) -> float | None:
@@ -38,7 +29,7 @@ def fixed_token_slope(points: Sequence[tuple[int, float]]) -> float | None:
 def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) -> str:
     t = cfg.tokens
     mine = tokens_current(rows, cfg)
-    kernel = _kernel(rows, cfg)
+    kernel = series(current(rows, cfg))  # (pass, causal) -> variant -> N -> the sweep's row
     lengths = sorted(set(t.lengths))
     lines = [
         f"# Cost at a fixed number of tokens: preset `{cfg.preset}`", "",
@@ -54,10 +45,11 @@ def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) 
         "measures only what is missing).", "",
         "Time per call (ms); same timing protocol as table.md.", "",
     ]
-    by = {(r["variant"], r["pass"], bool(r["causal"]), int(r["n"])): r for r in mine}
+    control = series(mine)
     for pass_ in t.passes:
         for causal in cfg.causal_modes:
-            names = sorted({v for (v, p, c, _n) in by if p == pass_ and c == causal})
+            by, same = control.get((pass_, causal), {}), kernel.get((pass_, causal), {})
+            names = sorted(by)
             if not names:
                 continue
             head = (["variant", "claims"] + [f"B={cfg.batch * t.tokens // n} N={n}" for n in lengths]
@@ -65,13 +57,13 @@ def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) 
                     + ["fixed-token slope", "length slope", "claimed - 1"])
             body = []
             for v in names:
-                tok = [(n, _time(by.get((v, pass_, causal, n)))) for n in lengths]
-                last = kernel.get((v, pass_, causal, t.tokens))
-                tok.append((t.tokens, _time(last)))
-                length_pts = [(n, _time(kernel.get((v, pass_, causal, n)))) for n in lengths + [t.tokens]]
+                last = same.get(v, {}).get(t.tokens)
+                tok = ([(n, ok(by[v].get(n), "time_median_s")) for n in lengths]
+                       + [(t.tokens, ok(last, "time_median_s"))])
+                length_pts = [(n, ok(same.get(v, {}).get(n), "time_median_s")) for n in lengths + [t.tokens]]
                 fixed = fixed_token_slope([(n, x) for n, x in tok if x])
                 length = fixed_token_slope([(n, x) for n, x in length_pts if x])
-                claim = (last or by.get((v, pass_, causal, lengths[0])) or {}).get("claimed_time")
+                claim = (last or next(iter(by[v].values()))).get("claimed_time")
                 try:
                     c_exp = measure.parse_big_o(claim).slope_at(t.tokens) - 1 if claim else None
                 except ValueError:

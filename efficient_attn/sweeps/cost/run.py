@@ -25,6 +25,7 @@ from efficient_attn import measure, report
 from efficient_attn.sweeps.cost import interface, point, table2, tokens
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
+from efficient_attn.sweeps.cost.point import row_key
 from efficient_attn.sweeps.cost.progress import progress_bar
 from efficient_attn.sweeps.cost.report import write_outputs
 
@@ -37,11 +38,6 @@ MODES = (("fwd", False), ("fwd_bwd", False), ("fwd", True), ("fwd_bwd", True))
 # The environment fields that describe one run's machine state rather than the software:
 # kept from the measuring run when a later run only re-renders.
 _RUN_INFO_PREFIXES = ("matmul_", "block_matmul_", "load_avg_")
-
-
-def row_key(kind: str, variant: str, pass_: str, causal: bool, n: int, cfg: CostConfig) -> str:
-    masking = "causal" if causal else "bidir"
-    return report.RowStore.make_key(kind, variant, pass_, masking, n, cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
 
 
 def select_variants(cfg: CostConfig) -> list[str]:
@@ -66,7 +62,6 @@ def points(cfg: CostConfig, variants: Sequence[str]):
                 if not (caps.causal if causal else caps.bidirectional):
                     continue
                 yield name, pass_, causal, n
-
 
 
 def previous_run_info(out: str | Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import jax
 import efficient_attn as ea
 from efficient_attn import report
 from efficient_attn.sweeps.cost import point
+from efficient_attn.sweeps.cost.analysis import ok
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.progress import progress_bar
@@ -67,25 +68,17 @@ def _batched(cfg: CostConfig, batch: int) -> CostConfig:
 
 def row_key(p: tuple[str, str, bool, int, int], cfg: CostConfig) -> str:
     name, pass_, causal, n, batch = p
-    c = _batched(cfg, batch)
-    return report.RowStore.make_key("tokens", name, pass_, "causal" if causal else "bidir", n, batch, c.heads,
-                                    c.head_dim, c.dtype)
+    return point.row_key("tokens", name, pass_, causal, n, _batched(cfg, batch))
 
 
 def kernel_key(name: str, pass_: str, causal: bool, cfg: CostConfig) -> str:
-    """The kernel sweep's (batch 1, N = tokens) point, the control's last column."""
-    return report.RowStore.make_key("cost", name, pass_, "causal" if causal else "bidir", cfg.tokens.tokens,
-                                    cfg.batch, cfg.heads, cfg.head_dim, cfg.dtype)
+    """The kernel sweep's (batch, N = tokens) point, the control's last column."""
+    return point.row_key("cost", name, pass_, causal, cfg.tokens.tokens, cfg)
 
 
 def pending(cfg: CostConfig, variants: Sequence[str], store: report.RowStore) -> int:
     budget = point_budget(cfg)
     return sum(not is_done(store.get(row_key(p, cfg)), budget) for p in points(cfg, variants))
-
-
-
-def _ok_time(row: dict | None) -> float | None:
-    return row.get("time_median_s") if row and row.get("status") == "ok" else None
 
 
 def run_tokens(cfg: CostConfig, variants: Sequence[str], store: report.RowStore, matmul_gflops: float | None, *,
@@ -121,7 +114,7 @@ def run_tokens(cfg: CostConfig, variants: Sequence[str], store: report.RowStore,
                 row.update(status="skipped", reason=reason)
             else:
                 # the same work as the batch-1 point: its time predicts this one's (growth 0 at fixed tokens)
-                known = _ok_time(same_work)
+                known = ok(same_work, "time_median_s")
                 row = point.measure_point(name, pass_, causal, n, c, matmul_gflops=matmul_gflops,
                                           predicted_s=None if known is None else (known, 0.0),
                                           from_n=cfg.tokens.tokens)
