@@ -12,6 +12,8 @@ gated_linear.py      chunked gated recurrences S_t = diag(a_t) S_{t-1} + k_t v_t
                      in log space (retnet, gla, mamba2)
 delta_rule.py        the chunked delta rule (WY / UT transform), optionally gated
                      (deltanet, gated_deltanet)
+permute.py           take_rows / inverse_permutation: the sorts by bucket or segment id and
+                     their undoing (reformer, packed linear attention)
 feature_norms.py     l2_normalise (delta rule's q, k) and rms_normalise (GLA's gate input)
 reference/           one readable reference per engine (dense, quadratic or token by token);
                      tests/ops/ checks every engine against it, forward and backward

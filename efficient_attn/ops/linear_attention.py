@@ -104,6 +104,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from efficient_attn.ops.masks import split_nonfinite
+from efficient_attn.ops.permute import inverse_permutation, take_rows
 
 __all__ = ["linear_attention", "normalise", "causal_chunked", "NEG"]
 
@@ -261,9 +262,11 @@ def causal_chunked(q: Float[Array, "B N K G F"], k: Float[Array, "B N K F"], v1:
             row_top = jnp.maximum(top[..., None], lax.cummax(ls, axis=2))  # [B, K, C]
             # exponent l_j - row_top_i <= 0 for j <= i; masked before exp (no inf, no NaN grad)
             decay = jnp.exp(jnp.where(tri, l[..., None, :] - row_top[..., :, None], NEG))
-            s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k) * decay[:, :, None], 0.0)  # where after the product
+            # where after the product
+            s = jnp.where(tri, jnp.einsum("bkigf,bkjf->bkgij", q, k) * decay[:, :, None], 0.0)
             old = jnp.exp(top[..., None] - row_top)  # [B, K, C]: the carried state's scale for row i
-            out = jnp.einsum("bkgij,bkje->bkige", s, v) + jnp.einsum("bkigf,bkfe->bkige", q, state) * old[..., None, None]
+            inter = jnp.einsum("bkigf,bkfe->bkige", q, state) * old[..., None, None]
+            out = jnp.einsum("bkgij,bkje->bkige", s, v) + inter
             den = jnp.einsum("bkgij,bkj->bkig", s, w) + jnp.einsum("bkigf,bkf->bkig", q, z) * old[..., None]
             new_top = jnp.maximum(top, jnp.max(ls, axis=2))
             kw = k * jnp.exp(l - new_top[..., None])[..., None]
@@ -359,18 +362,14 @@ def _contiguous(q, k, v1, log_scale, ids, causal: bool, chunk: int):
     return _unchunk(out, N)
 
 
-def _rows(x, index):
-    """x[b, index[b]] for every batch row b (a gather along axis 1)."""
-    return jax.vmap(lambda a, i: a[i])(x, index)
-
-
 def _aligned(q, k, v1, log_scale, ids, causal: bool, chunk: int):
     """Self-attention with equal query and key ids: tokens stably sorted by id, attended, put back."""
     order = jnp.argsort(ids, axis=1, stable=True)
-    back = jnp.argsort(order, axis=1)
-    ls = None if log_scale is None else _rows(log_scale, order)
-    out = _contiguous(_rows(q, order), _rows(k, order), _rows(v1, order), ls, _rows(ids, order), causal, chunk)
-    return _rows(out, back)
+    back = inverse_permutation(order)
+    sort = lambda x: take_rows(x, order)  # noqa: E731
+    ls = None if log_scale is None else sort(log_scale)
+    out = _contiguous(sort(q), sort(k), sort(v1), ls, sort(ids), causal, chunk)
+    return take_rows(out, back)
 
 
 def _merged(q, k, v1, log_scale, q_ids, kv_ids, causal: bool, chunk: int):
@@ -387,10 +386,11 @@ def _merged(q, k, v1, log_scale, q_ids, kv_ids, causal: bool, chunk: int):
     position = jnp.broadcast_to(jnp.concatenate([jnp.arange(T), jnp.arange(S)]), ids.shape)
     is_query = jnp.broadcast_to(jnp.concatenate([jnp.ones(T, jnp.int32), jnp.zeros(S, jnp.int32)]), ids.shape)
     order = jnp.lexsort((is_query, position, ids), axis=1)  # ids first; a key before the query of its position
-    back = jnp.argsort(order, axis=1)
-    zl = None if zl is None else _rows(zl, order)
-    out = _contiguous(_rows(zq, order), _rows(zk, order), _rows(zv, order), zl, _rows(ids, order), causal, chunk)
-    return _rows(out, back)[:, :T]
+    back = inverse_permutation(order)
+    sort = lambda x: take_rows(x, order)  # noqa: E731
+    zl = None if zl is None else sort(zl)
+    out = _contiguous(sort(zq), sort(zk), sort(zv), zl, sort(ids), causal, chunk)
+    return take_rows(out, back)[:, :T]
 
 
 def _packed(q, k, v1, log_scale, q_ids, kv_ids, causal: bool, chunk: int):

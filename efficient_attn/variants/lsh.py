@@ -59,6 +59,7 @@ from jaxtyping import Array, Float, Int
 
 from efficient_attn.core import Attention, Capabilities, Mask, check_positive_int
 from efficient_attn.ops.block_sparse import block_sparse_attention, merge_softmax, num_blocks
+from efficient_attn.ops.permute import inverse_permutation, take_rows
 from efficient_attn.registry import Budget, register
 
 
@@ -131,20 +132,6 @@ def sort_by_bucket(buckets: Int[Array, "... T"]) -> Int[Array, "... T"]:
     return jnp.argsort(buckets, axis=-1, stable=True)
 
 
-def _rows(a: Float[Array, "R T E"], index: Int[Array, "R T"]) -> Float[Array, "R T E"]:
-    """a[r, index[r]] for every leading row r: whole E-vectors moved by one index each (a
-    take_along_axis with a broadcast index builds an index per element, several times slower)."""
-    return jax.vmap(lambda x, i: x[i])(a, index)
-
-
-def inverse_permutation(perm: Int[Array, "... T"]) -> Int[Array, "... T"]:
-    """inv with inv[perm[t]] = t, by one scatter: O(T), where a second argsort is O(T log T)."""
-    flat = perm.reshape(-1, perm.shape[-1])
-    t = jnp.arange(perm.shape[-1], dtype=perm.dtype)
-    inv = jax.vmap(lambda p: jnp.zeros_like(p).at[p].set(t, unique_indices=True))(flat)
-    return inv.reshape(perm.shape)
-
-
 def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask):
     """LSH attention on BTHD arrays (float32 result); see the module docstring."""
     B, T, H, D = q.shape
@@ -158,7 +145,7 @@ def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask):
 
     def gather(a):  # a: [B, H, T, E] -> sorted copies [n * B, H, T, E]
         a = jnp.broadcast_to(a[None], (n,) + a.shape).reshape(n * B * H, T, a.shape[-1])
-        return _rows(a, rows).reshape(n * B, H, T, -1)
+        return take_rows(a, rows).reshape(n * B, H, T, -1)
 
     qs, vs = gather(x), gather(vh)
     # k = q / max(||q||, 1e-6), as 1 / sqrt(max(||q||^2, 1e-12)): the same, one fused pass
@@ -179,7 +166,7 @@ def reformer_attention(q, v, rotations, bucket_size: int, mask: Mask):
         q_seg=seg, k_seg=seg, band=(m, 0) if causal else None, self_mode="fallback",
     )
     inv = inverse_permutation(rows)  # undo the sort
-    out = _rows(out.reshape(n * B * H, T, -1), inv).reshape(n, B, H, T, -1)
+    out = take_rows(out.reshape(n * B * H, T, -1), inv).reshape(n, B, H, T, -1)
     lse = jnp.take_along_axis(lse.reshape(n * B * H, T), inv, axis=-1).reshape(n, B, H, T)
     out, _ = merge_softmax(out, lse)
     return out.transpose(0, 2, 1, 3)
