@@ -148,11 +148,38 @@ def test_timing_of_a_tiny_function_is_sane():
 def test_repeat_count_adapts_to_the_budget():
     x = jnp.ones((32, 32), jnp.float32)
     compiled, _ = measure.compile_function(lambda a: a @ a, x)
-    assert measure.time_compiled(compiled, x, min_repeats=2, max_repeats=50, budget_s=0.0).repeats == 2
+    no_guard = dict(stall_ratio=float("inf"))  # µs calls jitter past any ratio
+    assert measure.time_compiled(compiled, x, min_repeats=2, max_repeats=50, budget_s=0.0, **no_guard).repeats == 2
     many = measure.time_compiled(compiled, x, min_repeats=2, max_repeats=12, budget_s=10.0)
     assert many.repeats == 12 and many.spread_kind == "iqr"
     with pytest.raises(ValueError):
         measure.time_compiled(compiled, x, min_repeats=3, max_repeats=2)
+
+
+class _ScriptedClock:
+    """A perf_counter that a fake compiled call advances by the next scripted duration."""
+
+    def __init__(self, durations):
+        self.now, self.durations = 0.0, list(durations)
+
+    def perf_counter(self):
+        return self.now
+
+    def call(self, *args):
+        self.now += self.durations.pop(0)
+        return 0.0
+
+
+@pytest.mark.parametrize("durations, repeats, median", [
+    ([1.0, 4.0, 4.0, 1.0, 1.0], 5, 1.0),  # two of three stalled: two more calls, median of five
+    ([1.0, 1.2, 1.1, 9.0, 9.0], 3, 1.1),  # steady: the budget's three, no more
+    ([1.0, 4.0, 4.0, 4.0, 4.0, 1.0], 5, 4.0),  # still stalled at max_repeats: stops there
+])
+def test_repeats_continue_past_the_budget_while_calls_stall(monkeypatch, durations, repeats, median):
+    clock = _ScriptedClock(durations)
+    monkeypatch.setattr(measure, "time", clock)
+    t = measure.time_compiled(clock.call, warmup=0, min_repeats=3, max_repeats=5, budget_s=0.0)
+    assert t.repeats == repeats and t.median_s == pytest.approx(median)
 
 
 def test_slower_work_takes_longer():
