@@ -3,7 +3,7 @@ then the interface part (``interface``: grouped-query heads, packed against padd
 Table 2 analog (``table2``), into the same store.
 
 Each finished point is appended to ``out/rows.jsonl`` as it completes, so a rerun resumes
-(``force`` starts over); the tables are rebuilt from the store (``report.write_outputs``) at
+(``force`` measures the selected points again); the tables are rebuilt from the store (``report.write_outputs``) at
 the end, on an error and on Ctrl-C. A point over a budget is stored as skipped with the
 reason, an exception as an error; neither stops the sweep. A run with nothing left to measure
 measures nothing, not even the matmul ceiling: it re-renders the tables with the figures of
@@ -26,6 +26,7 @@ from efficient_attn.sweeps.cost import interface, point, table2, tokens
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.point import row_key
+from efficient_attn.sweeps.cost.presets import PRESETS
 from efficient_attn.sweeps.cost.progress import progress_bar
 from efficient_attn.sweeps.cost.report import write_outputs
 
@@ -91,20 +92,25 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     ``report_only``: measure nothing, only rebuild the tables from the stored rows (points
     still pending stay so). Tables are rebuilt from the store when the sweep ends, fails or
     is interrupted.
+
+    ``force`` measures every selected point again. Run with a preset exactly as defined, it
+    starts from an empty store (rows of points the preset no longer has go too); narrowed (a
+    variant, pass or length subset, another shape or budget) it redoes only the selected points,
+    each new row replacing its old one, and every other row is kept: ``--force --variants X``
+    must not throw away the other variants' measurements.
     """
     if report_only and force:
         raise ValueError("cost: report_only=True re-renders the stored rows; it cannot be combined with force=True")
     out = Path(out)
-    store = report.RowStore(out / "rows.jsonl", force=force)
+    store = report.RowStore(out / "rows.jsonl", force=force and cfg == PRESETS.get(cfg.preset))
     variants = select_variants(cfg)
     todo = list(points(cfg, variants))
     budget = point_budget(cfg)
-    # (with force the store starts empty: everything is left)
     left = sum(not is_done(store.get(row_key("cost", *p, cfg)), budget) for p in todo)
     left += interface.pending(cfg, variants, store)
     left += tokens.pending(cfg, variants, store)
     left += table2.pending(cfg, variants, store)
-    if report_only or not left:
+    if report_only or not (left or force):
         write_outputs(out, store.rows(), cfg, previous_run_info(out))
         return store
     info: dict[str, Any] = {"load_avg_start": _load_avg()}
