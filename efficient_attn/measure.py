@@ -138,16 +138,20 @@ def time_compiled(
         jax.block_until_ready(compiled(*args))
     times: list[float] = []
     spent = 0.0
-    while len(times) < min_repeats or (len(times) < max_repeats and spent + max(times) <= budget_s):
+
+    def more() -> bool:
+        if len(times) < min_repeats:
+            return True
+        fits = spent + max(times) <= budget_s
+        stalled = statistics.median(times) > stall_ratio * min(times)
+        return len(times) < max_repeats and (fits or stalled)
+
+    while more():
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt
-    while len(times) < max_repeats and statistics.median(times) > stall_ratio * min(times):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
     return _summary(times, compile_s)
 
 

@@ -27,8 +27,9 @@ def quick() -> CostConfig:
     56 points, about two minutes on 2 cores (most of it the quadratic reference at 4K), with a
     150 s deadline. Table 2 is scaled down to one layer of width 64 at batch 1, at 1K and 4K
     (the ends of LRA's range). The fixed-token control (forward and forward+backward, B x N =
-    16K at N = 1K and 4K) adds ~140 points, about six minutes, with a 600 s deadline. The deadlines are a safety net
-    for a slower machine: what they do not reach is stored as skipped, and a rerun resumes it.
+    16K at N = 1K and 4K) adds ~140 points, about six minutes, with a 600 s deadline. The
+    deadlines are a safety net for a slower machine: what they do not reach is stored as
+    skipped, and a rerun resumes it.
     """
     return CostConfig(
         preset="quick",

@@ -5,9 +5,9 @@ Table 2 analog (``table2``), into the same store.
 Each finished point is appended to ``out/rows.jsonl`` as it completes, so a rerun resumes
 (``force`` measures the selected points again); the tables are rebuilt from the store
 (``report.write_outputs``) at the end, on an error and on Ctrl-C. A point over a budget is
-stored as skipped with the reason, an exception as an error; neither stops the sweep. A run with nothing left to measure
-measures nothing, not even the matmul ceiling: it re-renders the tables with the figures of
-the run that measured the rows, so they come out as they were.
+stored as skipped with the reason, an exception as an error; neither stops the sweep. A run
+with nothing left to measure measures nothing, not even the matmul ceiling: it re-renders the
+tables with the figures of the run that measured the rows, so they come out as they were.
 """
 
 from __future__ import annotations
