@@ -258,7 +258,7 @@ def _logits_and_visibility(qb, kb, aux, cfg: _Static):
 
 CHUNK_ELEMENTS: int | None = None
 """Query blocks are processed in runs whose logits hold about this many floats, one run after
-another (``lax.map``/``lax.scan``), so temporaries stop growing with N once N is large.
+another (a loop writing each run's rows in place), so temporaries stop growing with N once N is large.
 None: 2**20 (4 MiB per logits-sized buffer) on CPU, 2**24 on accelerators, where larger runs
 keep the device busy. A run holds at least one query block."""
 
@@ -277,35 +277,23 @@ def _blocks_per_run(qb, aux, cfg: _Static) -> int:
     B, H, nq, bq = qb.shape[:4]
     per_block = B * H * bq * aux["table"].shape[-1] * cfg.block_k
     widest = max(1, min(nq, run_budget() // max(per_block, 1)))
-    # the same number of runs, each as short as it can be: the last run is padded to the
-    # others' length and the padding is computed, up to a run of waste at the widest length
+    # the same number of runs, each as short as it can be: the last run overlaps the one
+    # before it (_run_start), which recomputes fewer stale blocks than at the widest length
     return -(-nq // num_blocks(nq, widest))
 
 
-def _split_runs(qb, aux, run: int):
-    """Cut the query-block axis into runs: arrays get a leading run axis (padded rows see nothing)."""
-    nq = qb.shape[2]
-    n = num_blocks(nq, run)
-
-    def cut(x, axis, fill):
-        x = _pad_axis(x, axis, n * run, fill)
-        x = x.reshape(x.shape[:axis] + (n, run) + x.shape[axis + 1 :])
-        return jnp.moveaxis(x, axis, 0)
-
-    q_aux = {
-        "table": cut(aux["table"], aux["table"].ndim - 2, 0),
-        "slot_ok": cut(aux["slot_ok"], aux["slot_ok"].ndim - 2, False),
-        "q_pos": None if aux["q_pos"] is None else cut(aux["q_pos"], 2, -1),
-        "q_seg": None if aux["q_seg"] is None else cut(aux["q_seg"], 2, -1),
-        "q_row": None if aux["q_row"] is None else cut(aux["q_row"], 2, -1),
-    }
-    return cut(qb, 2, 0.0), q_aux, n
+def _run_start(i, nq: int, run: int):
+    """First query block of run ``i``: runs tile [0, nq) in steps of ``run``, the last one moved
+    back to end at ``nq``, so that no input is padded (an N-sized copy) to a multiple of ``run``.
+    Its first blocks are then ones an earlier run already did ("stale")."""
+    return jnp.minimum(i * run, nq - run)
 
 
-def _join_runs(x, nq: int):
-    """Inverse of ``_split_runs`` for an output [n, B, H, run, ...] -> [B, H, nq, ...]."""
-    x = jnp.moveaxis(x, 0, 2)
-    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :nq]
+def _take_run(qb, aux, start, run: int):
+    """Run ``[start, start + run)`` of the query-block axis of ``qb`` and the per-query entries of aux."""
+    take = lambda x, axis: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, run, axis)  # noqa: E731
+    q_aux = {key: take(aux[key], aux[key].ndim - 2 if key in ("table", "slot_ok") else 2) for key in _Q_KEYS}
+    return take(qb, 2), {**aux, **q_aux}
 
 
 def _forward_run(qb, kb, vb, aux, cfg: _Static):
@@ -326,15 +314,20 @@ def _forward(qb, kb, vb, aux, cfg: _Static):
     nq = qb.shape[2]
     if run >= nq:
         return _forward_run(qb, kb, vb, aux, cfg)
-    q_runs, q_aux, n = _split_runs(qb, aux, run)
-    shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
 
-    def body(xs):
-        q_i, aux_i = xs
-        return _forward_run(q_i, kb, vb, {**shared, **aux_i}, cfg)
+    # each run writes its rows into the full-length outputs in place (a loop carry), so the
+    # loop keeps no stacked per-run outputs and no transposed copy of them; a stale block of
+    # the last run is recomputed from the same inputs and written again
+    def one_run(start):
+        q_i, aux_i = _take_run(qb, aux, start, run)
+        return _forward_run(q_i, kb, vb, aux_i, cfg)
 
-    out, lse = jax.lax.map(body, (q_runs, q_aux))
-    return _join_runs(out, nq), _join_runs(lse, nq)
+    def body(i, acc):
+        start = _run_start(i, nq, run)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, start, 2) for a, x in zip(acc, one_run(start)))
+
+    acc = tuple(jnp.zeros(x.shape[:2] + (nq,) + x.shape[3:], x.dtype) for x in jax.eval_shape(one_run, 0))
+    return jax.lax.fori_loop(0, num_blocks(nq, run), body, acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -388,20 +381,27 @@ def _attend_bwd(cfg, res, cotangents):
     if run >= nq:
         dq, dk, dv = _backward_run(qb, kb, vb, aux, cfg, out, lse, d_out, d_lse, *zeros)
         return dq, dk, dv, None
-    q_runs, q_aux, n = _split_runs(qb, aux, run)
-    cut = lambda x: jnp.moveaxis(  # noqa: E731
-        _pad_axis(x, 2, n * run, 0.0).reshape(x.shape[:2] + (n, run) + x.shape[3:]), 2, 0
-    )
-    shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
+    rows = (out, lse, d_out, d_lse)
 
-    def body(carry, xs):
-        q_i, aux_i, out_i, lse_i, dout_i, dlse_i = xs
-        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i, *carry)
-        return (dk, dv), dq
+    # dq is written into a full-length carry in place, dk and dv accumulate; the stale blocks
+    # of the last run (see _run_start) get zero out, dO and dlse, so ds = p (dP - delta + dlse)
+    # is exactly 0 there and they add nothing to dk, dv (their dq is not written)
+    def body(i, carry):
+        dq_acc, dk_acc, dv_acc = carry
+        start = _run_start(i, nq, run)
+        fresh = jnp.arange(run) + start >= i * run  # [run]
+        q_i, aux_i = _take_run(qb, aux, start, run)
+        out_i, lse_i, dout_i, dlse_i = (
+            jnp.where(fresh.reshape((run,) + (1,) * (x.ndim - 3)), jax.lax.dynamic_slice_in_dim(x, start, run, 2), 0.0)
+            for x in rows
+        )
+        dq_i, dk_acc, dv_acc = _backward_run(q_i, kb, vb, aux_i, cfg, out_i, lse_i, dout_i, dlse_i, dk_acc, dv_acc)
+        dq_old = jax.lax.dynamic_slice_in_dim(dq_acc, start, run, 2)
+        dq_i = jnp.where(fresh.reshape((run,) + (1,) * (dq_i.ndim - 3)), dq_i, dq_old)
+        return jax.lax.dynamic_update_slice_in_dim(dq_acc, dq_i, start, 2), dk_acc, dv_acc
 
-    xs = (q_runs, q_aux, cut(out), cut(lse), cut(d_out), cut(d_lse))
-    (dk, dv), dq = jax.lax.scan(body, zeros, xs)
-    return _join_runs(dq, nq), dk, dv, None
+    dq, dk, dv = jax.lax.fori_loop(0, num_blocks(nq, run), body, (jnp.zeros_like(qb),) + zeros)
+    return dq, dk, dv, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
