@@ -259,24 +259,31 @@ def _logits_and_visibility(qb, kb, aux, cfg: _Static):
 CHUNK_ELEMENTS: int | None = None
 """Query blocks are processed in runs whose logits hold about this many floats, one run after
 another (a loop writing each run's rows in place), so temporaries stop growing with N once N is large.
-None: 2**20 (4 MiB per logits-sized buffer) on CPU, 2**24 on accelerators, where larger runs
-keep the device busy. A run holds at least one query block."""
+None: 2**18 (1 MiB per logits-sized buffer) on CPU, 2**24 on accelerators, where larger runs
+keep the device busy. The backward pass, which holds about twice as many logits-sized
+buffers per run (p, dP, dS and their transposes), uses half. A run holds at least one query
+block.
+
+Why 2**18 on CPU: a run's few logits-sized buffers then stay within a core's L2 cache (2 MiB
+per core on the machine the tables were measured on); at 2**20 they spilled to L3 and a
+16K-token call ran 10-40% slower than at 2**18, which made time grow faster than N between
+1K (one short run) and 16K (many). The figures are in results/cost/quick/NOTES.md."""
 
 
-def run_budget() -> int:
-    """The number of logits elements per run (``CHUNK_ELEMENTS`` or the backend's default)."""
-    if CHUNK_ELEMENTS is not None:
-        return CHUNK_ELEMENTS
-    return 1 << 20 if jax.default_backend() == "cpu" else 1 << 24
+def run_budget(backward: bool = False) -> int:
+    """The number of logits elements per run (``CHUNK_ELEMENTS`` or the backend's default),
+    halved for the backward pass."""
+    budget = CHUNK_ELEMENTS if CHUNK_ELEMENTS is not None else 1 << 18 if jax.default_backend() == "cpu" else 1 << 24
+    return max(1, budget // 2) if backward else budget
 
 
 _Q_KEYS = ("table", "slot_ok", "q_pos", "q_seg", "q_row")  # per-query-block entries of aux
 
 
-def _blocks_per_run(qb, aux, cfg: _Static) -> int:
+def _blocks_per_run(qb, aux, cfg: _Static, *, backward: bool = False) -> int:
     B, H, nq, bq = qb.shape[:4]
     per_block = B * H * bq * aux["table"].shape[-1] * cfg.block_k
-    widest = max(1, min(nq, run_budget() // max(per_block, 1)))
+    widest = max(1, min(nq, run_budget(backward) // max(per_block, 1)))
     # the same number of runs, each as short as it can be: the last run overlaps the one
     # before it (_run_start), which recomputes fewer stale blocks than at the widest length
     return -(-nq // num_blocks(nq, widest))
@@ -375,7 +382,7 @@ def _attend_bwd(cfg, res, cotangents):
     """Recompute the probabilities from (q, k, lse) instead of storing them (as FlashAttention)."""
     qb, kb, vb, aux, out, lse = res
     d_out, d_lse = cotangents
-    run = _blocks_per_run(qb, aux, cfg)
+    run = _blocks_per_run(qb, aux, cfg, backward=True)
     nq = qb.shape[2]
     zeros = (jnp.zeros_like(kb), jnp.zeros_like(vb))
     if run >= nq:
