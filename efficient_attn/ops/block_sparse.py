@@ -550,20 +550,29 @@ def add_sinks(
 
 
 def merge_softmax(
-    outs: Float[Array, "n ... E"], lses: Float[Array, "n ..."]
+    outs: Sequence[Float[Array, "... E"]], lses: Sequence[Float[Array, "..."]]
 ) -> tuple[Float[Array, "... E"], Float[Array, "..."]]:
-    """Combine softmax results over disjoint key sets (stacked on axis 0) into their union.
+    """Combine softmax results over disjoint key sets into the softmax over their union.
 
     ``out = sum_r w_r out_r``, ``w_r = exp(lse_r - logsumexp_r lse_r)``; parts with
     ``lse = -inf`` (saw nothing) get weight 0; a row that saw nothing anywhere stays 0.
     Returns ``(out, lse)`` of the union. Reformer uses the same weighting for hash rounds,
     whose key sets may overlap (a key seen in two rounds then counts twice, as in trax).
+
+    ``outs`` and ``lses`` are sequences of parts (a list, or an array stacked on axis 0, which
+    iterates over that axis). The sums over parts are written out one part at a time: XLA's
+    CPU reduction over the leading axis of a stacked [n, B, H, T, E] array ran 50x slower
+    (166 ms against 3 ms for two parts at B=1 H=8 T=16K E=64; with the backward 258 / 53 ms).
     """
-    m = jax.lax.stop_gradient(jnp.max(lses, axis=0))
-    m = jnp.where(m == -jnp.inf, 0.0, m)
-    w = jnp.exp(lses - m)
-    denom = jnp.sum(w, axis=0)
-    seen = jnp.logical_not(jnp.all(lses == -jnp.inf, axis=0))  # a NaN part is seen (and poisons)
-    out = jnp.sum(w[..., None] * outs, axis=0) / jnp.where(seen, denom, 1.0)[..., None]
+    if len(outs) != len(lses) or len(outs) == 0:
+        raise ValueError(f"merge_softmax: needs as many lse parts as out parts, at least one (got {len(outs)}, {len(lses)})")
+    lses = list(lses)
+    m = functools.reduce(jnp.maximum, lses)  # NaN stays NaN
+    m = jax.lax.stop_gradient(jnp.where(m == -jnp.inf, 0.0, m))
+    w = [jnp.exp(lse - m) for lse in lses]
+    denom = functools.reduce(jnp.add, w)
+    seen = functools.reduce(jnp.logical_or, [lse != -jnp.inf for lse in lses])  # a NaN part is seen (and poisons)
+    out = functools.reduce(jnp.add, [w_r[..., None] * out_r for w_r, out_r in zip(w, outs)])
+    out = out / jnp.where(seen, denom, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)
     return out, lse

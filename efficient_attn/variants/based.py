@@ -161,7 +161,7 @@ def based_attention(
             out, lse = _linear_before(flip(phi_q), flip(phi_k), flip(v), flip(real), window, chunk_size)
             outs.append(flip(out))
             lses.append(flip(lse))
-    out, _ = merge_softmax(jnp.stack(outs), jnp.stack(lses))
+    out, _ = merge_softmax(outs, lses)
     return out
 
 
@@ -238,5 +238,5 @@ class Based(Attention):
         pos = den > 0
         out_l = jnp.where(pos[..., None], num / jnp.where(pos, den, 1.0)[..., None], 0.0)
         lse_l = jnp.where(pos, jnp.log(jnp.where(pos, den, 1.0)), -jnp.inf)
-        out, _ = merge_softmax(jnp.stack([out_w, out_l]), jnp.stack([lse_w, lse_l]))
+        out, _ = merge_softmax([out_w, out_l], [lse_w, lse_l])
         return out, {"ring": ring, "sums": sums}

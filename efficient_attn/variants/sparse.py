@@ -327,7 +327,7 @@ class LongformerAttention(_SoftmaxOptions):
             qh, kh[:, :, idx], vh[:, :, idx], np.zeros((nb, 1), np.int32), block_q=b, block_k=g,
             causal=causal, kv_valid=kv_g, k_pos=idx, q_seg=qs, k_seg=None if ks is None else ks[:, idx], **opts,
         )
-        out, lse = merge_softmax(jnp.stack([out, out_g]), jnp.stack([lse, lse_g]))
+        out, lse = merge_softmax([out, out_g], [lse, lse_g])
         if sinks is not None:  # once, in the union's denominator
             out, _ = add_sinks(out, lse, sinks)
         # global queries against every key, in blocks of at most b queries

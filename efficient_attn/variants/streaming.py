@@ -99,7 +99,7 @@ def streaming_attention(
         qh, kh[:, :, :s], vh[:, :, :s], np.zeros((nb, 1), np.int32), block_q=b, block_k=s,
         causal=causal, kv_valid=real[:, :s],
     )
-    out, _ = merge_softmax(jnp.stack([out, out_s]), jnp.stack([lse, lse_s]))
+    out, _ = merge_softmax([out, out_s], [lse, lse_s])
     return out.transpose(0, 2, 1, 3)
 
 
