@@ -284,9 +284,41 @@ def _blocks_per_run(qb, aux, cfg: _Static, *, backward: bool = False) -> int:
     B, H, nq, bq = qb.shape[:4]
     per_block = B * H * bq * aux["table"].shape[-1] * cfg.block_k
     widest = max(1, min(nq, run_budget(backward) // max(per_block, 1)))
-    # the same number of runs, each as short as it can be: the last run overlaps the one
-    # before it (_run_start), which recomputes fewer stale blocks than at the widest length
+    # the same number of runs, each as short as it can be: the forward's last run overlaps
+    # the one before it (_run_start), the backward's is padded (_split_runs); either way fewer
+    # blocks are computed twice or for nothing than at the widest length
     return -(-nq // num_blocks(nq, widest))
+
+
+def _split_runs(qb, aux, run: int):
+    """Cut the query-block axis into runs: arrays get a leading run axis (padded rows see nothing).
+
+    The backward's form: its inputs (q, out, dO, lse, dlse) cut into contiguous per-run slices
+    and a scan over them ran 3-14% faster than slicing each run from the full arrays inside a
+    loop (longformer, local, bigbird fwd+bwd at 4K and 16K, one process); the copies are of
+    O(N d) arrays the backward holds anyway."""
+    nq = qb.shape[2]
+    n = num_blocks(nq, run)
+
+    def cut(x, axis, fill):
+        x = _pad_axis(x, axis, n * run, fill)
+        x = x.reshape(x.shape[:axis] + (n, run) + x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    q_aux = {
+        "table": cut(aux["table"], aux["table"].ndim - 2, 0),
+        "slot_ok": cut(aux["slot_ok"], aux["slot_ok"].ndim - 2, False),
+        "q_pos": None if aux["q_pos"] is None else cut(aux["q_pos"], 2, -1),
+        "q_seg": None if aux["q_seg"] is None else cut(aux["q_seg"], 2, -1),
+        "q_row": None if aux["q_row"] is None else cut(aux["q_row"], 2, -1),
+    }
+    return cut(qb, 2, 0.0), q_aux, n
+
+
+def _join_runs(x, nq: int):
+    """Inverse of ``_split_runs`` for an output [n, B, H, run, ...] -> [B, H, nq, ...]."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :nq]
 
 
 def _run_start(i, nq: int, run: int):
@@ -388,27 +420,20 @@ def _attend_bwd(cfg, res, cotangents):
     if run >= nq:
         dq, dk, dv = _backward_run(qb, kb, vb, aux, cfg, out, lse, d_out, d_lse, *zeros)
         return dq, dk, dv, None
-    rows = (out, lse, d_out, d_lse)
+    q_runs, q_aux, n = _split_runs(qb, aux, run)
+    cut = lambda x: jnp.moveaxis(  # noqa: E731
+        _pad_axis(x, 2, n * run, 0.0).reshape(x.shape[:2] + (n, run) + x.shape[3:]), 2, 0
+    )
+    shared = {key: val for key, val in aux.items() if key not in _Q_KEYS}
 
-    # dq is written into a full-length carry in place, dk and dv accumulate; the stale blocks
-    # of the last run (see _run_start) get zero out, dO and dlse, so ds = p (dP - delta + dlse)
-    # is exactly 0 there and they add nothing to dk, dv (their dq is not written)
-    def body(i, carry):
-        dq_acc, dk_acc, dv_acc = carry
-        start = _run_start(i, nq, run)
-        fresh = jnp.arange(run) + start >= i * run  # [run]
-        q_i, aux_i = _take_run(qb, aux, start, run)
-        out_i, lse_i, dout_i, dlse_i = (
-            jnp.where(fresh.reshape((run,) + (1,) * (x.ndim - 3)), jax.lax.dynamic_slice_in_dim(x, start, run, 2), 0.0)
-            for x in rows
-        )
-        dq_i, dk_acc, dv_acc = _backward_run(q_i, kb, vb, aux_i, cfg, out_i, lse_i, dout_i, dlse_i, dk_acc, dv_acc)
-        dq_old = jax.lax.dynamic_slice_in_dim(dq_acc, start, run, 2)
-        dq_i = jnp.where(fresh.reshape((run,) + (1,) * (dq_i.ndim - 3)), dq_i, dq_old)
-        return jax.lax.dynamic_update_slice_in_dim(dq_acc, dq_i, start, 2), dk_acc, dv_acc
+    def body(carry, xs):
+        q_i, aux_i, out_i, lse_i, dout_i, dlse_i = xs
+        dq, dk, dv = _backward_run(q_i, kb, vb, {**shared, **aux_i}, cfg, out_i, lse_i, dout_i, dlse_i, *carry)
+        return (dk, dv), dq
 
-    dq, dk, dv = jax.lax.fori_loop(0, num_blocks(nq, run), body, (jnp.zeros_like(qb),) + zeros)
-    return dq, dk, dv, None
+    xs = (q_runs, q_aux, cut(out), cut(lse), cut(d_out), cut(d_lse))
+    (dk, dv), dq = jax.lax.scan(body, zeros, xs)
+    return _join_runs(dq, nq), dk, dv, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -202,8 +202,8 @@ def test_bad_tables_are_refused():
 def test_runs_of_query_blocks_match_reference(monkeypatch, run_elements):
     """Long inputs are processed in runs of query blocks (a loop); same results, forward and
     backward. A query block holds 2 heads x 4 rows x 3 key blocks x 4 keys = 96 logits, so 300
-    gives runs of 3 over the 8 query blocks, starting at 0, 3 and 5: the last run's first block
-    was done by the run before it and must be neither counted twice in dk, dv nor zero its dq."""
+    gives runs of 3 over the 8 query blocks: the forward's start at 0, 3 and 5 (the last run's
+    first block, done by the run before it, is written again), the backward's are padded to 9."""
     from efficient_attn.ops import block_sparse
 
     monkeypatch.setattr(block_sparse, "CHUNK_ELEMENTS", run_elements)
