@@ -20,7 +20,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from efficient_attn import allocator
 
@@ -189,6 +189,22 @@ class RowStore:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def sweep_store(path: str | Path, cfg: Any, presets: Mapping[str, Any], *, force: bool) -> RowStore:
+    """The row store of a sweep run with config ``cfg`` (whose ``preset`` names it in ``presets``,
+    a config or a function returning one).
+
+    ``force`` on the preset exactly as defined starts from an empty store (the rows of points
+    the preset no longer has go too). ``force`` on a narrowed config (a variant subset, another
+    length or budget) keeps every row: the sweep measures its selected points again and each
+    new row replaces its old one (the last line of a key wins on load), so ``--force
+    --variants X`` cannot throw away the other variants' measurements. Sweeps that take
+    ``force`` treat it as "every selected point is pending".
+    """
+    defined = presets.get(getattr(cfg, "preset", None))
+    defined = defined() if callable(defined) else defined
+    return RowStore(path, force=force and defined is not None and cfg == defined)
 
 
 def _fmt(x: Any) -> str:

@@ -146,3 +146,24 @@ def test_results_readme_embeds_a_long_runs_notes(tmp_path):
     (folder / "NOTES.md").write_text("# Recall: notes\n\nThe finding holds.\n")
     text = write_results_readme(tmp_path, "quick").read_text()
     assert "## Recall: notes" in text and "The finding holds." in text
+
+
+def test_sweep_store_starts_empty_only_for_the_preset_as_defined(tmp_path):
+    """``force`` wipes the store when the config is its preset exactly (a full rerun); a
+    narrowed config, a preset given as a factory or a name no preset has keeps every row."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        preset: str
+        variants: tuple = ("a", "b")
+
+    path = tmp_path / "rows.jsonl"
+    report.RowStore(path).add("a|1", {"x": 1})
+    presets = {"quick": Cfg("quick"), "cpu": lambda: Cfg("cpu")}
+    for cfg in (Cfg("quick", ("a",)), Cfg("cpu", ("b",)), Cfg("other")):
+        assert report.sweep_store(path, cfg, presets, force=True).has("a|1"), cfg
+    assert report.sweep_store(path, Cfg("quick"), presets, force=False).has("a|1")
+    assert len(report.sweep_store(path, Cfg("cpu"), presets, force=True)) == 0  # the factory's config
+    report.RowStore(path).add("a|1", {"x": 1})
+    assert len(report.sweep_store(path, Cfg("quick"), presets, force=True)) == 0

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from efficient_attn.report import (RowStore, markdown_table, measured_environment, row_environment, to_mib, write_atomic,
+from efficient_attn.report import (RowStore, sweep_store, markdown_table, measured_environment, row_environment, to_mib, write_atomic,
                                    write_csv, write_json)
 from efficient_attn.sweeps import cli
 from efficient_attn.sweeps.workers import die_with_parent as _die_with_parent
@@ -214,11 +214,11 @@ def run(cfg: ScalingConfig, out: Path, *, force: bool = False, progress: bool = 
     if jax.device_count() < max(cfg.devices):
         raise RuntimeError(f"scaling: needs {max(cfg.devices)} devices, this process has {jax.device_count()}; "
                            f"run it through main(), which starts a child with simulated devices")
-    store = RowStore(Path(out) / "rows.jsonl", force=force)
+    store = sweep_store(Path(out) / "rows.jsonl", cfg, PRESETS, force=force)
     plan = [(m, e, p) for m in cfg.modes for e in cfg.engines for p in cfg.devices]
     for i, (mode, engine, p) in enumerate(plan):
         key = RowStore.make_key(cfg.preset, mode, engine, p, cfg.length(mode, p))
-        if store.has(key):
+        if store.has(key) and not force:
             continue
         t0 = time.perf_counter()
         try:

@@ -73,6 +73,19 @@ def test_rerun_and_report_only_reuse_the_stored_rows_and_rewrite_identical_outpu
         _run(tmp_path, force=True, report_only=True)
 
 
+def test_force_on_a_subset_keeps_the_other_rows(tmp_path, monkeypatch):
+    """``--force --variants X`` measures X's units again and keeps every other variant's rows."""
+    first, _ = _run(tmp_path)
+    measured = []
+    real = compare.measure_unit
+    monkeypatch.setattr(compare, "measure_unit", lambda cfg, u, *a: measured.append(u["variant"]) or real(cfg, u, *a))
+    _run(tmp_path, dataclasses.replace(TINY, variants=("performer",)), force=True)
+    assert measured and set(measured) == {"performer"}
+    rows, _ = _run(tmp_path, report_only=True)
+    assert {r["variant"] for r in rows} == {"full", "performer"}
+    assert [r for r in rows if r["variant"] == "full"] == [r for r in first if r["variant"] == "full"]
+
+
 def test_report_only_leaves_pending_units_unmeasured(tmp_path, monkeypatch):
     _run(tmp_path, dataclasses.replace(TINY, variants=("full",)))
     _no_measuring(monkeypatch)

@@ -7,6 +7,7 @@ the exact quantities: state bytes, slopes of state size, skips, what is re-measu
 import csv
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -110,6 +111,21 @@ def test_rerun_measures_nothing_and_report_only_rerenders_the_same(swept, monkey
     decode_cost.run(cfg, out, progress=False)
     decode_cost.run(cfg, out, progress=False, report_only=True)
     assert (out / "table.md").read_text() == table
+
+
+def test_force_on_a_subset_keeps_the_other_rows(swept, tmp_path, monkeypatch):
+    """``--force --variants X`` measures X's points (and growth rows) again, keeps the others'."""
+    cfg, out, store = swept
+    shutil.copytree(out, tmp_path / "run")
+    fixed = cfg.variants[1]
+    measured = []
+    real_point, real_growth = point.measure_point, growth.measure_growth
+    monkeypatch.setattr(point, "measure_point", lambda name, *a: measured.append(name) or real_point(name, *a))
+    monkeypatch.setattr(growth, "measure_growth", lambda name, *a: measured.append(name) or real_growth(name, *a))
+    again = decode_cost.run(dataclasses.replace(cfg, variants=(fixed,)), tmp_path / "run", force=True, progress=False)
+    assert measured and set(measured) == {fixed}
+    kept = [r for r in rows_of(cfg, again) if r["variant"] == BASE]
+    assert kept and kept == [r for r in rows_of(cfg, store) if r["variant"] == BASE]
 
 
 def test_time_and_memory_budgets_skip_and_keep_state_size(tmp_path):

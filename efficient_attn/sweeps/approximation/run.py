@@ -19,6 +19,7 @@ from efficient_attn.sweeps.approximation.config import ApproxConfig
 from efficient_attn.sweeps.approximation.inputs import trained_inputs, trained_summary
 from efficient_attn.sweeps.approximation.pictures import pattern_panels
 from efficient_attn.sweeps.approximation.plan import plan_units, unit_key
+from efficient_attn.sweeps.approximation.presets import PRESETS
 from efficient_attn.sweeps.approximation.report import write_outputs
 
 __all__ = ["run"]
@@ -38,7 +39,7 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, progress: bo
         raise ValueError("approximation: report_only=True re-renders the stored rows; it cannot be combined "
                          "with force=True")
     out = Path(out)
-    store = report.RowStore(out / "rows.jsonl", force=force)
+    store = report.sweep_store(out / "rows.jsonl", cfg, PRESETS, force=force)
     variants = list(cfg.variants) if cfg.variants is not None else registry.list_variants()
     for name in variants:
         registry.get_spec(name)  # unknown names fail now, with suggestions
@@ -47,7 +48,7 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, progress: bo
         stored = {u["variant"] for u in units if store.has(unit_key(cfg, u))}
         variants = [v for v in variants if v in stored]
         units, skipped = plan_units(cfg, variants)
-    pending = [] if report_only else [u for u in units if not _done(store, cfg, u)]
+    pending = [] if report_only else [u for u in units if force or not _done(store, cfg, u)]
     log(f"approximation ({cfg.preset}): {len(units)} rows, {sum(_done(store, cfg, u) for u in units)} already done")
     _measure(cfg, pending, store, out, force, progress, log)
     rows = [store.get(unit_key(cfg, u)) for u in units]

@@ -102,7 +102,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     if report_only and force:
         raise ValueError("cost: report_only=True re-renders the stored rows; it cannot be combined with force=True")
     out = Path(out)
-    store = report.RowStore(out / "rows.jsonl", force=force and cfg == PRESETS.get(cfg.preset))
+    store = report.sweep_store(out / "rows.jsonl", cfg, PRESETS, force=force)
     variants = select_variants(cfg)
     todo = list(points(cfg, variants))
     budget = point_budget(cfg)

@@ -20,6 +20,7 @@ from efficient_attn import report
 from efficient_attn.sweeps.cost.progress import progress_bar
 from efficient_attn.sweeps.decode_cost import growth, point
 from efficient_attn.sweeps.decode_cost.config import DecodeCostConfig
+from efficient_attn.sweeps.decode_cost.presets import PRESETS
 from efficient_attn.sweeps.decode_cost.report import write_outputs
 
 __all__ = ["select_variants", "points", "row_key", "is_done", "run", "rows_of", "growth_rows_of"]
@@ -90,11 +91,11 @@ def run(cfg: DecodeCostConfig, out: str | Path, *, force: bool = False, progress
     if report_only and force:
         raise ValueError("decode_cost: report_only=True re-renders the stored rows; it cannot be combined with force")
     out = Path(out)
-    store = report.RowStore(out / "rows.jsonl", force=force)
+    store = report.sweep_store(out / "rows.jsonl", cfg, PRESETS, force=force)
     variants = select_variants(cfg)
     todo = list(points(cfg, variants))
-    flat = [u for u in growth.units(cfg, variants) if not _ok(store.get(growth.row_key(*u, cfg)))]
-    if report_only or (not flat and all(is_done(store.get(row_key(*p, cfg)), cfg) for p in todo)):
+    flat = [u for u in growth.units(cfg, variants) if force or not _ok(store.get(growth.row_key(*u, cfg)))]
+    if report_only or (not force and not flat and all(is_done(store.get(row_key(*p, cfg)), cfg) for p in todo)):
         write_outputs(out, rows_of(cfg, store), cfg, growth_rows_of(cfg, store))
         return store
     bar = progress_bar(len(todo) + len(flat), progress, "decode_cost")
@@ -105,7 +106,7 @@ def run(cfg: DecodeCostConfig, out: str | Path, *, force: bool = False, progress
             key = row_key(name, batch, context, cfg)
             bar.set_postfix_str(f"{name} B={batch} context={context}")
             row = store.get(key)
-            if not is_done(row, cfg):
+            if force or not is_done(row, cfg):
                 row = point.base_row(name, batch, context, cfg)
                 reason = _skip_reason(row, history, cfg, t_start)
                 if reason is None:

@@ -25,6 +25,7 @@ from efficient_attn import measure, report
 from efficient_attn.nn import Classifier, EncoderConfig
 from efficient_attn.sweeps.exact.config import ENCODER_MODELS, EncoderBenchConfig
 from efficient_attn.sweeps.exact.encoder_report import summary_line, write_outputs
+from efficient_attn.sweeps.exact.presets import ENCODER_PRESETS
 from efficient_attn.sweeps.exact.timing import time_interleaved
 from efficient_attn.sweeps.exact.units import row_environment
 
@@ -128,9 +129,9 @@ def run(cfg: EncoderBenchConfig, out: str | Path, *, force: bool = False, report
         raise ValueError("exact encoder: report_only=True re-renders the stored row; it cannot be combined "
                          "with force")
     out = Path(out)
-    store = report.RowStore(out / "rows.jsonl", force=force)
+    store = report.sweep_store(out / "rows.jsonl", cfg, ENCODER_PRESETS, force=force)
     row = store.get(row_key(cfg))
-    if not report_only and (row is None or row.get("status") != "ok"):
+    if not report_only and (force or row is None or row.get("status") != "ok"):
         try:
             row = measure_row(cfg)
         except Exception as err:  # recorded and retried on a rerun

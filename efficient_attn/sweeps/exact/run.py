@@ -17,6 +17,7 @@ from efficient_attn import report
 from efficient_attn.sweeps.exact import peer_rows
 from efficient_attn.sweeps.exact import units as units_
 from efficient_attn.sweeps.exact.config import ExactConfig
+from efficient_attn.sweeps.exact.presets import PRESETS
 from efficient_attn.sweeps.exact.report import summary_line, write_outputs
 
 __all__ = ["run", "rows_of", "is_done"]
@@ -37,8 +38,8 @@ def run(cfg: ExactConfig, out: str | Path, *, force: bool = False, report_only: 
     if report_only and force:
         raise ValueError("exact: report_only=True re-renders the stored rows; it cannot be combined with force")
     out = Path(out)
-    store = report.RowStore(out / "rows.jsonl", force=force)
-    todo = [] if report_only else [u for u in units_.units(cfg) if not is_done(store.get(units_.row_key(u, cfg)))]
+    store = report.sweep_store(out / "rows.jsonl", cfg, PRESETS, force=force)
+    todo = [] if report_only else [u for u in units_.units(cfg) if force or not is_done(store.get(units_.row_key(u, cfg)))]
     if not todo:
         write_outputs(out, rows_of(cfg, store), cfg)
         return store
