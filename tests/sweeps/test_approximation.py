@@ -86,6 +86,21 @@ def test_force_on_a_subset_keeps_the_other_rows(tmp_path, monkeypatch):
     assert [r for r in rows if r["variant"] == "full"] == [r for r in first if r["variant"] == "full"]
 
 
+def test_report_only_keeps_the_skip_notes_of_a_variant_with_nothing_to_measure(tmp_path, monkeypatch):
+    """deltanet is causal-only: on bidirectional inputs it has only skips, which are stored as rows
+    so that a report-only run over every registered variant still renders its notes."""
+    cfg = dataclasses.replace(TINY, variants=("full", "deltanet"), causal=(False,))
+    _run(tmp_path, cfg)
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("- Skipped: deltanet on gauss inputs: no bidirectional mode") == 1  # not one per q scale
+    stored = (tmp_path / "rows.jsonl").read_bytes()
+    _no_measuring(monkeypatch)
+    _run(tmp_path, cfg)
+    assert (tmp_path / "rows.jsonl").read_bytes() == stored  # a rerun appends no second copy of the skips
+    _run(tmp_path, dataclasses.replace(cfg, variants=None), report_only=True)
+    assert (tmp_path / "table.md").read_text() == table
+
+
 def test_report_only_leaves_pending_units_unmeasured(tmp_path, monkeypatch):
     _run(tmp_path, dataclasses.replace(TINY, variants=("full",)))
     _no_measuring(monkeypatch)

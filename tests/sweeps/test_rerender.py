@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -158,19 +159,10 @@ def _recall(rel: Path, folder: Path, monkeypatch) -> None:
 RENDER = {"cost": _cost, "recall": _recall, "decode_cost": _decode_cost, "approximation": _approximation, "accuracy": _accuracy,
           "scaling": _scaling, "exact": _exact}
 
-def _without_skip_notes(text: str) -> str:
-    return "".join(line for line in text.splitlines(True) if not line.startswith("- Skipped: "))
-
 
 # Known differences, each an expected failure only while it is the only difference (what the
-# check says); the reason says where the fix belongs.
-KNOWN = {
-    "approximation/quick": (
-        "--report-only leaves out the '- Skipped:' notes of variants that have no unit to measure (causal-only "
-        "variants on bidirectional inputs): they are not stored as rows, and a report-only run cannot tell which "
-        "variants the measuring run was given (fix: store the skips as rows)",
-        lambda got, want: _without_skip_notes(got) == _without_skip_notes(want)),
-}
+# check says); the reason says where the fix belongs. Folder -> (reason, check(got, want)).
+KNOWN: dict[str, tuple[str, Callable[[str, str], bool]]] = {}
 
 # What a report declares environment-dependent, as (pattern, replacement).
 DECLARED = {name: [(re.compile(r"^(Environment: .*, commit )\S+\.$", re.M), r"\1<commit>.")]

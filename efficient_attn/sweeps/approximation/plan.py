@@ -14,9 +14,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from efficient_attn import registry, report
+from efficient_attn.core import Capabilities
 from efficient_attn.sweeps.approximation.config import ApproxConfig
 
-__all__ = ["budgets", "length_like_knobs", "pattern_settings", "learned", "budget_of", "plan_units", "unit_key"]
+__all__ = ["budgets", "length_like_knobs", "pattern_settings", "learned", "budget_of", "plan_units", "unit_key",
+           "skip_key"]
 
 
 def budgets() -> Mapping[str, tuple[str, list[int]]]:
@@ -67,6 +69,17 @@ def budget_of(variant: str, n: int, budget_points: int | None = None) -> tuple[s
     return hp, thin(values, budget_points), ""
 
 
+def _refusal(caps: Capabilities, input_kind: str, causal: bool) -> str:
+    """Why a variant with ``caps`` has no unit on this input and masking ("" when it has)."""
+    if causal and not caps.causal:
+        return "no causal mode (capabilities.causal=False)"
+    if not causal and not caps.bidirectional:
+        return "no bidirectional mode (capabilities.bidirectional=False)"
+    if input_kind == "trained" and not caps.kv_mask:
+        return "the trained model's inputs are padded; variant has no kv_mask"
+    return ""
+
+
 def plan_units(cfg: ApproxConfig, variants: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """Every (input, variant, value, causal) to measure, and the skipped ones with reasons."""
     units, skipped = [], []
@@ -79,17 +92,11 @@ def plan_units(cfg: ApproxConfig, variants: Sequence[str]) -> tuple[list[dict], 
             hp, values, note = budget_of(variant, cfg.seq_len, cfg.budget_points)
             modes = cfg.causal if input_kind == "gauss" else (False,)
             for causal in modes:
-                if causal and not caps.causal:
-                    skipped.append({"variant": variant, "input": input_kind, "causal": True,
-                                    "reason": "no causal mode (capabilities.causal=False)"})
-                    continue
-                if not causal and not caps.bidirectional:
-                    skipped.append({"variant": variant, "input": input_kind, "causal": False,
-                                    "reason": "no bidirectional mode (capabilities.bidirectional=False)"})
-                    continue
-                if input_kind == "trained" and not caps.kv_mask:
-                    skipped.append({"variant": variant, "input": "trained", "causal": False,
-                                    "reason": "the trained model's inputs are padded; variant has no kv_mask"})
+                reason = _refusal(caps, input_kind, causal)
+                if reason:
+                    skip = {"variant": variant, "input": input_kind, "causal": causal, "reason": reason}
+                    if skip not in skipped:  # one note per input kind, not one per q scale
+                        skipped.append(skip)
                     continue
                 for value in values:
                     units.append({"variant": variant, "input": input_kind, "q_scale": scale, "causal": causal,
@@ -97,11 +104,21 @@ def plan_units(cfg: ApproxConfig, variants: Sequence[str]) -> tuple[list[dict], 
     return units, skipped
 
 
-def unit_key(cfg: ApproxConfig, u: dict) -> str:
-    """The RowStore key of a unit: its shape, input, variant, setting, masking and seeds."""
+def _where(cfg: ApproxConfig, input_kind: str) -> str:
     where = f"{cfg.seq_len}x{cfg.batch}h{cfg.num_heads}d{cfg.head_dim}"
-    if u["input"] == "trained":
+    if input_kind == "trained":
         t = cfg.trained
         where += f"-trained-{t.task}-l{t.layer}of{t.num_layers}-s{t.steps}-n{t.num_train}-m{t.mlp_dim}"
-    return report.RowStore.make_key(where, u["variant"], u["hyperparameter"], u["value"], u["causal"],
-                                    u["q_scale"], ",".join(map(str, cfg.seeds)))
+    return where
+
+
+def unit_key(cfg: ApproxConfig, u: dict) -> str:
+    """The RowStore key of a unit: its shape, input, variant, setting, masking and seeds."""
+    return report.RowStore.make_key(_where(cfg, u["input"]), u["variant"], u["hyperparameter"], u["value"],
+                                    u["causal"], u["q_scale"], ",".join(map(str, cfg.seeds)))
+
+
+def skip_key(cfg: ApproxConfig, s: dict) -> str:
+    """The RowStore key of a skipped (variant, input, masking): stored so that a report-only run
+    knows which variants the measuring run was given, those with nothing to measure included."""
+    return report.RowStore.make_key("skipped", _where(cfg, s["input"]), s["variant"], s["input"], s["causal"])

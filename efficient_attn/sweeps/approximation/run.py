@@ -2,9 +2,11 @@
 pattern picture drawn, the outputs written from the stored rows.
 
 A rerun skips finished rows (``force`` recomputes); a unit that raised is stored as an error
-and retried on the next run. ``report_only`` measures nothing: the outputs are rebuilt from
-the stored rows and the cached pattern matrices, for the variants that have stored rows (the
-skip notes of variants with nothing to measure are not stored, so they are left out).
+and retried on the next run. Each skipped (variant, input, masking) is stored too, as a row of
+status ``skipped`` with its reason. ``report_only`` measures nothing: the outputs are rebuilt
+from the stored rows and the cached pattern matrices, for the variants that have stored rows
+(measured or skipped), so a variant the measuring run had nothing to measure for keeps its
+skip notes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from efficient_attn.sweeps.approximation import compare
 from efficient_attn.sweeps.approximation.config import ApproxConfig
 from efficient_attn.sweeps.approximation.inputs import trained_inputs, trained_summary
 from efficient_attn.sweeps.approximation.pictures import pattern_panels
-from efficient_attn.sweeps.approximation.plan import plan_units, unit_key
+from efficient_attn.sweeps.approximation.plan import plan_units, skip_key, unit_key
 from efficient_attn.sweeps.approximation.presets import PRESETS
 from efficient_attn.sweeps.approximation.report import write_outputs
 
@@ -44,10 +46,13 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, progress: bo
     for name in variants:
         registry.get_spec(name)  # unknown names fail now, with suggestions
     units, skipped = plan_units(cfg, variants)
-    if report_only:  # the tables of the stored rows: variants without any are left out
+    if report_only:  # the tables of the stored rows: variants without any (measured or skipped) are left out
         stored = {u["variant"] for u in units if store.has(unit_key(cfg, u))}
+        stored |= {s["variant"] for s in skipped if store.has(skip_key(cfg, s))}
         variants = [v for v in variants if v in stored]
         units, skipped = plan_units(cfg, variants)
+    else:
+        _store_skips(cfg, skipped, store)
     pending = [] if report_only else [u for u in units if force or not _done(store, cfg, u)]
     log(f"approximation ({cfg.preset}): {len(units)} rows, {sum(_done(store, cfg, u) for u in units)} already done")
     _measure(cfg, pending, store, out, force, progress, log)
@@ -58,6 +63,13 @@ def run(cfg: ApproxConfig, out: str | Path, *, force: bool = False, progress: bo
     log(f"  patterns.png: {len(panels)} variants ({time.perf_counter() - t1:.0f} s)")
     write_outputs(cfg, rows, skipped, panels, out, extra)
     return rows
+
+
+def _store_skips(cfg: ApproxConfig, skipped: list[dict], store: report.RowStore) -> None:
+    for s in skipped:
+        row = {**s, "status": "skipped"}
+        if store.get(skip_key(cfg, s)) != row:  # a rerun appends nothing new
+            store.add(skip_key(cfg, s), row)
 
 
 def _measure(cfg: ApproxConfig, pending: list[dict], store: report.RowStore, out: Path, force: bool,
