@@ -180,6 +180,21 @@ class RowStore:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         self._rows[key] = json.loads(line)["row"]
 
+    def rewrite(self, updates: Mapping[str, dict]) -> None:
+        """Replace the rows of ``updates``' keys and write the store anew, one line per key, in
+        one atomic replace (a kill leaves the old file or the new one, never a part). For a
+        change to many stored rows at once, which ``add`` would append as a second copy of each."""
+        with open(self.path, "ab") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                self.refresh()  # rows another writer appended since this store was loaded
+                for key, row in updates.items():
+                    self._rows[key] = json.loads(json.dumps(_jsonable(row)))
+                write_atomic(self.path, "".join(json.dumps({"key": k, "row": r}) + "\n" for k, r in self._rows.items()))
+                self._tail = None
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
     def rows(self) -> list[dict]:
         return list(self._rows.values())
 

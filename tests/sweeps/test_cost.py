@@ -145,6 +145,25 @@ def test_force_on_a_subset_keeps_the_other_rows(tmp_path):
     assert after["full"]["time_median_s"] != before["full"]["time_median_s"]  # measured again
 
 
+def test_fractions_are_taken_against_the_better_of_the_two_ceilings(tmp_path, monkeypatch):
+    """A ceiling measured while the CPU was busy at the start (here a scripted 1 GFLOP/s, then 1000 at
+    the end) must not leave the run's rows with fractions against it: they are rebased on the end's,
+    in place (one line per key), and the rows of an earlier run are left as they were."""
+    cfg = tiny(variants=("full",), lengths=(64,), passes=("fwd",))
+    earlier = {"variant": "earlier", "matmul_gflops": 5.0, "gflops_per_s": 2.0, "matmul_fraction": 0.4}
+    report.RowStore(tmp_path / "rows.jsonl").add("cost|earlier", earlier)
+    ceilings = iter([1.0, 1000.0])
+    monkeypatch.setattr(measure, "matmul_rate", lambda n, **k: {"matmul_n": n, "matmul_best_gflops": next(ceilings)})
+    cost.run(cfg, tmp_path, progress=False)
+    store = report.RowStore(tmp_path / "rows.jsonl")
+    [row] = [r for r in store.rows() if r.get("variant") == "full" and r.get("kind", "cost") == "cost"]
+    assert row["matmul_gflops"] == 1000.0 and row["matmul_gflops_at_start"] == 1.0
+    assert row["matmul_fraction"] == pytest.approx(row["gflops_per_s"] / 1000.0)
+    assert store.get("cost|earlier") == earlier
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == len(store) == len({json.loads(line)["key"] for line in lines})
+
+
 def test_points_over_the_memory_budget_are_skipped_with_the_reason(tmp_path):
     cfg = tiny(variants=("full",), passes=("fwd",), memory_budget_bytes=1)
     store = cost.run(cfg, tmp_path, progress=False)

@@ -105,7 +105,9 @@ def _header(cfg: CostConfig, rate: dict[str, Any] | None, env: dict, rows: Itera
         f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_cores')} cores), jax {env.get('jax')}. "
         f"Allocator: {env.get('allocator') or allocator_phrase(rows)}. "
         + (f"Matmul ceiling measured in this run: {rate['matmul_gflops']:.0f} GFLOP/s (best call of an f32 "
-           f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run). "
+           f"{rate['matmul_n']}^3 product, measured at the start and at the end of the run, the better kept; the "
+           "matmul fractions of the rows this run measured are against it, those of earlier runs against "
+           "their own: `matmul_gflops` in rows.csv). "
            if rate and rate.get("matmul_gflops") else "")
         + (f"Batched {rate['block_matmul_shape'][1]}^3 products ({rate['block_matmul_shape'][0]} in one call, "
            "the shape of the inner products of the chunked linear / delta-rule and block-sparse engines) "
