@@ -16,7 +16,7 @@ SECTIONS = (
     ("Exact attention: full, blockwise, jax.nn.dot_product_attention", "exact", (),
      ("encoder/table.md", "peers/table.md")),
     ("Cost: time and memory against sequence length", "cost/{preset}", ("time.png", "memory.png"),
-     ("table2.md", "table_interface.md", "table_tokens.md")),
+     ("table2.md", "table_interface.md", "table_tokens.md", "table_slopes.md")),
     ("Decoding: per-token step latency and state memory against context length", "decode_cost/{preset}",
      ("decode.png",), ()),
     ("Accuracy on long-sequence tasks (the LRA Table 1 analog)", "accuracy/{preset}", ("pareto.png", "curves.png"), ()),

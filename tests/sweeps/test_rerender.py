@@ -196,7 +196,7 @@ def test_committed_tables_rerender_identically_from_their_rows(folder, tmp_path,
                  "block_matmul_rate"):
         monkeypatch.setattr(measure, name, _forbid)
     RENDER[experiment](rel, folder, monkeypatch)
-    for name in ("table.md", "table2.md", "table_interface.md", "table_tokens.md"):
+    for name in ("table.md", "table2.md", "table_interface.md", "table_tokens.md", "table_slopes.md"):
         if not (folder / name).exists():
             continue
         want, got = (folder / name).read_text(), (tmp_path / rel / name).read_text()

@@ -39,7 +39,7 @@ Run: ``python experiments/cost_scaling.py --preset quick`` or ``efficient-attn b
 
 from efficient_attn.sweeps.cost.analysis import analyse, baselines, quadratic_reference
 from efficient_attn.sweeps.cost.cli import config_from_args, main, parse_args
-from efficient_attn.sweeps.cost.config import PASSES, GiB, MiB, CostConfig, Table2Config
+from efficient_attn.sweeps.cost.config import PASSES, GiB, MiB, CostConfig, SlopesConfig, Table2Config
 from efficient_attn.sweeps.cost.plots import plot
 from efficient_attn.sweeps.cost.point import measure_point
 from efficient_attn.sweeps.cost.presets import FACTORIES, PRESETS
@@ -49,7 +49,7 @@ from efficient_attn.sweeps.cost.run import MODES, run, select_variants
 from efficient_attn.sweeps.cost.table2 import TEXT_CLASSES, TEXT_VOCAB, measure_train_step, run_table2
 
 __all__ = [
-    "CostConfig", "Table2Config", "PRESETS", "FACTORIES", "run", "write_outputs", "main",
+    "CostConfig", "SlopesConfig", "Table2Config", "PRESETS", "FACTORIES", "run", "write_outputs", "main",
     "parse_args", "config_from_args", "select_variants", "measure_point", "measure_train_step", "run_table2",
     "analyse", "baselines", "quadratic_reference", "cost_markdown", "plot", "table2_rows", "table2_markdown",
     "BASELINES", "PASSES", "MODES", "CSV_COLUMNS", "PUBLISHED_TABLE2", "PUBLISHED_LENGTHS",

@@ -8,7 +8,7 @@ import dataclasses
 from efficient_attn.core import check_config, check_positive_int
 
 __all__ = ["PASSES", "PASS_TITLES", "LAYOUTS", "INTERFACE_KINDS", "PACKING_KINDS", "MiB", "GiB", "InterfaceConfig",
-           "TokensConfig", "Table2Config", "CostConfig", "config_from_dict"]
+           "TokensConfig", "SlopesConfig", "Table2Config", "CostConfig", "config_from_dict"]
 
 PASSES = ("fwd", "fwd_bwd")
 PASS_TITLES = {"fwd": "Forward", "fwd_bwd": "Forward + backward"}
@@ -89,6 +89,32 @@ class TokensConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SlopesConfig:
+    """The interleaved slope check (``slopes.py``): every variant claiming O(N) or O(N log N)
+    time (a claimed exponent up to ``max_claim`` at the longest length), its ``lengths`` timed
+    round-robin in one process, ``rounds`` calls each, in the sweep's masking modes and these
+    ``passes``; skipped when ``lengths`` are not all among the sweep's (a run narrowed with
+    ``--lengths``). ``budget_s``: after this many seconds the remaining series are skipped."""
+
+    enabled: bool = False
+    lengths: tuple[int, ...] = (1024, 4096, 16384)
+    passes: tuple[str, ...] = ("fwd",)
+    rounds: int = 5
+    max_claim: float = 1.15
+    budget_s: float | None = None
+
+    def __post_init__(self):
+        check_positive_int("cost/slopes", "rounds", self.rounds)
+        check_config("cost/slopes", len(set(self.lengths)) >= 2 and all(isinstance(n, int) and n > 0
+                                                                        for n in self.lengths),
+                     f"lengths must be at least two distinct positive ints, got {self.lengths!r}")
+        check_config("cost/slopes", set(self.passes) <= set(PASSES) and bool(self.passes),
+                     f"passes must be a non-empty subset of {PASSES}, got {self.passes!r}")
+        check_config("cost/slopes", self.budget_s is None or self.budget_s >= 0,
+                     f"budget_s must be None or >= 0, got {self.budget_s!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Table2Config:
     """The LRA Table 2 analog: the byte-level text classifier, trained, at lengths 1K-4K.
 
@@ -140,6 +166,7 @@ class CostConfig:
     sweep_budget_s:      after this many seconds, the remaining points are skipped (None = no limit)
     interface:           the grouped-query and packed-batch rows (``InterfaceConfig``)
     tokens:              the fixed-token control of the slopes (``TokensConfig``)
+    slopes:              the interleaved slope check (``SlopesConfig``)
     table2:              the LRA Table 2 analog (``Table2Config``)
     """
 
@@ -164,6 +191,7 @@ class CostConfig:
     matmul_n: int = 2048
     interface: InterfaceConfig = InterfaceConfig()
     tokens: TokensConfig = TokensConfig()
+    slopes: SlopesConfig = SlopesConfig()
     table2: Table2Config = Table2Config()
 
     def __post_init__(self):

@@ -6,7 +6,8 @@ How each preset came to its sizes (the runs behind them, at which commit) is wri
 
 from __future__ import annotations
 
-from efficient_attn.sweeps.cost.config import GiB, CostConfig, InterfaceConfig, Table2Config, TokensConfig
+from efficient_attn.sweeps.cost.config import (GiB, CostConfig, InterfaceConfig, SlopesConfig, Table2Config,
+                                               TokensConfig)
 
 __all__ = ["quick", "cpu", "lra", "FACTORIES", "PRESETS"]
 
@@ -28,6 +29,8 @@ def quick() -> CostConfig:
     150 s deadline. Table 2 is scaled down to one layer of width 64 at batch 1, at 1K and 4K
     (the ends of LRA's range). The fixed-token control (forward and forward+backward, B x N =
     16K at N = 1K and 4K) adds ~140 points, about six minutes, with a 600 s deadline. The
+    interleaved slope check (``slopes.py``: each O(N) or O(N log N) series at 1K, 4K and 16K
+    timed round-robin, 5 rounds, forward and forward+backward) has a 900 s deadline. The
     deadlines are a safety net for a slower machine: what they do not reach is stored as
     skipped, and a rerun resumes it.
     """
@@ -43,6 +46,8 @@ def quick() -> CostConfig:
         sweep_budget_s=1500.0,
         interface=InterfaceConfig(min_length=1024, max_length=4096, budget_s=150.0),
         tokens=TokensConfig(tokens=16384, lengths=(1024, 4096), passes=("fwd", "fwd_bwd"), budget_s=600.0),
+        slopes=SlopesConfig(enabled=True, lengths=(1024, 4096, 16384), passes=("fwd", "fwd_bwd"), rounds=5,
+                            budget_s=900.0),
         table2=Table2Config(lengths=(1024, 4096), batch=1, num_layers=1, emb_dim=64, num_heads=2,
                             mlp_dim=128, min_repeats=1, max_repeats=3, step_budget_s=0.3, max_step_s=5.0,
                             memory_budget_bytes=3 * GiB, budget_s=120.0),
@@ -63,6 +68,7 @@ def cpu() -> CostConfig:
         memory_budget_bytes=12 * GiB,
         interface=InterfaceConfig(min_length=1024, max_length=16384),
         tokens=TokensConfig(tokens=65536, lengths=(1024, 4096, 16384), passes=("fwd", "fwd_bwd")),
+        slopes=SlopesConfig(enabled=True, lengths=(4096, 16384, 65536), passes=("fwd", "fwd_bwd"), rounds=5),
         table2=Table2Config(batch=8, num_layers=2, emb_dim=128, num_heads=4, mlp_dim=512,
                             min_repeats=3, max_repeats=10, step_budget_s=5.0, max_step_s=60.0,
                             memory_budget_bytes=12 * GiB),

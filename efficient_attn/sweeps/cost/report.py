@@ -22,6 +22,7 @@ from efficient_attn.sweeps.cost.config import INTERFACE_KINDS as KINDS
 from efficient_attn.sweeps.cost.config import PASS_TITLES, PASSES, MiB
 from efficient_attn.sweeps.cost.plots import plot
 from efficient_attn.sweeps.cost.report_interface import interface_current, interface_markdown, interface_summary
+from efficient_attn.sweeps.cost.report_slopes import slopes_current, slopes_markdown
 from efficient_attn.sweeps.cost.report_tokens import tokens_current, tokens_markdown
 from efficient_attn.sweeps.cost.report_table2 import table2_current, table2_markdown, table2_rows
 
@@ -315,8 +316,8 @@ CSV_COLUMNS = [
 
 def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: dict[str, Any] | None) -> None:
     """rows.csv, rows.json, table.md, time.png, memory.png (table2.md, table_interface.md,
-    table_tokens.md) from the
-    stored rows.
+    table_tokens.md, table_slopes.md) from the stored rows (the run has already rebased its
+    rows' matmul fractions on its better ceiling: ``run.rebased_rows``).
 
     ``info``: the measuring run's matmul rate and load averages, added to the environment stamp.
     """
@@ -324,11 +325,6 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
     rows = [dict(r, kind=r.get("kind", "cost")) for r in rows]
     enriched = {id(r): e for r, e in zip(table2_current(rows, cfg), table2_rows(rows, cfg))}
     rows = [enriched.get(id(r), r) for r in rows]
-    start, ceiling = (info or {}).get("matmul_best_gflops_start"), (info or {}).get("matmul_gflops")
-    if start and ceiling and ceiling != start:  # rows of this run: against the run's final ceiling
-        for r in rows:
-            if r.get("matmul_gflops") == start and r.get("gflops_per_s"):
-                r.update(matmul_gflops=ceiling, matmul_fraction=r["gflops_per_s"] / ceiling)
     env = report.environment(cfg.preset, **(info or {}))
     env["allocator"] = allocator_phrase(current(rows, cfg))  # what the rows ran under, not this process
     report.write_csv(out / "rows.csv", rows, CSV_COLUMNS)
@@ -343,3 +339,5 @@ def write_outputs(out: str | Path, rows: Sequence[dict], cfg: CostConfig, info: 
         report.write_atomic(out / "table_interface.md", interface_markdown(rows, cfg, env))
     if tokens_current(rows, cfg):
         report.write_atomic(out / "table_tokens.md", tokens_markdown(rows, cfg, env))
+    if slopes_current(rows, cfg):
+        report.write_atomic(out / "table_slopes.md", slopes_markdown(rows, cfg, env))

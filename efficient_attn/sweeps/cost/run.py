@@ -1,6 +1,7 @@
 """The cost sweep: every (variant, pass, masking, N) point of a config, measured into a RowStore,
-then the interface part (``interface``: grouped-query heads, packed against padded) and the LRA
-Table 2 analog (``table2``), into the same store.
+then the interface part (``interface``: grouped-query heads, packed against padded), the
+fixed-token control (``tokens``), the interleaved slope check (``slopes``) and the LRA Table 2
+analog (``table2``), into the same store.
 
 Each finished point is appended to ``out/rows.jsonl`` as it completes, so a rerun resumes
 (``force`` measures the selected points again); the tables are rebuilt from the store
@@ -22,7 +23,7 @@ import jax
 
 import efficient_attn as ea
 from efficient_attn import measure, report
-from efficient_attn.sweeps.cost import interface, point, table2, tokens
+from efficient_attn.sweeps.cost import interface, point, slopes, table2, tokens
 from efficient_attn.sweeps.cost.budgets import Budgets, claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.point import row_key
@@ -109,6 +110,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
     left = sum(not is_done(store.get(row_key("cost", *p, cfg)), budget) for p in todo)
     left += interface.pending(cfg, variants, store)
     left += tokens.pending(cfg, variants, store)
+    left += slopes.pending(cfg, variants, store)
     left += table2.pending(cfg, variants, store)
     if report_only or not (left or force):
         write_outputs(out, store.rows(), cfg, previous_run_info(out))
@@ -124,6 +126,7 @@ def run(cfg: CostConfig, out: str | Path, *, force: bool = False, progress: bool
         if cfg.interface.enabled:
             interface.run_interface(cfg, variants, store, force=force, progress=progress)
         tokens.run_tokens(cfg, variants, store, info["matmul_gflops"], force=force, progress=progress)
+        slopes.run_slopes(cfg, variants, store, force=force, progress=progress)
         if cfg.table2.enabled:
             table2.run_table2(cfg, variants, store, force=force, progress=progress)
         # measure the ceiling again at the end and keep the better: other processes may have left
