@@ -9,6 +9,7 @@ from efficient_attn import measure, report
 from efficient_attn.sweeps import cost
 from efficient_attn.sweeps.cost import point as cost_point
 from efficient_attn.sweeps.cost import slopes
+from efficient_attn.sweeps.exact import timing
 from conftest import forbid
 
 
@@ -28,15 +29,19 @@ def test_only_linear_time_claims_are_checked_each_masking_where_the_variant_has_
                                                 ("deltanet", "fwd", True)]
 
 
-def test_lengths_are_timed_round_robin_after_a_warm_up_of_each():
-    calls = []
+def test_every_length_is_timed_in_the_same_rounds_after_a_warm_up_of_each(monkeypatch):
+    """One call of the shared interleaved timer (exact.timing: warm-up of each program, then rounds
+    of one call each) over the programs of every length, ``rounds`` rounds."""
+    seen = []
 
-    def program(tag):
-        return lambda: calls.append(tag)
+    def spy(programs, *, repeats, warmup, settle):
+        seen.append((sorted(programs), repeats, warmup))
+        return timing.time_interleaved(programs, repeats=repeats, warmup=warmup, settle=settle)
 
-    times = slopes.time_interleaved([(program("a"), ()), (program("b"), ())], rounds=3, warmup=1)
-    assert calls == ["a", "b"] + ["a", "b"] * 3
-    assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+    monkeypatch.setattr(slopes, "time_interleaved", spy)
+    row = slopes.measure_series("linear", "fwd", False, tiny())
+    assert seen == [(["N=128", "N=64"], 2, 1)]
+    assert row["status"] == "ok" and len(row["medians_s"]) == 2
 
 
 def test_a_run_stores_one_row_per_series_renders_it_and_a_rerun_measures_nothing(tmp_path, monkeypatch):

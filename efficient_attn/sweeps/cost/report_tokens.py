@@ -9,7 +9,7 @@ from efficient_attn import measure, report
 from efficient_attn.sweeps.cost.analysis import current, ok, series
 from efficient_attn.sweeps.cost.config import PASS_TITLES, CostConfig
 
-__all__ = ["tokens_current", "tokens_markdown", "fixed_token_slope"]
+__all__ = ["tokens_current", "tokens_markdown", "fixed_token_slope", "claimed_exponent", "rounded"]
 
 
 def tokens_current(rows: Sequence[dict], cfg: CostConfig) -> list[dict]:
@@ -64,12 +64,9 @@ def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) 
                 fixed = fixed_token_slope([(n, x) for n, x in tok if x])
                 length = fixed_token_slope([(n, x) for n, x in length_pts if x])
                 claim = (last or next(iter(by[v].values()))).get("claimed_time")
-                try:
-                    c_exp = measure.parse_big_o(claim).slope_at(t.tokens) - 1 if claim else None
-                except ValueError:
-                    c_exp = None
+                c_exp = claimed_exponent(claim, t.tokens)
                 body.append([v, claim] + [None if x is None else report.to_ms(x) for _, x in tok]
-                            + [_round(fixed), _round(length), _round(c_exp)])
+                            + [rounded(fixed), rounded(length), rounded(None if c_exp is None else c_exp - 1)])
             lines += [f"## {PASS_TITLES[pass_]}, {'causal' if causal else 'bidirectional'}", "",
                       report.markdown_table(head, body), ""]
     skipped = [r for r in mine if r.get("status") != "ok"]
@@ -81,5 +78,14 @@ def tokens_markdown(rows: Sequence[dict], cfg: CostConfig, env: dict[str, Any]) 
     return "\n".join(lines)
 
 
-def _round(x: float | None) -> float | None:
+def claimed_exponent(claim: str | None, n: int) -> float | None:
+    """The local exponent at ``n`` of a claimed complexity string (None when absent or unreadable)."""
+    try:
+        return measure.parse_big_o(claim).slope_at(n) if claim else None
+    except ValueError:
+        return None
+
+
+def rounded(x: float | None) -> float | None:
+    """Two decimals for a table cell (None for a missing or non-finite value)."""
     return None if x is None or not math.isfinite(x) else round(x, 2)

@@ -5,9 +5,10 @@ the next), so a window in which the machine runs slower (another process, a busy
 shared host) lands on some lengths of a series and not on others, and tilts its fitted slope:
 on the 2-core machine of the committed tables a point moved by up to 2x between two runs an
 hour apart (results/cost/quick/NOTES.md). This check times each series' lengths round-robin in
-one process: every length's program compiled and warmed up first, then ``rounds`` rounds of one
-call per length, so that a slow window touches every length alike; the slope is the log-log
-fit of the per-length medians.
+one process (``exact.timing.time_interleaved``, the rounds of the exact and decode sweeps): every
+length's program compiled and warmed up first, then ``rounds`` rounds of one call per length,
+the order rotated each round, so that a slow window touches every length alike; the slope is
+the log-log fit of the per-length medians.
 
 It covers the variants that claim O(N) or O(N log N) time (``SlopesConfig.max_claim``): the
 ones whose slope the tables hold to their claim. Rows of kind "slopes" in the cost RowStore,
@@ -18,7 +19,6 @@ budget), and once ``budget_s`` is spent (retried on a rerun).
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Sequence
 
@@ -30,8 +30,9 @@ from efficient_attn.sweeps.cost import point
 from efficient_attn.sweeps.cost.budgets import claimed, is_done, point_budget
 from efficient_attn.sweeps.cost.config import CostConfig
 from efficient_attn.sweeps.cost.progress import progress_bar
+from efficient_attn.sweeps.exact.timing import time_interleaved
 
-__all__ = ["points", "row_key", "pending", "run_slopes", "time_interleaved"]
+__all__ = ["points", "row_key", "pending", "run_slopes", "measure_series"]
 
 
 def points(cfg: CostConfig, variants: Sequence[str]) -> list[tuple[str, str, bool]]:
@@ -66,21 +67,6 @@ def pending(cfg: CostConfig, variants: Sequence[str], store: report.RowStore) ->
     return sum(not is_done(store.get(row_key(p, cfg)), budget) for p in points(cfg, variants))
 
 
-def time_interleaved(programs: Sequence[tuple[Any, tuple]], rounds: int, warmup: int = 1) -> list[list[float]]:
-    """Seconds of each call of each ``(compiled, args)``: ``warmup`` untimed calls of every
-    program, then ``rounds`` rounds of one timed call per program, in order."""
-    for compiled, args in programs:
-        for _ in range(warmup):
-            jax.block_until_ready(compiled(*args))
-    times: list[list[float]] = [[] for _ in programs]
-    for _ in range(rounds):
-        for i, (compiled, args) in enumerate(programs):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times[i].append(time.perf_counter() - t0)
-    return times
-
-
 def _base_row(name: str, pass_: str, causal: bool, cfg: CostConfig) -> dict[str, Any]:
     spec = ea.get_spec(name)
     return {"kind": "slopes", "variant": name, "pass": pass_, "causal": causal, "status": "ok", "reason": "",
@@ -105,15 +91,16 @@ def measure_series(name: str, pass_: str, causal: bool, cfg: CostConfig) -> dict
     row = _base_row(name, pass_, causal, cfg)
     lengths = row["lengths"]
     try:
-        programs = []
+        programs = {}
         for n in lengths:
             fn, args = point.point_function(name, pass_, causal, n, cfg)
-            compiled, _ = measure.compile_function(fn, *args)
-            programs.append((compiled, args))
-        times = time_interleaved(programs, cfg.slopes.rounds, warmup=max(cfg.warmup, 1))
-        medians = [statistics.median(t) for t in times]
+            compiled, compile_s = measure.compile_function(fn, *args)
+            programs[f"N={n}"] = (compiled, args, compile_s)
+        by_length = time_interleaved(programs, repeats=cfg.slopes.rounds, warmup=max(cfg.warmup, 1), settle=0)
+        timings = [by_length[f"N={n}"] for n in lengths]
+        medians = [t["median_s"] for t in timings]
         fit = measure.fit_loglog(lengths, medians)
-        row.update(medians_s=medians, mins_s=[min(t) for t in times], maxs_s=[max(t) for t in times],
+        row.update(medians_s=medians, mins_s=[t["min_s"] for t in timings], maxs_s=[t["max_s"] for t in timings],
                    slope=None if fit is None else fit.slope, slope_r2=None if fit is None else fit.r2)
     except Exception as err:  # noqa: BLE001 - one variant's failure must not stop the check
         point.record_error(row, err)
